@@ -1,0 +1,3 @@
+"""quantbench: benchmark quantization methods on diffusion pipelines."""
+
+__version__ = "0.1.0"

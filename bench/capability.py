@@ -1,0 +1,31 @@
+"""Capability detection: whether a cell can run on this machine with the installed libraries, before it starts."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from bench.cells import Cell
+from bench.environment import Machine
+from bench.methods import method_class
+from bench.methods.base import MethodUnavailable, needs_cuda
+from bench.placement import NEEDS_CUDA
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """`run`, or `skipped` / `unsupported` with the reason."""
+
+    status: str
+    reason: str | None = None
+
+
+def check_cell(cell: Cell, machine: Machine) -> Verdict:
+    """What will happen to `cell` here; costs no subprocess."""
+    cls = method_class(cell.method)
+    try:
+        if cell.placement in NEEDS_CUDA:
+            needs_cuda(machine, f"placement {cell.placement}")
+        cls(cls.Options.model_validate(cell.options)).check(cell, machine)
+    except MethodUnavailable as unavailable:
+        return Verdict(unavailable.status, unavailable.reason)
+    return Verdict("run")

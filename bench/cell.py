@@ -1,0 +1,249 @@
+"""What runs inside a cell's fresh subprocess: load, quantize, place, compile, generate, measure.
+
+Run as `python -m bench.cell SPEC.json`. The result goes to the JSON file the spec names, written
+atomically; the driver turns it into Parquet rows. Only the driver writes the results folder's tables.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+import traceback
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+PROCESS_START = time.perf_counter()
+
+# Test-only fault injection, so the failure paths are exercised for real: "<kind>" or "<kind>@<cell id>".
+FAULT_ENV = "QUANTBENCH_INJECT_FAULT"
+FAULT_KINDS = ("crash", "oom", "sigkill", "hang", "nan")
+
+
+@dataclass
+class CellSpec:
+    """Everything the subprocess needs, as plain data."""
+
+    cell: dict[str, Any]
+    cell_id: str
+    model_folder: str
+    components: dict[str, list[str]]
+    generation: dict[str, Any]
+    device: str
+    images_dir: str
+    result_path: str
+
+    def save(self, path: Path) -> None:
+        path.write_text(json.dumps(asdict(self)))
+
+    @classmethod
+    def load(cls, path: Path) -> CellSpec:
+        return cls(**json.loads(Path(path).read_text()))
+
+
+@dataclass
+class Sample:
+    """Measurements of one (prompt, seed) pair."""
+
+    prompt_index: int
+    seed: int
+    e2e_latency_s: list[float]
+    step_latency_s: list[float]
+    image_file: str | None
+    image_finite: bool
+
+
+@dataclass
+class CellResult:
+    """What a cell subprocess reports back."""
+
+    status: str = "ok"
+    error: str | None = None
+    measurements: dict[str, Any] = field(default_factory=dict)
+    samples: list[Sample] = field(default_factory=list)
+
+    def save(self, path: Path) -> None:
+        temporary = path.with_name(path.name + ".tmp")
+        temporary.write_text(json.dumps(asdict(self)))
+        os.replace(temporary, path)
+
+    @classmethod
+    def load(cls, path: Path) -> CellResult:
+        data = json.loads(Path(path).read_text())
+        data["samples"] = [Sample(**s) for s in data["samples"]]
+        return cls(**data)
+
+
+def _fault(cell_id: str) -> str | None:
+    value = os.environ.get(FAULT_ENV, "")
+    kind, _, target = value.partition("@")
+    return kind if kind in FAULT_KINDS and (not target or cell_id.startswith(target)) else None
+
+
+def _inject(kind: str | None, phase: str) -> None:
+    """Make the injected fault happen for real at `phase` ("load" or "generate")."""
+    import signal
+
+    import torch
+
+    if kind == "crash" and phase == "load":
+        raise RuntimeError("injected crash (QUANTBENCH_INJECT_FAULT=crash)")
+    if kind == "oom" and phase == "generate":
+        raise torch.OutOfMemoryError("CUDA out of memory. Injected by QUANTBENCH_INJECT_FAULT=oom")
+    if kind == "sigkill" and phase == "generate":
+        os.kill(os.getpid(), signal.SIGKILL)
+    if kind == "hang" and phase == "generate":
+        time.sleep(10**6)
+
+
+def run_cell(spec: CellSpec, result: CellResult) -> None:
+    """Load and run one cell, filling `result.measurements` and `result.samples` as it goes."""
+    import torch
+    from diffusers import DiffusionPipeline
+
+    from bench.cells import Cell
+    from bench.measure import Clock, cpu_peak_rss_bytes, gpu_memory, reset_gpu_peak, tensor_bytes
+    from bench.methods import method_class
+    from bench.methods.base import Component
+    from bench.placement import compile_denoiser, denoiser, load_kwargs, place
+
+    m = result.measurements
+    m["import_s"] = time.perf_counter() - PROCESS_START
+    fault = _fault(spec.cell_id)
+    cell = Cell.from_axes(spec.cell, spec.cell_id)
+    cuda = spec.device == "cuda"
+    clock = Clock(cuda)
+    torch.manual_seed(0)
+    if cuda:
+        reset_gpu_peak()
+        m["gpu_name"] = torch.cuda.get_device_name()
+        m["cuda_version"] = torch.version.cuda
+
+    method_cls = method_class(cell.method)
+    method = method_cls(method_cls.Options.model_validate(cell.options))
+    components = {name: Component(name, lib, cls, Path(spec.model_folder)) for name, (lib, cls) in spec.components.items()}
+
+    start = clock.now()
+    _inject(fault, "load")
+    quantized = {name: method.load_component(components[name], cell) for name in cell.components or ()}
+    if quantized:
+        m["quantize_s"] = clock.now() - start
+
+    start = clock.now()
+    pipe = DiffusionPipeline.from_pretrained(
+        spec.model_folder, dtype=cell.torch_dtype, **load_kwargs(cell.placement), **quantized
+    )
+    pipe.set_progress_bar_config(disable=True)
+    place(pipe, cell.placement, spec.device)
+    m["load_s"] = clock.now() - start
+    if cuda:
+        m["resident_reserved_bytes"] = gpu_memory().max_reserved_bytes
+    m.update(method.after_load(pipe, cell))
+    model = denoiser(pipe)
+    m["transformer_footprint_bytes"] = int(model.get_memory_footprint())
+    m["transformer_tensor_bytes"] = tensor_bytes(model)
+    compile_denoiser(pipe, cell.compile, bool(cell.fullgraph))
+
+    if cuda:
+        reset_gpu_peak()
+    _generate(pipe, spec, result, clock, fault)
+    if cuda:
+        peak = gpu_memory()
+        m["peak_reserved_bytes"] = peak.max_reserved_bytes
+        m["peak_allocated_bytes"] = peak.max_allocated_bytes
+    m["cpu_peak_rss_bytes"] = cpu_peak_rss_bytes()
+
+
+def _generate(pipe: Any, spec: CellSpec, result: CellResult, clock: Any, fault: str | None) -> None:
+    """Warm up once (compilation happens here), then time every (prompt, seed) `repeats` times."""
+    import numpy as np
+    import torch
+
+    gen = spec.generation
+    call = {
+        "height": gen["height"],
+        "width": gen["width"],
+        "num_inference_steps": gen["num_inference_steps"],
+        "guidance_scale": gen["guidance_scale"],
+        "max_sequence_length": gen["max_sequence_length"],
+        "output_type": "np",
+    }
+    step_ends: list[float] = []
+
+    def on_step_end(pipe: Any, step: int, timestep: Any, kwargs: dict[str, Any]) -> dict[str, Any]:
+        step_ends.append(clock.now())
+        return kwargs
+
+    def generate(prompt: str, seed: int) -> Any:
+        step_ends.clear()
+        generator = torch.Generator("cpu").manual_seed(seed)
+        with torch.inference_mode():
+            return pipe(prompt, generator=generator, callback_on_step_end=on_step_end, **call).images[0]
+
+    start = clock.now()
+    for _ in range(gen["warmup"]):
+        generate(gen["prompts"][0], gen["seeds"][0])
+    result.measurements["warmup_s"] = clock.now() - start
+    _inject(fault, "generate")
+
+    images_dir = Path(spec.images_dir)
+    images_dir.mkdir(parents=True, exist_ok=True)
+    for prompt_index, prompt in enumerate(gen["prompts"]):
+        for seed in gen["seeds"]:
+            e2e, steps = [], []
+            for _ in range(gen["repeats"]):
+                start = clock.now()
+                image = generate(prompt, seed)
+                e2e.append(clock.now() - start)
+                steps.extend(np.diff(step_ends).tolist())
+            if fault == "nan":
+                image = np.full_like(image, np.nan)
+            finite = bool(np.isfinite(image).all())
+            path = _save_png(image, images_dir / f"p{prompt_index}_s{seed}.png") if finite else None
+            result.samples.append(Sample(prompt_index, seed, e2e, steps, path, finite))
+
+
+def _save_png(image: Any, path: Path) -> str:
+    import numpy as np
+    from PIL import Image
+
+    pixels = (np.clip(image, 0, 1) * 255).round().astype("uint8")
+    temporary = path.with_name(path.name + ".tmp")
+    Image.fromarray(pixels).save(temporary, format="PNG")
+    os.replace(temporary, path)
+    return path.name
+
+
+def classify(error: BaseException) -> str:
+    """The row status for an exception raised inside a cell."""
+    from bench.methods.base import MethodUnavailable
+
+    if isinstance(error, MethodUnavailable):
+        return error.status
+    if type(error).__name__ == "OutOfMemoryError" or "out of memory" in str(error).lower():
+        return "oom"
+    return "failed"
+
+
+def main(argv: list[str]) -> None:
+    spec = CellSpec.load(Path(argv[0]))
+    result = CellResult()
+    try:
+        run_cell(spec, result)
+    except BaseException as error:  # every failure becomes a row; the driver sees it in the result file
+        from bench.methods.base import MethodUnavailable
+
+        result.status = classify(error)
+        reason = error.reason if isinstance(error, MethodUnavailable) else None
+        result.error = reason or "".join(traceback.format_exception(error)[-6:]).strip()
+        traceback.print_exc()
+    result.save(Path(spec.result_path))
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)  # skip interpreter teardown (~1 s per cell); everything is written
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

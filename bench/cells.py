@@ -1,0 +1,65 @@
+"""A cell: one point of the matrix grid, with a deterministic id."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
+AXES = ("method", "dtype", "threshold", "compile", "fullgraph", "components", "placement")
+
+
+@dataclass(frozen=True)
+class Cell:
+    """The axes of one cell. Axes that do not apply to its method are None (collapsed)."""
+
+    method: str
+    options: dict[str, Any] = field(default_factory=dict)
+    dtype: str = "bf16"
+    threshold: float | None = None
+    compile: str = "off"
+    fullgraph: bool | None = None
+    components: tuple[str, ...] | None = None
+    placement: str = "device"
+    id: str = ""
+
+    def axes(self) -> dict[str, Any]:
+        """The cell's axes and method options as plain data (what its id hashes, with model and generation)."""
+        data = asdict(self)
+        data.pop("id")
+        data["components"] = list(self.components) if self.components is not None else None
+        return data
+
+    def with_id(self, context: dict[str, Any]) -> Cell:
+        """This cell with its id: a short hash of its normalized axes plus the model and generation `context`."""
+        payload = json.dumps({"axes": self.axes(), **context}, sort_keys=True, default=str)
+        digest = hashlib.sha256(payload.encode()).hexdigest()[:12]
+        return Cell(**{**self.__dict__, "id": digest})
+
+    @property
+    def label(self) -> str:
+        """A short human-readable name, e.g. `torchao[int8wo] bf16 compile=default`."""
+        options = ",".join(str(v) for v in self.options.values())
+        parts = [f"{self.method}[{options}]" if options else self.method, self.dtype]
+        if self.threshold is not None:
+            parts.append(f"threshold={self.threshold:g}")
+        if self.compile != "off":
+            parts.append(f"compile={self.compile}" + ("+fullgraph" if self.fullgraph else ""))
+        if self.components is not None and self.components != ("transformer",):
+            parts.append("+".join(self.components))
+        if self.placement != "device":
+            parts.append(self.placement)
+        return " ".join(parts)
+
+    @property
+    def torch_dtype(self) -> Any:
+        import torch
+
+        return getattr(torch, DTYPES[self.dtype])
+
+    @classmethod
+    def from_axes(cls, data: dict[str, Any], cell_id: str) -> Cell:
+        components = data.get("components")
+        return cls(**{**data, "components": tuple(components) if components is not None else None, "id": cell_id})

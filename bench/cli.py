@@ -1,0 +1,79 @@
+"""The `quantbench` command line: plan, run, report, compare."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from bench.errors import UserError
+
+DEFAULT_RESULTS_ROOT = Path("results")
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one line and exit 2, as for every other bad input
+        self.print_usage(sys.stderr)
+        self.exit(2, f"quantbench: error: {message}\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="quantbench", description="Benchmark quantization methods on diffusion pipelines.")
+    verbs = parser.add_subparsers(dest="verb", required=True, metavar="{plan,run,report,compare}", parser_class=_Parser)
+
+    plan = verbs.add_parser("plan", help="list the cells a matrix expands into, and which will run here")
+    plan.add_argument("matrix", type=Path, help="matrix file (TOML)")
+
+    run = verbs.add_parser("run", help="run a matrix; finished cells are skipped unless --force")
+    run.add_argument("matrix", type=Path, help="matrix file (TOML)")
+    run.add_argument("--results", type=Path, help="results folder (default: results/<matrix name>/)")
+    run.add_argument("--force", action="store_true", help="rerun cells that already have completed rows")
+
+    report = verbs.add_parser("report", help="write a self-contained HTML report of a results folder")
+    report.add_argument("results", type=Path, help="results folder or Parquet file")
+    report.add_argument("-o", "--output", type=Path, required=True, help="HTML file to write")
+
+    compare = verbs.add_parser("compare", help="per-cell deltas between two runs; exit 1 on a regression")
+    compare.add_argument("old", type=Path, help="results folder or Parquet file of the reference run")
+    compare.add_argument("new", type=Path, help="results folder or Parquet file of the new run")
+    compare.add_argument("-o", "--output", type=Path, help="also write the table as CSV here")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="quantbench: %(message)s")
+    try:
+        return _dispatch(args)
+    except UserError as error:
+        print(f"quantbench: error: {error}", file=sys.stderr)
+        return error.exit_code
+    except KeyboardInterrupt:
+        print("quantbench: interrupted; finished cells are saved, rerun to resume", file=sys.stderr)
+        return 130
+
+
+def _dispatch(args: argparse.Namespace) -> int:
+    from bench import console
+
+    if args.verb in ("plan", "run"):
+        from bench.matrix import load_matrix
+
+        matrix = load_matrix(args.matrix)
+        if args.verb == "plan":
+            from bench.runner import plan
+
+            console.print_plan(plan(matrix))
+            return 0
+        results_dir = args.results or DEFAULT_RESULTS_ROOT / matrix.name
+        return console.run_with_progress(matrix, results_dir, args.force)
+    if args.verb == "report":
+        from bench.report import write_report
+
+        path = write_report(args.results, args.output)
+        print(f"report written to {path}")
+        return 0
+    from bench.compare import compare_runs
+
+    return compare_runs(args.old, args.new, args.output)

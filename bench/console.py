@@ -1,0 +1,101 @@
+"""What the terminal shows: the plan table, a live progress bar, and the summary after a run."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import sys
+
+from rich.console import Console
+from rich.markup import escape
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
+
+from bench.cells import Cell
+from bench.matrix import Matrix
+from bench.store import read_results
+
+console = Console(highlight=False, width=None if sys.stdout.isatty() else 160)
+STATUS_STYLE = {"ok": "green", "failed": "red", "oom": "red", "timeout": "red", "skipped": "yellow", "unsupported": "yellow"}
+GIB = 1024**3
+
+
+def print_plan(ready) -> None:
+    """The expanded cells with their axes and what will happen to each here."""
+    matrix = ready.matrix
+    table = Table(title=f"{matrix.name}: {len(matrix.cells)} cells, model {ready.model.source}, device {ready.device}")
+    for column in ("cell id", "method", "options", "dtype", "threshold", "compile", "components", "placement", "here"):
+        table.add_column(column)
+    for cell in matrix.cells:
+        verdict = ready.verdicts[cell.id]
+        here = "run" if verdict.status == "run" else f"[{STATUS_STYLE[verdict.status]}]{verdict.status}: {escape(verdict.reason)}"
+        table.add_row(
+            cell.id,
+            cell.method,
+            escape(", ".join(f"{k}={v}" for k, v in cell.options.items())),
+            cell.dtype,
+            _or_dash(cell.threshold),
+            cell.compile + ("+fullgraph" if cell.fullgraph else ""),
+            "+".join(cell.components) if cell.components else "-",
+            cell.placement,
+            here,
+        )
+    console.print(table)
+
+
+def run_with_progress(matrix: Matrix, results_dir: Path, force: bool) -> int:
+    """Run the matrix with a live progress bar, then print the summary table. Exit code 0."""
+    from bench.runner import run_matrix
+
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn())
+    with Progress(*columns, console=console) as progress:
+        task = progress.add_task(f"{matrix.name}", total=None)
+
+        def on_cell_done(cell: Cell, status: str, done: int, total: int) -> None:
+            progress.update(task, total=total, completed=done)
+            progress.console.print(f"[{STATUS_STYLE[status]}]{status:>11}[/] {cell.id} {escape(cell.label)}")
+
+        summary = run_matrix(matrix, results_dir, force, on_cell_done)
+    if summary.already_done:
+        console.print(f"{summary.already_done} cells already completed in {results_dir} (use --force to rerun them)")
+    print_summary(results_dir)
+    return 0
+
+
+def print_summary(results_dir: Path) -> None:
+    """One line per cell: status, latency and memory (GPU columns show n/a on CPU, never 0)."""
+    frame = read_results(results_dir)
+    if frame.empty:
+        console.print("no results")
+        return
+    table = Table(title=f"results in {results_dir}")
+    for column in ("cell id", "cell", "status", "e2e median s", "step median s", "resident GiB", "peak GiB", "transformer MiB"):
+        table.add_column(column)
+    for cell_id, rows in frame.groupby("cell_id", sort=False):
+        first = rows.iloc[0]
+        statuses = sorted(set(rows["status"]))
+        table.add_row(
+            cell_id,
+            escape(first["cell_label"]),
+            "/".join(f"[{STATUS_STYLE[s]}]{s}[/]" for s in statuses),
+            _or_dash(rows["e2e_latency_median_s"].median(), "{:.3f}"),
+            _or_dash(rows["step_latency_median_s"].median(), "{:.4f}"),
+            _gib(first["resident_reserved_bytes"]),
+            _gib(first["peak_reserved_bytes"]),
+            _or_dash(first["transformer_tensor_bytes"] / 1024**2, "{:.2f}"),
+        )
+    console.print(table)
+    notes = {n for n in frame["gpu_memory_note"].dropna()}
+    for note in notes:
+        console.print(f"GPU memory n/a: {note}")
+
+
+def _gib(value) -> str:
+    return _or_dash(value / GIB, "{:.2f}", missing="n/a")
+
+
+def _or_dash(value, fmt: str = "{}", missing: str = "-") -> str:
+    """`value` formatted, or `missing` for None and NaN (a missing measurement is never shown as 0)."""
+    if value is None or value != value:
+        return missing
+    return fmt.format(value)

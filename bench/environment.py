@@ -1,0 +1,100 @@
+"""Facts about this machine and its libraries: what capability checks read and what every row records."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import platform
+import socket
+import subprocess
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+LIBRARIES = ("torch", "diffusers", "transformers", "accelerate", "bitsandbytes", "torchao", "gguf")
+
+
+@dataclass(frozen=True)
+class Machine:
+    """The accelerator this process sees."""
+
+    cuda_available: bool
+    cuda_capability: tuple[int, int] | None = None
+    gpu_name: str | None = None
+    gpu_count: int = 0
+
+
+def detect_machine() -> Machine:
+    """What torch sees: whether CUDA is usable, and the first GPU's name and compute capability."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return Machine(cuda_available=False)
+    return Machine(
+        cuda_available=True,
+        cuda_capability=tuple(torch.cuda.get_device_capability(0)),
+        gpu_name=torch.cuda.get_device_name(0),
+        gpu_count=torch.cuda.device_count(),
+    )
+
+
+@dataclass(frozen=True)
+class Environment:
+    """Versions and host facts recorded with every row."""
+
+    python_version: str
+    torch_version: str | None
+    diffusers_version: str | None
+    transformers_version: str | None
+    accelerate_version: str | None
+    bitsandbytes_version: str | None
+    torchao_version: str | None
+    gguf_version: str | None
+    cpu: str
+    host: str
+    harness_commit: str | None
+
+    def as_dict(self) -> dict[str, str | None]:
+        return asdict(self)
+
+
+def collect_environment() -> Environment:
+    """Library versions (from package metadata, without importing them), CPU, host and harness commit."""
+    versions = {f"{name}_version": _version(name) for name in LIBRARIES}
+    return Environment(
+        python_version=platform.python_version(),
+        cpu=_cpu_name(),
+        host=socket.gethostname(),
+        harness_commit=harness_commit(),
+        **versions,
+    )
+
+
+def _version(distribution: str) -> str | None:
+    try:
+        return importlib.metadata.version(distribution)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def harness_commit() -> str | None:
+    """The git commit of the quantbench checkout, with `-dirty` when it has uncommitted changes."""
+    root = Path(__file__).resolve().parent.parent
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10)
+        if commit.returncode != 0:
+            return None
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"], cwd=root, capture_output=True, text=True, timeout=10
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return commit.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")

@@ -1,0 +1,40 @@
+"""Errors the user can fix: each names where the problem is and what is allowed."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from pathlib import Path
+
+
+class UserError(Exception):
+    """Bad input (matrix, CLI, results folder). Reported in one line, exit code 2."""
+
+    exit_code = 2
+
+
+class MatrixError(UserError):
+    """A matrix file that cannot be run, with the file, the key path, the bad value and what is allowed."""
+
+    def __init__(
+        self,
+        file: Path | str,
+        key: str,
+        message: str,
+        value: object = None,
+        allowed: Iterable[object] | None = None,
+    ) -> None:
+        self.file = str(file)
+        self.key = key
+        self.value = value
+        self.allowed = list(allowed) if allowed is not None else None
+        text = f"{self.file}: {key or '<top level>'}: {message}"
+        if value is not None:
+            text += f" (got {_short_repr(value)})"
+        if self.allowed:
+            text += "; allowed: " + ", ".join(str(a) for a in self.allowed)
+        super().__init__(text)
+
+
+def _short_repr(value: object, limit: int = 80) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."

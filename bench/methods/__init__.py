@@ -1,0 +1,32 @@
+"""Method registry: matrix names to method classes, imported only when a cell uses them."""
+
+from __future__ import annotations
+
+import difflib
+import importlib
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from bench.methods.base import Method
+
+_REGISTRY: dict[str, str] = {
+    "baseline": "bench.methods.baseline:Baseline",
+    "torchao": "bench.methods.torchao:TorchAo",
+}
+
+
+def method_names() -> list[str]:
+    """The names a matrix's `method` axis accepts."""
+    return sorted(_REGISTRY)
+
+
+def method_class(name: str) -> type[Method]:
+    """The method class registered as `name`; KeyError with a did-you-mean for unknown names."""
+    try:
+        target = _REGISTRY[name]
+    except KeyError:
+        close = difflib.get_close_matches(name, _REGISTRY, n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else ""
+        raise KeyError(f"unknown method {name!r}{hint}") from None
+    module_name, class_name = target.split(":")
+    return getattr(importlib.import_module(module_name), class_name)

@@ -1,0 +1,36 @@
+"""Where the pipeline lives (the placement axis) and how its denoiser is compiled (the compile axis)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+NEEDS_CUDA = ("device_map", "model_cpu_offload", "sequential_cpu_offload")
+
+
+def place(pipe: Any, placement: str, device: str) -> None:
+    """Put `pipe` on `device` the way the placement axis says."""
+    if placement == "device":
+        pipe.to(device)
+    elif placement == "model_cpu_offload":
+        pipe.enable_model_cpu_offload()
+    elif placement == "sequential_cpu_offload":
+        pipe.enable_sequential_cpu_offload()
+    elif placement != "device_map":  # device_map placement happens at load time
+        raise ValueError(f"unknown placement {placement!r}")
+
+
+def load_kwargs(placement: str) -> dict[str, Any]:
+    """Extra `from_pretrained` arguments a placement needs."""
+    return {"device_map": "cuda"} if placement == "device_map" else {}
+
+
+def denoiser(pipe: Any) -> Any:
+    """The pipeline's denoising network: the transformer, or the UNet of older pipelines."""
+    return getattr(pipe, "transformer", None) or pipe.unet
+
+
+def compile_denoiser(pipe: Any, mode: str, fullgraph: bool) -> None:
+    """`torch.compile` the denoiser in place (compilation itself happens at the first call)."""
+    if mode == "off":
+        return
+    denoiser(pipe).compile(mode=mode, fullgraph=fullgraph)

@@ -1,0 +1,83 @@
+"""Turn a cell's outcome into result rows: one per (prompt, seed), whatever the status."""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime, timezone
+from typing import Any
+
+from bench.cell import CellResult
+from bench.cells import Cell
+from bench.measure import Stats
+from bench.methods import method_class
+from bench.store import SCHEMA_VERSION, ResultRow
+
+NO_GPU_NOTE = "no CUDA device: the cell ran on the CPU, GPU memory was not measured"
+
+
+def cell_rows(
+    matrix: Any,
+    model: Any,
+    cell: Cell,
+    result: CellResult,
+    context: dict[str, Any],
+) -> list[ResultRow]:
+    """Rows for `cell`. `context` holds the environment, device and driver facts shared by every row."""
+    generation = matrix.generation
+    base = {
+        "schema_version": SCHEMA_VERSION,
+        "matrix_name": matrix.name,
+        "matrix_path": str(matrix.path),
+        "cell_id": cell.id,
+        "cell_label": cell.label,
+        "timestamp_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "method": cell.method,
+        "method_family": method_class(cell.method).family,
+        "method_options": json.dumps(cell.options, sort_keys=True),
+        "dtype": cell.dtype,
+        "threshold": cell.threshold,
+        "compile": cell.compile,
+        "fullgraph": cell.fullgraph,
+        "components": ",".join(cell.components) if cell.components is not None else None,
+        "placement": cell.placement,
+        "model_source": model.source,
+        "model_revision": model.revision,
+        "pipeline_class": model.pipeline_class,
+        "weights": model.weights_label,
+        "height": generation.height,
+        "width": generation.width,
+        "num_inference_steps": generation.num_inference_steps,
+        "guidance_scale": generation.guidance_scale,
+        "max_sequence_length": generation.max_sequence_length,
+        "repeats": generation.repeats,
+        **context,
+        **{k: v for k, v in result.measurements.items() if k in ResultRow.__dataclass_fields__},
+    }
+    if context.get("device") == "cpu":
+        base["gpu_memory_note"] = NO_GPU_NOTE
+    samples = {(s.prompt_index, s.seed): s for s in result.samples}
+    rows = []
+    for prompt_index, prompt in enumerate(generation.prompts):
+        for seed in generation.seeds:
+            row = ResultRow(
+                **base, prompt_index=prompt_index, prompt=prompt, seed=seed, status=result.status, error=result.error
+            )
+            sample = samples.get((prompt_index, seed))
+            if sample is not None:
+                _fill_sample(row, sample)
+            elif result.status == "ok":
+                row.status, row.error = "failed", "the cell finished without measuring this prompt and seed"
+            rows.append(row)
+    return rows
+
+
+def _fill_sample(row: ResultRow, sample: Any) -> None:
+    e2e = Stats.of(sample.e2e_latency_s)
+    row.e2e_latency_median_s, row.e2e_latency_iqr_s = e2e.median, e2e.iqr
+    if sample.step_latency_s:
+        steps = Stats.of(sample.step_latency_s)
+        row.step_latency_median_s, row.step_latency_iqr_s = steps.median, steps.iqr
+    row.image_path = f"images/{row.cell_id}/{sample.image_file}" if sample.image_file else None
+    row.image_finite = sample.image_finite
+    if not sample.image_finite:
+        row.status, row.error = "failed", "the generated image has NaN or inf values"

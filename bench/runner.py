@@ -1,0 +1,177 @@
+"""The driver: resolve the model, check every cell, run each in a fresh subprocess, write its rows.
+
+Only this process writes the results folder's tables, one part file per cell, so a crash (of a cell
+or of the driver) never loses or corrupts rows already written; a rerun skips finished cells.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from bench.cache import cache_dir
+from bench.capability import Verdict, check_cell
+from bench.cell import CellResult, CellSpec
+from bench.cells import Cell
+from bench.environment import Machine, collect_environment, detect_machine
+from bench.errors import UserError
+from bench.matrix import Matrix
+from bench.models import ResolvedModel, resolve_model
+from bench.rows import cell_rows
+from bench.store import ResultsFolder
+
+LOG_TAIL_CHARS = 4000
+PACKAGE_ROOT = Path(__file__).resolve().parent.parent
+
+
+@dataclass
+class RunSummary:
+    """What a run did: counts by status, and cells left alone because they were already done."""
+
+    results_dir: Path
+    statuses: Counter = field(default_factory=Counter)
+    already_done: int = 0
+
+
+@dataclass(frozen=True)
+class Plan:
+    """A matrix made ready to run here: its model folder, device, and each cell's verdict."""
+
+    matrix: Matrix
+    model: ResolvedModel
+    machine: Machine
+    device: str
+    verdicts: dict[str, Verdict]
+
+
+def plan(matrix: Matrix) -> Plan:
+    """Resolve the model and check every cell against this machine; UserError before any work starts."""
+    model = resolve_model(matrix)
+    machine = detect_machine()
+    wanted = matrix.spec.run.device
+    if wanted == "cuda" and not machine.cuda_available:
+        raise UserError(f"{matrix.path}: run.device: 'cuda' asked for, but torch sees no CUDA device here")
+    device = "cuda" if wanted == "cuda" or (wanted == "auto" and machine.cuda_available) else "cpu"
+    verdicts = {cell.id: check_cell(cell, machine) for cell in matrix.cells}
+    return Plan(matrix, model, machine, device, verdicts)
+
+
+def run_matrix(
+    matrix: Matrix,
+    results_dir: Path,
+    force: bool = False,
+    on_cell_done: Callable[[Cell, str, int, int], None] | None = None,
+) -> RunSummary:
+    """Run every cell not already completed in `results_dir` (all of them with `force`)."""
+    folder = ResultsFolder(results_dir)
+    summary = RunSummary(results_dir)
+    with folder.exclusive():
+        ready = plan(matrix)
+        done = set() if force else folder.completed_cell_ids()
+        context = _row_context(ready)
+        todo = [cell for cell in matrix.cells if cell.id not in done]
+        summary.already_done = len(matrix.cells) - len(todo)
+        for index, cell in enumerate(todo):
+            verdict = ready.verdicts[cell.id]
+            if verdict.status == "run":
+                result = _run_in_subprocess(ready, cell, folder)
+            else:
+                result = CellResult(status=verdict.status, error=verdict.reason)
+            folder.write_cell(cell.id, cell_rows(matrix, ready.model, cell, result, context))
+            summary.statuses[result.status] += 1
+            if on_cell_done:
+                on_cell_done(cell, result.status, index + 1, len(todo))
+    return summary
+
+
+def _row_context(ready: Plan) -> dict[str, Any]:
+    machine = ready.machine
+    context: dict[str, Any] = {**collect_environment().as_dict(), "device": ready.device}
+    if ready.device == "cuda":
+        context.update(gpu_name=machine.gpu_name, gpu_driver=_nvidia_driver())
+    return context
+
+
+def _nvidia_driver() -> str | None:
+    try:
+        out = subprocess.run(
+            ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"], capture_output=True, text=True, timeout=30
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return out.stdout.strip().splitlines()[0] if out.returncode == 0 and out.stdout.strip() else None
+
+
+def cell_environment() -> dict[str, str]:
+    """The environment of a cell subprocess: offline hub, shared compile cache, this package importable."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(PACKAGE_ROOT), env.get("PYTHONPATH")]))
+    env.setdefault("HF_HUB_OFFLINE", "1")  # cells load local folders only; the driver resolved the model
+    env.setdefault("TOKENIZERS_PARALLELISM", "false")
+    env.setdefault("TORCHINDUCTOR_CACHE_DIR", str(cache_dir("inductor")))
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
+
+
+def _run_in_subprocess(ready: Plan, cell: Cell, folder: ResultsFolder) -> CellResult:
+    """Run `cell` in a fresh Python process under the matrix's timeout; any ending becomes a CellResult."""
+    timeout_s = ready.matrix.spec.run.timeout_s
+    log_path = folder.logs_dir / f"{cell.id}.log"
+    with tempfile.TemporaryDirectory(prefix="quantbench-cell-") as scratch:
+        spec = CellSpec(
+            cell=cell.axes(),
+            cell_id=cell.id,
+            model_folder=str(ready.model.folder),
+            components={name: [c.library, c.class_name] for name, c in ready.model.components.items()},
+            generation=ready.matrix.generation.model_dump(),
+            device=ready.device,
+            images_dir=str(folder.images_dir / cell.id),
+            result_path=str(Path(scratch) / "result.json"),
+        )
+        spec_path = Path(scratch) / "spec.json"
+        spec.save(spec_path)
+        start = time.perf_counter()
+        with open(log_path, "w") as log:
+            process = subprocess.Popen(
+                [sys.executable, "-m", "bench.cell", str(spec_path)],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                env=cell_environment(),
+                start_new_session=True,  # the whole process group can be killed on timeout
+            )
+            try:
+                returncode = process.wait(timeout=timeout_s)
+            except subprocess.TimeoutExpired:
+                os.killpg(process.pid, signal.SIGKILL)
+                process.wait()
+                returncode = None
+            except BaseException:  # the driver is interrupted: take the cell down with it
+                os.killpg(process.pid, signal.SIGKILL)
+                raise
+        wall_s = time.perf_counter() - start
+        result_file = Path(spec.result_path)
+        if returncode is None:
+            result = CellResult(status="timeout", error=f"the cell ran past run.timeout_s = {timeout_s:g} s and was killed")
+        elif result_file.exists():
+            result = CellResult.load(result_file)
+        else:
+            how = f"signal {signal.Signals(-returncode).name}" if returncode < 0 else f"exit code {returncode}"
+            result = CellResult(status="failed", error=f"the cell process died ({how}) before reporting a result")
+    result.measurements["cell_wall_s"] = wall_s
+    result.measurements["log_tail"] = _tail(log_path)
+    return result
+
+
+def _tail(path: Path) -> str:
+    text = path.read_text(errors="replace")
+    return text[-LOG_TAIL_CHARS:]

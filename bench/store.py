@@ -1,0 +1,206 @@
+"""The results folder: one Parquet part file per cell, written atomically, read back as one table.
+
+Layout of `results/<matrix>/`:
+    cells/<cell_id>.parquet   one row per (cell, prompt, seed)
+    images/<cell_id>/p<prompt>_s<seed>.png
+    logs/<cell_id>.log        the cell subprocess's stdout/stderr
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import fcntl
+import logging
+import os
+import typing
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from bench.errors import UserError
+
+SCHEMA_VERSION = 1
+STATUSES = ("ok", "failed", "oom", "timeout", "skipped", "unsupported")
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass
+class ResultRow:
+    """One row of the results table. Bytes and seconds are stored raw; display converts."""
+
+    schema_version: int
+    matrix_name: str
+    matrix_path: str
+    cell_id: str
+    cell_label: str
+    timestamp_utc: str
+    status: str
+    error: str | None
+    log_tail: str | None
+    # axes
+    method: str
+    method_family: str
+    method_options: str
+    dtype: str
+    threshold: float | None
+    compile: str
+    fullgraph: bool | None
+    components: str | None
+    placement: str
+    # model and generation
+    model_source: str
+    model_revision: str | None
+    pipeline_class: str
+    weights: str
+    prompt_index: int | None
+    prompt: str | None
+    seed: int | None
+    height: int
+    width: int
+    num_inference_steps: int
+    guidance_scale: float
+    max_sequence_length: int
+    repeats: int
+    # timings (seconds)
+    import_s: float | None = None
+    quantize_s: float | None = None
+    load_s: float | None = None
+    warmup_s: float | None = None
+    e2e_latency_median_s: float | None = None
+    e2e_latency_iqr_s: float | None = None
+    step_latency_median_s: float | None = None
+    step_latency_iqr_s: float | None = None
+    cell_wall_s: float | None = None
+    # memory (bytes)
+    resident_reserved_bytes: int | None = None
+    peak_reserved_bytes: int | None = None
+    peak_allocated_bytes: int | None = None
+    gpu_memory_note: str | None = None
+    cpu_peak_rss_bytes: int | None = None
+    transformer_footprint_bytes: int | None = None
+    transformer_tensor_bytes: int | None = None
+    # output
+    image_path: str | None = None
+    image_finite: bool | None = None
+    # environment
+    device: str | None = None
+    gpu_name: str | None = None
+    gpu_driver: str | None = None
+    cuda_version: str | None = None
+    cpu: str | None = None
+    host: str | None = None
+    python_version: str | None = None
+    torch_version: str | None = None
+    diffusers_version: str | None = None
+    transformers_version: str | None = None
+    accelerate_version: str | None = None
+    bitsandbytes_version: str | None = None
+    torchao_version: str | None = None
+    gguf_version: str | None = None
+    harness_commit: str | None = None
+
+
+_ARROW_TYPES = {str: pa.string(), int: pa.int64(), float: pa.float64(), bool: pa.bool_()}
+
+
+def _arrow_type(annotation: Any) -> pa.DataType:
+    args = [a for a in typing.get_args(annotation) if a is not type(None)] or [annotation]
+    return _ARROW_TYPES[args[0]]
+
+
+SCHEMA = pa.schema(
+    [pa.field(f.name, _arrow_type(t)) for f, t in zip(dataclasses.fields(ResultRow), typing.get_type_hints(ResultRow).values())],
+    metadata={"quantbench_schema_version": str(SCHEMA_VERSION)},
+)
+COLUMNS = SCHEMA.names
+
+
+class ResultsFolder:
+    """A results folder: atomic per-cell writes, validated reads."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = Path(root)
+        self.cells_dir = self.root / "cells"
+        self.images_dir = self.root / "images"
+        self.logs_dir = self.root / "logs"
+
+    def create(self) -> None:
+        for folder in (self.cells_dir, self.images_dir, self.logs_dir):
+            folder.mkdir(parents=True, exist_ok=True)
+
+    @contextlib.contextmanager
+    def exclusive(self) -> Iterator[None]:
+        """Hold the folder's run lock; a second `quantbench run` on the same folder stops with a clear error."""
+        self.create()
+        with open(self.root / ".lock", "a+") as handle:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                handle.seek(0)
+                holder = handle.read().strip() or "unknown"
+                raise UserError(
+                    f"{self.root}: another quantbench run (pid {holder}) is writing this results folder; "
+                    "wait for it or pass another --results folder"
+                ) from None
+            handle.seek(0)
+            handle.truncate()
+            handle.write(str(os.getpid()))
+            handle.flush()
+            try:
+                yield
+            finally:
+                fcntl.flock(handle, fcntl.LOCK_UN)
+
+    def part_path(self, cell_id: str) -> Path:
+        return self.cells_dir / f"{cell_id}.parquet"
+
+    def write_cell(self, cell_id: str, rows: list[ResultRow]) -> Path:
+        """Write a cell's rows: a temporary file, fsynced, then renamed over any earlier part."""
+        table = pa.Table.from_pylist([dataclasses.asdict(r) for r in rows], schema=SCHEMA)
+        target = self.part_path(cell_id)
+        temporary = target.with_name(f".{cell_id}.{os.getpid()}.tmp")
+        try:
+            pq.write_table(table, temporary)
+            with open(temporary, "rb") as handle:
+                os.fsync(handle.fileno())
+            os.replace(temporary, target)
+        finally:
+            temporary.unlink(missing_ok=True)
+        return target
+
+    def read_parts(self) -> dict[str, pa.Table]:
+        """Every readable part file by cell id; unreadable (truncated, foreign) parts are skipped with a warning."""
+        parts = {}
+        for path in sorted(self.cells_dir.glob("*.parquet")):
+            try:
+                table = pq.read_table(path, schema=SCHEMA)
+            except (pa.ArrowException, OSError) as error:
+                log.warning("ignoring unreadable result part %s (%s); its cell will run again", path, error)
+                continue
+            parts[path.stem] = table
+        return parts
+
+    def completed_cell_ids(self) -> set[str]:
+        """Cells whose every row has status ok: a resumed run skips these."""
+        done = set()
+        for cell_id, table in self.read_parts().items():
+            statuses = set(table.column("status").to_pylist())
+            if table.num_rows and statuses == {"ok"}:
+                done.add(cell_id)
+        return done
+
+    def read_table(self) -> pa.Table:
+        """All rows of the folder as one table (empty, with the schema, when there are none)."""
+        parts = list(self.read_parts().values())
+        return pa.concat_tables(parts) if parts else SCHEMA.empty_table()
+
+
+def read_results(path: str | Path) -> Any:
+    """A results folder or a Parquet file as a pandas DataFrame."""
+    path = Path(path)
+    table = pq.read_table(path, schema=SCHEMA) if path.is_file() else ResultsFolder(path).read_table()
+    return table.to_pandas()
