@@ -123,7 +123,9 @@ def run_cell(spec: CellSpec, result: CellResult) -> None:
 
     method_cls = method_class(cell.method)
     method = method_cls(method_cls.Options.model_validate(cell.options))
-    components = {name: Component(name, lib, cls, Path(spec.model_folder)) for name, (lib, cls) in spec.components.items()}
+    components = {
+        name: Component(name, lib, cls, Path(spec.model_folder)) for name, (lib, cls) in spec.components.items()
+    }
 
     start = clock.now()
     _inject(fault, "load")

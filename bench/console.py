@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import sys
+from pathlib import Path
 
 from rich.console import Console
 from rich.markup import escape
@@ -16,7 +15,14 @@ from bench.matrix import Matrix
 from bench.store import read_results
 
 console = Console(highlight=False, width=None if sys.stdout.isatty() else 160)
-STATUS_STYLE = {"ok": "green", "failed": "red", "oom": "red", "timeout": "red", "skipped": "yellow", "unsupported": "yellow"}
+STATUS_STYLE = {
+    "ok": "green",
+    "failed": "red",
+    "oom": "red",
+    "timeout": "red",
+    "skipped": "yellow",
+    "unsupported": "yellow",
+}
 GIB = 1024**3
 
 
@@ -28,7 +34,7 @@ def print_plan(ready) -> None:
         table.add_column(column)
     for cell in matrix.cells:
         verdict = ready.verdicts[cell.id]
-        here = "run" if verdict.status == "run" else f"[{STATUS_STYLE[verdict.status]}]{verdict.status}: {escape(verdict.reason)}"
+        here = "run" if verdict.status == "run" else f"[{STATUS_STYLE[verdict.status]}]{verdict.status}"
         table.add_row(
             cell.id,
             cell.method,
@@ -41,13 +47,24 @@ def print_plan(ready) -> None:
             here,
         )
     console.print(table)
+    for cell in matrix.cells:
+        verdict = ready.verdicts[cell.id]
+        if verdict.status != "run":
+            console.print(f"{cell.id} {verdict.status}: {escape(verdict.reason)}", soft_wrap=True)
 
 
 def run_with_progress(matrix: Matrix, results_dir: Path, force: bool) -> int:
     """Run the matrix with a live progress bar, then print the summary table. Exit code 0."""
     from bench.runner import run_matrix
 
-    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn())
+    columns = (
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TextColumn("ETA"),
+        TimeRemainingColumn(),
+    )
     with Progress(*columns, console=console) as progress:
         task = progress.add_task(f"{matrix.name}", total=None)
 
@@ -69,7 +86,16 @@ def print_summary(results_dir: Path) -> None:
         console.print("no results")
         return
     table = Table(title=f"results in {results_dir}")
-    for column in ("cell id", "cell", "status", "e2e median s", "step median s", "resident GiB", "peak GiB", "transformer MiB"):
+    for column in (
+        "cell id",
+        "cell",
+        "status",
+        "e2e median s",
+        "step median s",
+        "resident GiB",
+        "peak GiB",
+        "transformer MiB",
+    ):
         table.add_column(column)
     for cell_id, rows in frame.groupby("cell_id", sort=False):
         first = rows.iloc[0]

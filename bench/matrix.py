@@ -94,7 +94,10 @@ class Axes(_Strict):
     @classmethod
     def _known_methods(cls, names: list[str]) -> list[str]:
         for name in names:
-            method_class(name)  # KeyError with a did-you-mean
+            try:
+                method_class(name)
+            except KeyError as error:
+                raise ValueError(error.args[0]) from None
         return names
 
     @field_validator("components")
@@ -219,9 +222,11 @@ def _keys_at(model: type[BaseModel], loc: list[str]) -> list[str] | None:
 def expand(spec: MatrixFile, path: Path) -> list[Cell]:
     """The cells of a matrix: the product of its axes, collapsed per method, with include/exclude applied."""
     axes = spec.axes
-    unknown = sorted(set(spec.method) - set(axes.method))
-    if unknown:
-        raise MatrixError(path, f"method.{unknown[0]}", "options for a method not in axes.method", None, axes.method)
+    for name in spec.method:  # options of a known method not on the axis are kept for later, not an error
+        try:
+            method_class(name)
+        except KeyError as error:
+            raise MatrixError(path, f"method.{name}", error.args[0], None, method_names()) from None
     cells: list[Cell] = []
     for name in axes.method:
         for options in expand_options(path, name, spec.method.get(name, {})):

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
 from bench.cell import CellResult
@@ -30,7 +30,7 @@ def cell_rows(
         "matrix_path": str(matrix.path),
         "cell_id": cell.id,
         "cell_label": cell.label,
-        "timestamp_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "timestamp_utc": datetime.now(UTC).isoformat(timespec="seconds"),
         "method": cell.method,
         "method_family": method_class(cell.method).family,
         "method_options": json.dumps(cell.options, sort_keys=True),

@@ -104,7 +104,10 @@ def _row_context(ready: Plan) -> dict[str, Any]:
 def _nvidia_driver() -> str | None:
     try:
         out = subprocess.run(
-            ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"], capture_output=True, text=True, timeout=30
+            ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+            capture_output=True,
+            text=True,
+            timeout=30,
         )
     except (OSError, subprocess.TimeoutExpired):
         return None
@@ -161,7 +164,9 @@ def _run_in_subprocess(ready: Plan, cell: Cell, folder: ResultsFolder) -> CellRe
         wall_s = time.perf_counter() - start
         result_file = Path(spec.result_path)
         if returncode is None:
-            result = CellResult(status="timeout", error=f"the cell ran past run.timeout_s = {timeout_s:g} s and was killed")
+            result = CellResult(
+                status="timeout", error=f"the cell ran past run.timeout_s = {timeout_s:g} s and was killed"
+            )
         elif result_file.exists():
             result = CellResult.load(result_file)
         else:

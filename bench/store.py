@@ -113,7 +113,10 @@ def _arrow_type(annotation: Any) -> pa.DataType:
 
 
 SCHEMA = pa.schema(
-    [pa.field(f.name, _arrow_type(t)) for f, t in zip(dataclasses.fields(ResultRow), typing.get_type_hints(ResultRow).values())],
+    [
+        pa.field(f.name, _arrow_type(t))
+        for f, t in zip(dataclasses.fields(ResultRow), typing.get_type_hints(ResultRow).values())
+    ],
     metadata={"quantbench_schema_version": str(SCHEMA_VERSION)},
 )
 COLUMNS = SCHEMA.names

@@ -53,7 +53,9 @@ def _check_components(matrix, model: ResolvedModel) -> None:
     for group in matrix.spec.axes.components:
         for name in group:
             if name not in weighted:
-                raise MatrixError(matrix.path, "axes.components", f"{model.pipeline_class} has no such component", name, weighted)
+                raise MatrixError(
+                    matrix.path, "axes.components", f"{model.pipeline_class} has no such component", name, weighted
+                )
 
 
 def _download(repo_id: str, revision: str | None) -> tuple[Path, str]:

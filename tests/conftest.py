@@ -1,0 +1,64 @@
+"""Shared fixtures: one cache (tiny models, compile cache) per test session, and matrix-file helpers."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any
+
+import pytest
+import tomli_w
+
+SMOKE_MATRIX: dict[str, Any] = {
+    "model": {"builtin": "tiny-flux"},
+    "generation": {
+        "prompts": ["a red apple on a wooden table", "a street sign that says OPEN"],
+        "seeds": [0],
+        "height": 64,
+        "width": 64,
+        "num_inference_steps": 3,
+        "max_sequence_length": 32,
+        "repeats": 2,
+    },
+    "run": {"timeout_s": 300},
+    "axes": {"method": ["baseline", "torchao"]},
+    "method": {"torchao": {"quant_type": "int8wo"}},
+}
+
+
+@pytest.fixture(scope="session", autouse=True)
+def quantbench_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Every test shares one cache folder, so the tiny model and the Inductor cache are built once."""
+    cache = tmp_path_factory.getbasetemp() / "quantbench-cache"
+    mp = pytest.MonkeyPatch()
+    mp.setenv("QUANTBENCH_CACHE", str(cache))
+    mp.setenv("TORCHINDUCTOR_CACHE_DIR", str(cache / "inductor"))
+    yield cache
+    mp.undo()
+
+
+def matrix_data(**sections: Any) -> dict[str, Any]:
+    """The smoke matrix as data, with top-level sections replaced or (for dicts) updated."""
+    data = copy.deepcopy(SMOKE_MATRIX)
+    for key, value in sections.items():
+        if isinstance(value, dict) and isinstance(data.get(key), dict):
+            data[key].update(value)
+        else:
+            data[key] = value
+    return data
+
+
+def write_matrix(folder: Path, data: dict[str, Any], name: str = "matrix.toml") -> Path:
+    path = folder / name
+    path.write_text(tomli_w.dumps(data))
+    return path
+
+
+@pytest.fixture
+def make_matrix(tmp_path: Path):
+    """Write a matrix file (the smoke matrix with overrides) into the test's folder and return its path."""
+
+    def make(name: str = "matrix.toml", **sections: Any) -> Path:
+        return write_matrix(tmp_path, matrix_data(**sections), name)
+
+    return make

@@ -1,0 +1,79 @@
+"""The command line as a user meets it: help on every verb, exit codes, one-line errors, no stray files."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def quantbench(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    return subprocess.run(
+        [sys.executable, "-m", "bench", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=300
+    )
+
+
+@pytest.mark.parametrize("verb", ["plan", "run", "report", "compare"])
+def test_every_verb_has_help(verb, tmp_path):
+    done = quantbench(verb, "--help", cwd=tmp_path)
+    assert done.returncode == 0
+    assert f"usage: quantbench {verb}" in done.stdout
+
+
+@pytest.mark.parametrize(
+    ("args", "fragment"),
+    [
+        (["frobnicate"], "invalid choice: 'frobnicate'"),
+        (["run"], "the following arguments are required: matrix"),
+        (["run", "missing.toml"], "missing.toml: <top level>: matrix file not found"),
+        (["plan", "."], ".: <top level>: not a file"),
+    ],
+)
+def test_cli_misuse_exits_2_with_one_line_and_no_traceback(args, fragment, tmp_path):
+    done = quantbench(*args, cwd=tmp_path)
+    assert done.returncode == 2
+    assert fragment in done.stderr
+    assert "Traceback" not in done.stderr
+    assert not (tmp_path / "results").exists()
+
+
+def test_bad_matrix_exits_2_and_writes_no_result(make_matrix, tmp_path):
+    path = make_matrix(axes={"method": ["baseline", "bnb_9bit"]})
+    done = quantbench("run", str(path), cwd=tmp_path)
+    assert done.returncode == 2
+    error_lines = [line for line in done.stderr.splitlines() if line.startswith("quantbench: error:")]
+    assert len(error_lines) == 1 and "axes.method" in error_lines[0] and "bnb_9bit" in error_lines[0]
+    assert "Traceback" not in done.stderr
+    assert not (tmp_path / "results").exists()
+
+
+def test_unknown_component_is_caught_before_any_cell_runs(make_matrix, tmp_path):
+    path = make_matrix(axes={"method": ["torchao"], "components": [["transformer", "unet"]]})
+    done = quantbench("run", str(path), cwd=tmp_path)
+    assert done.returncode == 2
+    assert "axes.components: FluxPipeline has no such component (got 'unet')" in done.stderr
+    assert "allowed: text_encoder, text_encoder_2, transformer, vae" in done.stderr
+    assert not list(tmp_path.glob("results/*/cells/*.parquet"))
+
+
+def test_plan_lists_every_cell_with_what_happens_here(make_matrix, tmp_path):
+    path = make_matrix(
+        axes={"method": ["baseline", "torchao"], "placement": ["device", "model_cpu_offload"]},
+        method={"torchao": {"quant_type": ["int8wo", "float8dq", "autoquant"]}},
+    )
+    done = quantbench("plan", str(path), cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    from bench.matrix import load_matrix
+
+    for cell in load_matrix(path).cells:
+        assert cell.id in done.stdout
+    assert "skipped: placement model_cpu_offload needs a CUDA GPU" in done.stdout
+    assert "skipped: torchao float8dq needs a CUDA GPU" in done.stdout
+    assert "unsupported: autoquant is not provided by the installed torchao" in done.stdout
+    assert not (tmp_path / "results").exists(), "plan runs nothing and writes nothing"

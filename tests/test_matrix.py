@@ -1,0 +1,161 @@
+"""Matrix files: expansion, collapse of axes that do not apply, include/exclude, ids, validation errors."""
+
+from __future__ import annotations
+
+import pytest
+
+from bench.errors import MatrixError
+from bench.matrix import load_matrix
+from tests.conftest import matrix_data, write_matrix
+
+
+def test_product_of_axes_and_method_options(make_matrix):
+    path = make_matrix(
+        axes={"method": ["baseline", "torchao"], "dtype": ["bf16", "fp16"], "compile": ["off", "default"]},
+        method={"torchao": {"quant_type": ["int8wo", "int8dq"]}},
+    )
+    cells = load_matrix(path).cells
+    # baseline: 2 dtypes x 2 compile; torchao: 2 quant types x 2 dtypes x 2 compile
+    assert len(cells) == 4 + 8
+    assert {c.options.get("quant_type") for c in cells if c.method == "torchao"} == {"int8wo", "int8dq"}
+    assert len({c.id for c in cells}) == len(cells)
+
+
+def test_threshold_axis_collapses_for_methods_that_do_not_use_it(make_matrix):
+    path = make_matrix(axes={"method": ["baseline", "torchao"], "threshold": [4.0, 6.0, 10.0]})
+    cells = load_matrix(path).cells
+    assert len(cells) == 2
+    assert all(c.threshold is None for c in cells)
+
+
+def test_components_axis_collapses_for_the_unquantized_baseline(make_matrix):
+    path = make_matrix(
+        axes={"method": ["baseline", "torchao"], "components": [["transformer"], ["transformer", "text_encoder_2"]]}
+    )
+    cells = load_matrix(path).cells
+    assert [c.components for c in cells if c.method == "baseline"] == [None]
+    assert {c.components for c in cells if c.method == "torchao"} == {
+        ("transformer",),
+        ("transformer", "text_encoder_2"),
+    }
+
+
+def test_fullgraph_collapses_when_compile_is_off(make_matrix):
+    path = make_matrix(axes={"method": ["baseline"], "compile": ["off", "default"], "fullgraph": [False, True]})
+    cells = load_matrix(path).cells
+    assert sorted((c.compile, c.fullgraph) for c in cells) == [("default", False), ("default", True), ("off", None)]
+
+
+def test_exclude_removes_matching_cells_and_include_adds_one(make_matrix):
+    path = make_matrix(
+        axes={"method": ["baseline", "torchao"], "compile": ["off", "default"]},
+        method={"torchao": {"quant_type": ["int8wo", "int8dq"]}},
+        exclude=[{"method": "torchao", "quant_type": "int8dq", "compile": "default"}],
+        include=[{"method": "torchao", "quant_type": "int8wo", "compile": "max-autotune"}],
+    )
+    cells = load_matrix(path).cells
+    keys = {(c.method, c.options.get("quant_type"), c.compile) for c in cells}
+    assert ("torchao", "int8dq", "default") not in keys
+    assert ("torchao", "int8dq", "off") in keys
+    assert ("torchao", "int8wo", "max-autotune") in keys
+    assert len(cells) == 2 + 4 - 1 + 1
+
+
+def test_include_of_an_existing_cell_adds_no_duplicate(make_matrix):
+    path = make_matrix(include=[{"method": "baseline", "dtype": "bf16"}])
+    assert len(load_matrix(path).cells) == 2
+
+
+def test_cell_ids_are_stable_and_depend_on_generation_settings(make_matrix):
+    first = [c.id for c in load_matrix(make_matrix("a.toml")).cells]
+    again = [c.id for c in load_matrix(make_matrix("b.toml")).cells]
+    other_steps = [c.id for c in load_matrix(make_matrix("c.toml", generation={"num_inference_steps": 5})).cells]
+    assert first == again
+    assert set(first).isdisjoint(other_steps)
+    assert all(len(i) == 12 and int(i, 16) >= 0 for i in first)
+
+
+def test_cell_id_ignores_the_order_of_option_keys(tmp_path):
+    data = matrix_data(method={"torchao": {"quant_type": "int8wo", "group_size": 64}})
+    reordered = matrix_data(method={"torchao": {"group_size": 64, "quant_type": "int8wo"}})
+    a = load_matrix(write_matrix(tmp_path, data, "a.toml")).cells
+    b = load_matrix(write_matrix(tmp_path, reordered, "b.toml")).cells
+    assert [c.id for c in a] == [c.id for c in b]
+
+
+@pytest.mark.parametrize(
+    ("sections", "key", "fragments"),
+    [
+        (
+            {"axes": {"method": ["baseline", "torchoa"]}},
+            "axes.method",
+            ["unknown method 'torchoa'", "did you mean 'torchao'", "allowed: baseline, torchao"],
+        ),
+        (
+            {"axes": {"method": ["baseline"], "dtype": ["bf32"]}},
+            "axes.dtype.0",
+            ["not an allowed value", "'bf32'", "allowed: bf16, fp16, fp32"],
+        ),
+        (
+            {"axes": {"method": ["baseline"], "compile": ["fast"]}},
+            "axes.compile.0",
+            ["allowed: off, default, max-autotune"],
+        ),
+        ({"generation": {"steps": 4}}, "generation.steps", ["unknown key", "allowed:", "num_inference_steps"]),
+        ({"generation": {"height": "tall"}}, "generation.height", ["'tall'"]),
+        ({"generation": {"repeats": -1}}, "generation.repeats", ["greater than or equal to 1"]),
+        ({"generation": {"seeds": []}}, "generation.seeds", ["at least 1"]),
+        ({"axes": {"method": []}}, "axes.method", ["at least 1"]),
+        (
+            {"method": {"torchao": {"quant_type": "int3dq"}}},
+            "method.torchao.quant_type",
+            ["unknown torchao quant_type", "int8wo"],
+        ),
+        ({"method": {"torchao": {"quant_type": "fp6_e3m3"}}}, "method.torchao.quant_type", ["X must equal A + B + 1"]),
+        (
+            {"method": {"torchao": {"quant_type": "int8wo", "bits": 4}}},
+            "method.torchao.bits",
+            ["unknown option", "allowed: group_size, modules_to_not_convert, quant_type"],
+        ),
+        (
+            {"method": {"torchoa": {"quant_type": "int8wo"}}},
+            "method.torchoa",
+            ["unknown method", "did you mean 'torchao'"],
+        ),
+        ({"model": {"builtin": "tiny-flux", "hub": "a/b"}}, "model", ["exactly one of builtin, path, hub"]),
+        ({"model": {"builtin": "huge-flux"}}, "model.builtin", ["allowed: tiny-flux"]),
+        ({"name": "../escape"}, "name", ["no path separators"]),
+        ({"exclude": [{"methd": "baseline"}]}, "exclude.0.methd", ["unknown rule key"]),
+        ({"include": [{"dtype": "fp16"}]}, "include.0.method", ["must name a method"]),
+        ({"include": [{"method": "baseline", "dtype": "fp8"}]}, "include.0.dtype", ["allowed: bf16, fp16, fp32"]),
+        ({"exclude": [{"method": ["baseline", "torchao"]}]}, "exclude", ["exclude every cell"]),
+    ],
+)
+def test_bad_matrix_gets_one_error_naming_file_key_value_and_allowed(tmp_path, sections, key, fragments):
+    path = write_matrix(tmp_path, matrix_data(**sections))
+    with pytest.raises(MatrixError) as caught:
+        load_matrix(path)
+    message = str(caught.value)
+    assert message.startswith(f"{path}: {key}:"), message
+    for fragment in fragments:
+        assert fragment in message, message
+    assert "\n" not in message
+
+
+def test_missing_model_path_is_reported_before_any_work(tmp_path):
+    data = matrix_data()
+    data["model"] = {"path": "no/such/folder"}
+    path = write_matrix(tmp_path, data)
+    with pytest.raises(MatrixError, match=r"model\.path: no such folder \(got 'no/such/folder'\)"):
+        load_matrix(path)
+
+
+@pytest.mark.parametrize(
+    ("content", "fragment"),
+    [(b"[model\nbuiltin=1", "invalid TOML"), (b'name = "\xff\xfe"', "not UTF-8")],
+)
+def test_unreadable_matrix_file_is_a_clear_error(tmp_path, content, fragment):
+    path = tmp_path / "bad.toml"
+    path.write_bytes(content)
+    with pytest.raises(MatrixError, match=fragment):
+        load_matrix(path)

@@ -1,0 +1,122 @@
+"""End to end on the built-in tiny FLUX: real cell subprocesses, Parquet read back, resume, failures."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from bench.matrix import load_matrix
+from bench.runner import run_matrix
+from bench.store import ResultsFolder, read_results
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory, quantbench_cache):
+    """The smoke matrix (baseline and torchao int8wo, 2 prompts x 1 seed) run once for this module."""
+    from tests.conftest import matrix_data, write_matrix
+
+    folder = tmp_path_factory.mktemp("smoke")
+    matrix = load_matrix(write_matrix(folder, matrix_data(name="smoke")))
+    results = folder / "results"
+    summary = run_matrix(matrix, results)
+    return matrix, results, summary
+
+
+def test_smoke_run_writes_one_ok_row_per_cell_prompt_and_seed(smoke_run):
+    matrix, results, summary = smoke_run
+    frame = read_results(results)
+    assert summary.statuses == {"ok": 2}
+    assert len(frame) == len(matrix.cells) * 2 * 1
+    assert set(frame["status"]) == {"ok"}
+    assert set(zip(frame["cell_id"], frame["prompt_index"])) == {(c.id, p) for c in matrix.cells for p in (0, 1)}
+    for column in ("load_s", "warmup_s", "e2e_latency_median_s", "step_latency_median_s", "cpu_peak_rss_bytes"):
+        assert (frame[column] > 0).all(), column
+    assert (frame["e2e_latency_iqr_s"] >= 0).all()
+    assert frame.loc[frame.method == "torchao", "quantize_s"].gt(0).all()
+    assert frame.loc[frame.method == "baseline", "quantize_s"].isna().all()
+
+
+def test_gpu_memory_columns_are_null_with_a_reason_on_cpu(smoke_run):
+    _, results, _ = smoke_run
+    frame = read_results(results)
+    for column in ("resident_reserved_bytes", "peak_reserved_bytes", "peak_allocated_bytes"):
+        assert frame[column].isna().all(), column
+    assert frame["gpu_memory_note"].str.contains("no CUDA device").all()
+
+
+def test_rows_record_axes_model_and_environment(smoke_run):
+    _, results, _ = smoke_run
+    frame = read_results(results)
+    torchao = frame[frame.method == "torchao"].iloc[0]
+    assert torchao["method_options"] == '{"quant_type": "int8wo"}'
+    assert torchao["components"] == "transformer"
+    assert torchao["weights"] == "synthetic"
+    assert torchao["pipeline_class"] == "FluxPipeline"
+    assert torchao["torch_version"].startswith("2.")
+    assert torchao["torchao_version"] and torchao["diffusers_version"]
+    assert torchao["schema_version"] == 1
+
+
+def test_torchao_int8_really_shrinks_the_transformer(smoke_run):
+    _, results, _ = smoke_run
+    frame = read_results(results).groupby("method").first()
+    baseline, int8 = frame.loc["baseline"], frame.loc["torchao"]
+    # torchao's subclasses report their bf16 size through get_memory_footprint; the stored bytes are smaller
+    assert int8["transformer_tensor_bytes"] < 0.75 * baseline["transformer_tensor_bytes"]
+    assert int8["transformer_footprint_bytes"] == baseline["transformer_footprint_bytes"]
+
+
+def test_images_are_saved_per_prompt_and_seed_named_by_cell_id(smoke_run):
+    _, results, _ = smoke_run
+    frame = read_results(results)
+    for _, row in frame.iterrows():
+        image = Image.open(results / row["image_path"])
+        assert image.size == (64, 64)
+        assert row["image_path"].startswith(f"images/{row['cell_id']}/")
+    pixels = np.asarray(Image.open(results / frame.iloc[0]["image_path"]), dtype=float)
+    assert pixels.std() > 0, "a real image, not a constant fill"
+
+
+def test_rerun_skips_completed_cells_without_touching_them(smoke_run):
+    matrix, results, _ = smoke_run
+    parts = ResultsFolder(results).cells_dir
+    before = {p.name: p.stat().st_mtime_ns for p in parts.glob("*.parquet")}
+    summary = run_matrix(matrix, results)
+    assert summary.already_done == 2
+    assert sum(summary.statuses.values()) == 0
+    assert {p.name: p.stat().st_mtime_ns for p in parts.glob("*.parquet")} == before
+
+
+def test_force_reruns_and_the_same_seed_gives_identical_images(tmp_path, quantbench_cache):
+    from tests.conftest import matrix_data, write_matrix
+
+    matrix = load_matrix(write_matrix(tmp_path, matrix_data(axes={"method": ["baseline"]})))
+    results = tmp_path / "results"
+    run_matrix(matrix, results)
+    first = read_results(results)
+    pixels = [np.asarray(Image.open(results / p)) for p in first["image_path"]]
+    summary = run_matrix(matrix, results, force=True)
+    second = read_results(results)
+    assert summary.statuses == {"ok": 1} and summary.already_done == 0
+    assert (second["timestamp_utc"] >= first["timestamp_utc"]).all()
+    for before, path in zip(pixels, second["image_path"]):
+        np.testing.assert_array_equal(before, np.asarray(Image.open(results / path)))
+
+
+def test_crashing_cell_becomes_a_failed_row_and_the_other_cells_complete(tmp_path, monkeypatch, quantbench_cache):
+    from tests.conftest import matrix_data, write_matrix
+
+    matrix = load_matrix(write_matrix(tmp_path, matrix_data()))
+    torchao = next(c for c in matrix.cells if c.method == "torchao")
+    monkeypatch.setenv("QUANTBENCH_INJECT_FAULT", f"crash@{torchao.id}")
+    summary = run_matrix(matrix, tmp_path / "results")
+    frame = read_results(tmp_path / "results")
+    assert summary.statuses == {"ok": 1, "failed": 1}
+    failed = frame[frame.cell_id == torchao.id]
+    assert len(failed) == 2 and set(failed["status"]) == {"failed"}
+    assert failed["error"].str.contains("injected crash").all()
+    assert failed["log_tail"].str.contains("RuntimeError: injected crash").all()
+    assert set(frame.loc[frame.cell_id != torchao.id, "status"]) == {"ok"}

@@ -1,0 +1,81 @@
+"""The results folder: atomic part files, unreadable parts ignored (so their cell reruns), the run lock."""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+
+import pytest
+
+from bench.errors import UserError
+from bench.store import SCHEMA, ResultRow, ResultsFolder
+
+REQUIRED = {
+    "schema_version": 1, "matrix_name": "m", "matrix_path": "m.toml", "cell_label": "x", "timestamp_utc": "t",
+    "error": None, "log_tail": None, "method": "baseline", "method_family": "baseline", "method_options": "{}",
+    "dtype": "bf16", "threshold": None, "compile": "off", "fullgraph": None, "components": None, "placement": "device",
+    "model_source": "builtin:tiny-flux", "model_revision": None, "pipeline_class": "FluxPipeline", "weights": "synthetic",
+    "prompt_index": 0, "prompt": "p", "seed": 0, "height": 64, "width": 64, "num_inference_steps": 2,
+    "guidance_scale": 3.5, "max_sequence_length": 32, "repeats": 1,
+}  # fmt: skip
+
+
+def row(cell_id: str, status: str = "ok") -> ResultRow:
+    return ResultRow(cell_id=cell_id, status=status, **REQUIRED)
+
+
+def test_part_files_round_trip_with_the_declared_schema(tmp_path):
+    folder = ResultsFolder(tmp_path)
+    folder.create()
+    folder.write_cell("aaa", [row("aaa")])
+    folder.write_cell("bbb", [row("bbb", "failed"), row("bbb")])
+    table = folder.read_table()
+    assert table.schema.names == SCHEMA.names
+    assert sorted(table.column("cell_id").to_pylist()) == ["aaa", "bbb", "bbb"]
+    assert folder.completed_cell_ids() == {"aaa"}
+    assert not list(folder.cells_dir.glob(".*tmp")), "no temporary file is left behind"
+
+
+def test_truncated_part_is_not_read_as_valid_and_its_cell_counts_as_not_done(tmp_path):
+    folder = ResultsFolder(tmp_path)
+    folder.create()
+    path = folder.write_cell("aaa", [row("aaa")])
+    folder.write_cell("bbb", [row("bbb")])
+    path.write_bytes(path.read_bytes()[:-40])
+    assert folder.completed_cell_ids() == {"bbb"}
+    assert folder.read_table().column("cell_id").to_pylist() == ["bbb"]
+
+
+def test_rewriting_a_cell_replaces_its_rows(tmp_path):
+    folder = ResultsFolder(tmp_path)
+    folder.create()
+    folder.write_cell("aaa", [row("aaa", "failed")])
+    folder.write_cell("aaa", [row("aaa")])
+    assert folder.read_table().column("status").to_pylist() == ["ok"]
+
+
+def _hold_lock(root, ready, release):
+    with ResultsFolder(root).exclusive():
+        ready.set()
+        release.wait(30)
+
+
+def test_second_run_on_the_same_folder_stops_with_a_clear_message(tmp_path):
+    ctx = multiprocessing.get_context("spawn")
+    ready, release = ctx.Event(), ctx.Event()
+    holder = ctx.Process(target=_hold_lock, args=(tmp_path, ready, release))
+    holder.start()
+    try:
+        assert ready.wait(30)
+        with (
+            pytest.raises(
+                UserError, match=rf"another quantbench run \(pid {holder.pid}\) is writing this results folder"
+            ),
+            ResultsFolder(tmp_path).exclusive(),
+        ):
+            pass
+    finally:
+        release.set()
+        holder.join(30)
+    with ResultsFolder(tmp_path).exclusive():  # free again once the first run ends
+        assert (tmp_path / ".lock").read_text() == str(os.getpid())
