@@ -128,8 +128,12 @@ def run_cell(spec: CellSpec, result: CellResult) -> None:
     }
 
     start = clock.now()
+    prepared = {name: method.prepare_component(components[name], cell) for name in cell.components or ()}
+    m["prepare_s"] = clock.now() - start
+
+    start = clock.now()
     _inject(fault, "load")
-    quantized = {name: method.load_component(components[name], cell) for name in cell.components or ()}
+    quantized = {name: method.load_component(component, cell) for name, component in prepared.items()}
     if quantized:
         m["quantize_s"] = clock.now() - start
 

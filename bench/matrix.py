@@ -235,6 +235,8 @@ def expand(spec: MatrixFile, path: Path) -> list[Cell]:
         _rule_keys(spec, rule, path, f"exclude.{i}")
         cells = [cell for cell in cells if not _matches(path, rule, cell, f"exclude.{i}")]
     cells += [_included_cell(path, spec, rule, f"include.{i}") for i, rule in enumerate(spec.include)]
+    for cell in cells:
+        _check_combination(path, spec, cell)
     context = {"model": spec.model.key(), "generation": spec.generation.model_dump()}
     unique: dict[str, Cell] = {}
     for cell in cells:
@@ -243,6 +245,26 @@ def expand(spec: MatrixFile, path: Path) -> list[Cell]:
     if not unique:
         raise MatrixError(path, "exclude", "the rules exclude every cell: nothing to run")
     return list(unique.values())
+
+
+def _check_combination(path: Path, spec: MatrixFile, cell: Cell) -> None:
+    """Reject cells no machine could run, naming the axis that makes them impossible."""
+    cls = method_class(cell.method)
+    if cls.only_components and cell.components and not set(cell.components) <= set(cls.only_components):
+        raise MatrixError(
+            path,
+            "axes.components",
+            f"method {cell.method} can only quantize {', '.join(cls.only_components)}",
+            list(cell.components),
+            cls.only_components,
+        )
+    if cell.options.get("synthetic_blocks") and spec.model.weights_label == "real":
+        raise MatrixError(
+            path,
+            f"method.{cell.method}.synthetic_blocks",
+            "random blocks are only for synthetic weights (model.weights = 'synthetic')",
+            True,
+        )
 
 
 def _product(axes: Axes, method: str, options: dict[str, Any]) -> list[Cell]:

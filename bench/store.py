@@ -40,7 +40,6 @@ class ResultRow:
     timestamp_utc: str
     status: str
     error: str | None
-    log_tail: str | None
     # axes
     method: str
     method_family: str
@@ -65,8 +64,10 @@ class ResultRow:
     guidance_scale: float
     max_sequence_length: int
     repeats: int
+    log_tail: str | None = None
     # timings (seconds)
     import_s: float | None = None
+    prepare_s: float | None = None
     quantize_s: float | None = None
     load_s: float | None = None
     warmup_s: float | None = None
@@ -79,6 +80,7 @@ class ResultRow:
     resident_reserved_bytes: int | None = None
     peak_reserved_bytes: int | None = None
     peak_allocated_bytes: int | None = None
+    dequantized_reserved_bytes: int | None = None
     gpu_memory_note: str | None = None
     cpu_peak_rss_bytes: int | None = None
     transformer_footprint_bytes: int | None = None

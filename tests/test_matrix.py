@@ -89,7 +89,11 @@ def test_cell_id_ignores_the_order_of_option_keys(tmp_path):
         (
             {"axes": {"method": ["baseline", "torchoa"]}},
             "axes.method",
-            ["unknown method 'torchoa'", "did you mean 'torchao'", "allowed: baseline, torchao"],
+            [
+                "unknown method 'torchoa'",
+                "did you mean 'torchao'",
+                "allowed: baseline, bnb_4bit, bnb_8bit, gguf, torchao",
+            ],
         ),
         (
             {"axes": {"method": ["baseline"], "dtype": ["bf32"]}},

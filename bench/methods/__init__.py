@@ -11,6 +11,9 @@ if TYPE_CHECKING:
 
 _REGISTRY: dict[str, str] = {
     "baseline": "bench.methods.baseline:Baseline",
+    "bnb_8bit": "bench.methods.bitsandbytes:EightBit",
+    "bnb_4bit": "bench.methods.bitsandbytes:FourBit",
+    "gguf": "bench.methods.gguf:Gguf",
     "torchao": "bench.methods.torchao:TorchAo",
 }
 

@@ -47,6 +47,7 @@ class Component:
     library: str
     class_name: str
     folder: Path
+    single_file: Path | None = None  # a single-file checkpoint (GGUF) to load instead of `folder`
 
     @property
     def has_weights(self) -> bool:
@@ -62,6 +63,21 @@ class Component:
 
         return getattr(importlib.import_module(self.library), self.class_name)
 
+    def load(self, cell: Cell, **kwargs: Any) -> Any:
+        """`from_pretrained` of this component in the cell's dtype, with extra arguments."""
+        return self.model_class().from_pretrained(self.folder, subfolder=self.name, dtype=cell.torch_dtype, **kwargs)
+
+    def load_quantized(self, cell: Cell, config_name: str, **config: Any) -> Any:
+        """Load with the quantization config class `config_name` of the component's own library.
+
+        diffusers models take diffusers' config class, transformers models (the T5 and CLIP text encoders)
+        transformers' class of the same name, as the diffusers quantization guide does.
+        """
+        import importlib
+
+        library = importlib.import_module("transformers" if self.is_transformers_model else "diffusers")
+        return self.load(cell, quantization_config=getattr(library, config_name)(**config))
+
 
 class Method:
     """A quantization method, registered by the name users write in the `method` axis."""
@@ -71,6 +87,7 @@ class Method:
     Options: ClassVar[type[MethodOptions]] = MethodOptions
     quantizes: ClassVar[bool] = True
     uses_threshold: ClassVar[bool] = False
+    only_components: ClassVar[tuple[str, ...] | None] = None  # e.g. GGUF files hold the transformer alone
 
     def __init__(self, options: MethodOptions) -> None:
         self.options = options
@@ -78,8 +95,12 @@ class Method:
     def check(self, cell: Cell, machine: Machine) -> None:
         """Raise MethodUnavailable if `cell` cannot run on `machine`; called before any subprocess starts."""
 
+    def prepare_component(self, component: Component, cell: Cell) -> Component:
+        """One-off, cached work outside the timings (produce a GGUF file, save a pre-quantized checkpoint)."""
+        return component
+
     def load_component(self, component: Component, cell: Cell) -> Any:
-        """Load `component` quantized for `cell` (inside the cell subprocess)."""
+        """Load `component` quantized for `cell` (inside the cell subprocess, timed as `quantize_s`)."""
         raise NotImplementedError
 
     def after_load(self, pipe: Any, cell: Cell) -> dict[str, Any]:

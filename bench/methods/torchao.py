@@ -136,19 +136,9 @@ class TorchAo(Method):
         build_torchao_config(self.options)
 
     def load_component(self, component: Component, cell) -> Any:
-        config_object = build_torchao_config(self.options)
-        if component.is_transformers_model:
-            from transformers import TorchAoConfig
-
-            quantization_config = TorchAoConfig(
-                quant_type=config_object, modules_to_not_convert=self.options.modules_to_not_convert
-            )
-        else:
-            from diffusers import TorchAoConfig
-
-            quantization_config = TorchAoConfig(
-                config_object, modules_to_not_convert=self.options.modules_to_not_convert
-            )
-        return component.model_class().from_pretrained(
-            component.folder, subfolder=component.name, quantization_config=quantization_config, dtype=cell.torch_dtype
+        return component.load_quantized(
+            cell,
+            "TorchAoConfig",
+            quant_type=build_torchao_config(self.options),
+            modules_to_not_convert=self.options.modules_to_not_convert,
         )

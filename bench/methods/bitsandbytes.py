@@ -1,0 +1,98 @@
+"""bitsandbytes LLM.int8 (`bnb_8bit`) and 4-bit NF4/FP4 (`bnb_4bit`), as in the diffusers quantization guide.
+
+The transformer gets diffusers' `BitsAndBytesConfig`, transformers models (the T5 encoder) transformers'
+own. Options: `dequantize` (quantize, then `.dequantize()` before generating) and `prequantized` (save the
+quantized component once with `save_pretrained`, then time loading it back without a quantization config).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, ClassVar, Literal
+
+from bench.cache import build_once, cache_dir
+from bench.methods.base import Component, Method, MethodOptions, needs_cuda
+
+
+class BitsAndBytesOptions(MethodOptions):
+    llm_int8_skip_modules: list[str] | None = None
+    dequantize: bool = False
+    prequantized: bool = False
+
+
+class FourBitOptions(BitsAndBytesOptions):
+    bnb_4bit_quant_type: Literal["nf4", "fp4"] = "nf4"
+    bnb_4bit_use_double_quant: bool = False
+    bnb_4bit_compute_dtype: Literal["bf16", "fp16", "fp32"] | None = None
+
+
+class _BitsAndBytes(Method):
+    family: ClassVar[str] = "bitsandbytes"
+    options: BitsAndBytesOptions
+
+    def check(self, cell, machine) -> None:
+        # diffusers refuses without one: "No GPU found. A GPU is needed for quantization."
+        needs_cuda(machine, f"bitsandbytes ({self.name})")
+
+    def config(self, cell) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def quantization_config(self, cell) -> dict[str, Any]:
+        config = self.config(cell)
+        if self.options.llm_int8_skip_modules:
+            config["llm_int8_skip_modules"] = self.options.llm_int8_skip_modules
+        return config
+
+    def prepare_component(self, component: Component, cell) -> Component:
+        if not self.options.prequantized:
+            return component
+
+        def save_quantized(folder) -> None:
+            quantized = component.load_quantized(cell, "BitsAndBytesConfig", **self.quantization_config(cell))
+            quantized.save_pretrained(folder / component.name)
+
+        saved = build_once(cache_dir("prequantized") / f"{cell.id}-{component.name}", save_quantized)
+        return dataclasses.replace(component, folder=saved)
+
+    def load_component(self, component: Component, cell) -> Any:
+        if self.options.prequantized:  # the saved checkpoint carries its quantization config, as the guide shows
+            return component.load(cell)
+        return component.load_quantized(cell, "BitsAndBytesConfig", **self.quantization_config(cell))
+
+    def after_load(self, pipe: Any, cell) -> dict[str, Any]:
+        if not self.options.dequantize:
+            return {}
+        import torch
+
+        for name in cell.components or ():
+            getattr(pipe, name).dequantize()
+        torch.cuda.empty_cache()
+        return {"dequantized_reserved_bytes": torch.cuda.memory_reserved()}
+
+
+class EightBit(_BitsAndBytes):
+    name: ClassVar[str] = "bnb_8bit"
+    Options: ClassVar[type[MethodOptions]] = BitsAndBytesOptions
+    uses_threshold: ClassVar[bool] = True
+
+    def config(self, cell) -> dict[str, Any]:
+        return {"load_in_8bit": True, "llm_int8_threshold": cell.threshold}
+
+
+class FourBit(_BitsAndBytes):
+    name: ClassVar[str] = "bnb_4bit"
+    Options: ClassVar[type[MethodOptions]] = FourBitOptions
+    options: FourBitOptions
+
+    def config(self, cell) -> dict[str, Any]:
+        import torch
+
+        from bench.cells import DTYPES
+
+        compute = self.options.bnb_4bit_compute_dtype or cell.dtype
+        return {
+            "load_in_4bit": True,
+            "bnb_4bit_quant_type": self.options.bnb_4bit_quant_type,
+            "bnb_4bit_use_double_quant": self.options.bnb_4bit_use_double_quant,
+            "bnb_4bit_compute_dtype": getattr(torch, DTYPES[compute]),
+        }
