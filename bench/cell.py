@@ -33,6 +33,7 @@ class CellSpec:
     generation: dict[str, Any]
     device: str
     images_dir: str
+    latents_dir: str
     result_path: str
 
     def save(self, path: Path) -> None:
@@ -127,15 +128,16 @@ def run_cell(spec: CellSpec, result: CellResult) -> None:
         name: Component(name, lib, cls, Path(spec.model_folder)) for name, (lib, cls) in spec.components.items()
     }
 
-    start = clock.now()
-    prepared = {name: method.prepare_component(components[name], cell) for name in cell.components or ()}
-    m["prepare_s"] = clock.now() - start
-
-    start = clock.now()
     _inject(fault, "load")
-    quantized = {name: method.load_component(component, cell) for name, component in prepared.items()}
-    if quantized:
+    if cell.components:
+        start = clock.now()
+        prepared = {name: method.prepare_component(components[name], cell) for name in cell.components}
+        m["prepare_s"] = clock.now() - start
+        start = clock.now()
+        quantized = {name: method.load_component(component, cell) for name, component in prepared.items()}
         m["quantize_s"] = clock.now() - start
+    else:
+        quantized = {}
 
     start = clock.now()
     pipe = DiffusionPipeline.from_pretrained(
@@ -177,9 +179,11 @@ def _generate(pipe: Any, spec: CellSpec, result: CellResult, clock: Any, fault: 
         "output_type": "np",
     }
     step_ends: list[float] = []
+    final_latents: list[Any] = []
 
     def on_step_end(pipe: Any, step: int, timestep: Any, kwargs: dict[str, Any]) -> dict[str, Any]:
         step_ends.append(clock.now())
+        final_latents[:] = [kwargs["latents"]]
         return kwargs
 
     def generate(prompt: str, seed: int) -> Any:
@@ -194,8 +198,9 @@ def _generate(pipe: Any, spec: CellSpec, result: CellResult, clock: Any, fault: 
     result.measurements["warmup_s"] = clock.now() - start
     _inject(fault, "generate")
 
-    images_dir = Path(spec.images_dir)
+    images_dir, latents_dir = Path(spec.images_dir), Path(spec.latents_dir)
     images_dir.mkdir(parents=True, exist_ok=True)
+    latents_dir.mkdir(parents=True, exist_ok=True)
     for prompt_index, prompt in enumerate(gen["prompts"]):
         for seed in gen["seeds"]:
             e2e, steps = [], []
@@ -207,7 +212,9 @@ def _generate(pipe: Any, spec: CellSpec, result: CellResult, clock: Any, fault: 
             if fault == "nan":
                 image = np.full_like(image, np.nan)
             finite = bool(np.isfinite(image).all())
-            path = _save_png(image, images_dir / f"p{prompt_index}_s{seed}.png") if finite else None
+            stem = f"p{prompt_index}_s{seed}"
+            path = _save_png(image, images_dir / f"{stem}.png") if finite else None
+            _save_latents(final_latents[0], latents_dir / f"{stem}.safetensors")
             result.samples.append(Sample(prompt_index, seed, e2e, steps, path, finite))
 
 
@@ -220,6 +227,14 @@ def _save_png(image: Any, path: Path) -> str:
     Image.fromarray(pixels).save(temporary, format="PNG")
     os.replace(temporary, path)
     return path.name
+
+
+def _save_latents(latents: Any, path: Path) -> None:
+    from safetensors.torch import save_file
+
+    temporary = path.with_name(path.name + ".tmp")
+    save_file({"latents": latents.detach().float().cpu().contiguous()}, str(temporary))
+    os.replace(temporary, path)
 
 
 def classify(error: BaseException) -> str:

@@ -16,9 +16,11 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from bench.cells import AXES, DTYPES, Cell
+from bench.drift import METRICS
 from bench.errors import MatrixError
 from bench.methods import method_class, method_names
 from bench.methods.base import MethodOptions
+from bench.prompts import BUILTIN_PROMPTS, PromptFileError, read_prompt_file
 
 SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
 BUILTIN_MODELS = ("tiny-flux",)
@@ -59,7 +61,8 @@ class ModelSource(_Strict):
 class Generation(_Strict):
     """What each cell generates: every prompt with every seed, timed `repeats` times after warm-up."""
 
-    prompts: list[typing.Annotated[str, Field(min_length=1, max_length=2000)]] = Field(min_length=1, max_length=1000)
+    prompts: list[typing.Annotated[str, Field(min_length=1, max_length=2000)]] = Field(default=[], max_length=1000)
+    prompt_file: str | None = None  # a .txt or .jsonl file (relative to the matrix), or "builtin:quantbench-v1"
     seeds: list[typing.Annotated[int, Field(ge=0, lt=2**63)]] = Field(default=[0], min_length=1, max_length=1000)
     height: int = Field(default=1024, ge=16, le=8192, multiple_of=16)
     width: int = Field(default=1024, ge=16, le=8192, multiple_of=16)
@@ -68,6 +71,21 @@ class Generation(_Strict):
     max_sequence_length: int = Field(default=512, ge=1, le=4096)
     repeats: int = Field(default=3, ge=1, le=100)
     warmup: int = Field(default=1, ge=0, le=100)
+
+    @model_validator(mode="after")
+    def _one_prompt_source(self) -> Generation:
+        if bool(self.prompts) == bool(self.prompt_file):
+            raise ValueError("give exactly one of prompts (a non-empty list) or prompt_file")
+        return self
+
+
+class DriftSettings(_Strict):
+    """How images are compared with the reference run."""
+
+    enabled: bool = True
+    reference_dtype: Literal[tuple(DTYPES)] = "bf16"  # type: ignore[valid-type]
+    clip_model: str | None = "openai/clip-vit-large-patch14"  # a local folder or a hub id already in the cache
+    lpips: bool = True
 
 
 class RunSettings(_Strict):
@@ -116,9 +134,20 @@ class MatrixFile(_Strict):
     generation: Generation
     run: RunSettings = RunSettings()
     axes: Axes
+    drift: DriftSettings = DriftSettings()
+    gates: dict[str, float] = {}
     method: dict[str, dict[str, Any]] = {}
     include: list[dict[str, Any]] = []
     exclude: list[dict[str, Any]] = []
+
+    @field_validator("gates")
+    @classmethod
+    def _known_gates(cls, gates: dict[str, float]) -> dict[str, float]:
+        allowed = [f"{kind}_{metric}" for metric in METRICS for kind in ("min", "max")]
+        for gate in gates:
+            if gate not in allowed:
+                raise ValueError(f"unknown gate {gate!r}; allowed: {', '.join(allowed)}")
+        return gates
 
     @field_validator("name")
     @classmethod
@@ -146,6 +175,17 @@ class Matrix(BaseModel):
     def generation(self) -> Generation:
         return self.spec.generation
 
+    @property
+    def drift(self) -> DriftSettings:
+        return self.spec.drift
+
+    def clip_model(self) -> str | None:
+        """The configured CLIP model: a folder relative to the matrix if one exists there, else a hub id."""
+        configured = self.drift.clip_model
+        if configured and (self.path.parent / configured).expanduser().is_dir():
+            return str(self.resolve_path(configured))
+        return configured
+
     def resolve_path(self, relative: str) -> Path:
         """A path written in the matrix, taken relative to the matrix file's folder."""
         return (self.path.parent / Path(relative).expanduser()).resolve()
@@ -159,6 +199,7 @@ def load_matrix(path: str | Path) -> Matrix:
         spec = MatrixFile.model_validate(raw)
     except ValidationError as error:
         raise _matrix_error(path, error) from None
+    spec = spec.model_copy(update={"generation": _with_prompts(path, spec.generation)})
     name = spec.name or path.stem
     if not SAFE_NAME.fullmatch(name) or ".." in name:
         raise MatrixError(path, "name", "the matrix name (default: the file name) must be a safe folder name", name)
@@ -166,6 +207,30 @@ def load_matrix(path: str | Path) -> Matrix:
         raise MatrixError(path, "model.path", "no such folder", spec.model.path)
     cells = expand(spec, path)
     return Matrix(path=path, name=name, spec=spec, cells=cells)
+
+
+def _with_prompts(path: Path, generation: Generation) -> Generation:
+    """The generation settings with `prompt_file` read into `prompts`."""
+    source = generation.prompt_file
+    if not source:
+        return generation
+    if source.startswith("builtin:"):
+        name = source.removeprefix("builtin:")
+        if name not in BUILTIN_PROMPTS:
+            raise MatrixError(
+                path,
+                "generation.prompt_file",
+                "unknown built-in prompt set",
+                source,
+                [f"builtin:{n}" for n in BUILTIN_PROMPTS],
+            )
+        prompts = list(BUILTIN_PROMPTS[name])
+    else:
+        try:
+            prompts = read_prompt_file((path.parent / source).expanduser())
+        except PromptFileError as error:
+            raise MatrixError(path, "generation.prompt_file", str(error), source) from None
+    return generation.model_copy(update={"prompts": prompts})
 
 
 def _read_toml(path: Path) -> dict[str, Any]:

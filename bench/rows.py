@@ -8,6 +8,7 @@ from typing import Any
 
 from bench.cell import CellResult
 from bench.cells import Cell
+from bench.drift import Drift, gate_failures, notes_json
 from bench.measure import Stats
 from bench.methods import method_class
 from bench.store import SCHEMA_VERSION, ResultRow
@@ -21,8 +22,10 @@ def cell_rows(
     cell: Cell,
     result: CellResult,
     context: dict[str, Any],
+    drift: dict[tuple[int, int], Drift] | None = None,
 ) -> list[ResultRow]:
-    """Rows for `cell`. `context` holds the environment, device and driver facts shared by every row."""
+    """Rows for `cell`. `context` holds the environment, device and driver facts shared by every row;
+    `drift` the metrics of each (prompt index, seed) against the reference."""
     generation = matrix.generation
     base = {
         "schema_version": SCHEMA_VERSION,
@@ -67,8 +70,34 @@ def cell_rows(
                 _fill_sample(row, sample)
             elif result.status == "ok":
                 row.status, row.error = "failed", "the cell finished without measuring this prompt and seed"
+            if drift and (prompt_index, seed) in drift:
+                _fill_drift(row, drift[(prompt_index, seed)])
             rows.append(row)
+    _apply_gates(rows, matrix.spec.gates)
     return rows
+
+
+def _fill_drift(row: ResultRow, drift: Drift) -> None:
+    for metric, value in drift.values.items():
+        setattr(row, metric, value)
+    row.metric_notes = notes_json(drift.notes)
+    row.reference_key = drift.reference_key
+
+
+def _apply_gates(rows: list[ResultRow], gates: dict[str, float]) -> None:
+    """Mark every row of the cell with the verdict of the matrix's quality gates on the cell's means."""
+    if not gates:
+        return
+    scored = [row for row in rows if row.status == "ok"]
+    means = {}
+    for metric in {gate.split("_", 1)[1] for gate in gates}:
+        values = [getattr(row, metric) for row in scored if getattr(row, metric) is not None]
+        means[metric] = sum(values) / len(values) if values else None
+    failures = gate_failures(means, gates) if scored else None
+    status = "missing" if failures is None else "fail" if failures else "pass"
+    for row in rows:
+        row.gate_status = status
+        row.gate_failures = "; ".join(failures) if failures else None
 
 
 def _fill_sample(row: ResultRow, sample: Any) -> None:

@@ -6,6 +6,7 @@ or of the driver) never loses or corrupts rows already written; a rerun skips fi
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -18,10 +19,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from bench.baseline import Reference, ReferenceCache, reference_key
 from bench.cache import cache_dir
 from bench.capability import Verdict, check_cell
 from bench.cell import CellResult, CellSpec
 from bench.cells import Cell
+from bench.drift import METRICS, Drift, DriftScorer, load_image
 from bench.environment import Machine, collect_environment, detect_machine
 from bench.errors import UserError
 from bench.matrix import Matrix
@@ -40,6 +43,7 @@ class RunSummary:
     results_dir: Path
     statuses: Counter = field(default_factory=Counter)
     already_done: int = 0
+    reference_runs: int = 0
 
 
 @dataclass(frozen=True)
@@ -80,17 +84,115 @@ def run_matrix(
         context = _row_context(ready)
         todo = [cell for cell in matrix.cells if cell.id not in done]
         summary.already_done = len(matrix.cells) - len(todo)
+        comparison = _Comparison(ready, folder, summary) if matrix.drift.enabled and todo else None
         for index, cell in enumerate(todo):
             verdict = ready.verdicts[cell.id]
             if verdict.status == "run":
-                result = _run_in_subprocess(ready, cell, folder)
+                result = _run_in_subprocess(
+                    ready,
+                    cell,
+                    folder.images_dir / cell.id,
+                    folder.latents_dir / cell.id,
+                    folder.logs_dir / f"{cell.id}.log",
+                )
             else:
                 result = CellResult(status=verdict.status, error=verdict.reason)
-            folder.write_cell(cell.id, cell_rows(matrix, ready.model, cell, result, context))
+            drift = comparison.score(cell, result) if comparison else None
+            rows = cell_rows(
+                matrix, ready.model, cell, result, {**context, **(comparison.row_fields() if comparison else {})}, drift
+            )
+            folder.write_cell(cell.id, rows)
             summary.statuses[result.status] += 1
             if on_cell_done:
                 on_cell_done(cell, result.status, index + 1, len(todo))
     return summary
+
+
+class _Comparison:
+    """The reference images of a run (made once, then cached) and the scorer that compares cells with them."""
+
+    def __init__(self, ready: Plan, folder: ResultsFolder, summary: RunSummary) -> None:
+        matrix = ready.matrix
+        self.ready = ready
+        self.folder = folder
+        self.dtype = matrix.drift.reference_dtype
+        self.scorer = DriftScorer(matrix.clip_model(), matrix.drift.lpips)
+        self.references, self.problem = self._references(summary)
+
+    def _keys(self) -> dict[tuple[int, int], str]:
+        matrix = self.ready.matrix
+        device = self.ready.machine.gpu_name if self.ready.device == "cuda" else "cpu"
+        generation = matrix.generation.model_dump()
+        return {
+            (index, seed): reference_key(matrix.model.key(), generation, prompt, seed, self.dtype, device)
+            for index, prompt in enumerate(matrix.generation.prompts)
+            for seed in matrix.generation.seeds
+        }
+
+    def _references(self, summary: RunSummary) -> tuple[dict[tuple[int, int], Reference], str | None]:
+        cache = ReferenceCache()
+        keys = self._keys()
+        found = {pair: cache.get(key) for pair, key in keys.items()}
+        if all(found.values()):
+            return found, None
+        summary.reference_runs += 1
+        cell = Cell(method="baseline", dtype=self.dtype).with_id({"reference": list(keys.values())})
+        with tempfile.TemporaryDirectory(prefix="quantbench-reference-") as scratch:
+            generation = {**self.ready.matrix.generation.model_dump(), "repeats": 1, "warmup": 0}
+            result = _run_in_subprocess(
+                self.ready,
+                cell,
+                Path(scratch) / "images",
+                Path(scratch) / "latents",
+                self.folder.logs_dir / "reference.log",
+                generation,
+            )
+            if result.status != "ok":
+                return (
+                    {},
+                    f"the reference run ({self.dtype} baseline) ended {result.status}: {(result.error or '').splitlines()[-1:]}",
+                )
+            for pair, key in keys.items():
+                stem = f"p{pair[0]}_s{pair[1]}"
+                found[pair] = cache.put(
+                    key, Path(scratch) / "images" / f"{stem}.png", Path(scratch) / "latents" / f"{stem}.safetensors"
+                )
+        return found, None
+
+    def row_fields(self) -> dict[str, Any]:
+        return {"reference_dtype": self.dtype, "metric_models": json.dumps(self.scorer.models(), sort_keys=True)}
+
+    def score(self, cell: Cell, result: CellResult) -> dict[tuple[int, int], Drift]:
+        """Drift of each of the cell's images; metrics are missing, with the reason, where they cannot be computed."""
+        scores = {}
+        prompts = self.ready.matrix.generation.prompts
+        for sample in result.samples:
+            pair = (sample.prompt_index, sample.seed)
+            reference = self.references.get(pair)
+            if reference is None or not sample.image_file:
+                reason = self.problem or "the image has NaN or inf values"
+                scores[pair] = Drift()
+                for metric in METRICS:
+                    scores[pair].missing(metric, reason)
+                continue
+            stem = f"p{pair[0]}_s{pair[1]}"
+            scores[pair] = self.scorer.score(
+                load_image(self.folder.images_dir / cell.id / sample.image_file),
+                load_image(reference.image_path),
+                _latents(self.folder.latents_dir / cell.id / f"{stem}.safetensors"),
+                _latents(reference.latents_path),
+                prompts[pair[0]],
+            )
+            scores[pair].reference_key = reference.key
+        return scores
+
+
+def _latents(path: Path) -> Any | None:
+    if not path.exists():
+        return None
+    from safetensors.torch import load_file
+
+    return load_file(str(path))["latents"]
 
 
 def _row_context(ready: Plan) -> dict[str, Any]:
@@ -125,19 +227,26 @@ def cell_environment() -> dict[str, str]:
     return env
 
 
-def _run_in_subprocess(ready: Plan, cell: Cell, folder: ResultsFolder) -> CellResult:
+def _run_in_subprocess(
+    ready: Plan,
+    cell: Cell,
+    images_dir: Path,
+    latents_dir: Path,
+    log_path: Path,
+    generation: dict[str, Any] | None = None,
+) -> CellResult:
     """Run `cell` in a fresh Python process under the matrix's timeout; any ending becomes a CellResult."""
     timeout_s = ready.matrix.spec.run.timeout_s
-    log_path = folder.logs_dir / f"{cell.id}.log"
     with tempfile.TemporaryDirectory(prefix="quantbench-cell-") as scratch:
         spec = CellSpec(
             cell=cell.axes(),
             cell_id=cell.id,
             model_folder=str(ready.model.folder),
             components={name: [c.library, c.class_name] for name, c in ready.model.components.items()},
-            generation=ready.matrix.generation.model_dump(),
+            generation=generation or ready.matrix.generation.model_dump(),
             device=ready.device,
-            images_dir=str(folder.images_dir / cell.id),
+            images_dir=str(images_dir),
+            latents_dir=str(latents_dir),
             result_path=str(Path(scratch) / "result.json"),
         )
         spec_path = Path(scratch) / "spec.json"

@@ -85,9 +85,25 @@ class ResultRow:
     cpu_peak_rss_bytes: int | None = None
     transformer_footprint_bytes: int | None = None
     transformer_tensor_bytes: int | None = None
-    # output
+    # output and drift against the reference (see bench/drift.py)
     image_path: str | None = None
     image_finite: bool | None = None
+    reference_dtype: str | None = None
+    reference_key: str | None = None
+    psnr_db: float | None = None
+    ssim: float | None = None
+    ms_ssim: float | None = None
+    lpips_alex: float | None = None
+    lpips_vgg: float | None = None
+    clip_score: float | None = None
+    baseline_clip_score: float | None = None
+    clip_image_similarity: float | None = None
+    latent_rel_l2: float | None = None
+    latent_cosine: float | None = None
+    metric_notes: str | None = None
+    metric_models: str | None = None
+    gate_status: str | None = None
+    gate_failures: str | None = None
     # environment
     device: str | None = None
     gpu_name: str | None = None
@@ -132,9 +148,10 @@ class ResultsFolder:
         self.cells_dir = self.root / "cells"
         self.images_dir = self.root / "images"
         self.logs_dir = self.root / "logs"
+        self.latents_dir = self.root / "latents"
 
     def create(self) -> None:
-        for folder in (self.cells_dir, self.images_dir, self.logs_dir):
+        for folder in (self.cells_dir, self.images_dir, self.latents_dir, self.logs_dir):
             folder.mkdir(parents=True, exist_ok=True)
 
     @contextlib.contextmanager

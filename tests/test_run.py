@@ -19,7 +19,9 @@ def smoke_run(tmp_path_factory, quantbench_cache):
     from tests.conftest import matrix_data, write_matrix
 
     folder = tmp_path_factory.mktemp("smoke")
-    matrix = load_matrix(write_matrix(folder, matrix_data(name="smoke")))
+    matrix = load_matrix(
+        write_matrix(folder, matrix_data(name="smoke", gates={"min_psnr_db": 30, "max_latent_rel_l2": 0.001}))
+    )
     results = folder / "results"
     summary = run_matrix(matrix, results)
     return matrix, results, summary
@@ -120,3 +122,50 @@ def test_crashing_cell_becomes_a_failed_row_and_the_other_cells_complete(tmp_pat
     assert failed["error"].str.contains("injected crash").all()
     assert failed["log_tail"].str.contains("RuntimeError: injected crash").all()
     assert set(frame.loc[frame.cell_id != torchao.id, "status"]) == {"ok"}
+
+
+def test_drift_of_the_torchao_cell_is_finite_and_non_zero(smoke_run):
+    _, results, _ = smoke_run
+    rows = read_results(results).query("method == 'torchao'")
+    assert np.isfinite(rows["psnr_db"]).all() and (rows["psnr_db"] > 10).all()
+    assert ((rows["ssim"] > 0) & (rows["ssim"] < 1)).all()
+    assert (rows["latent_rel_l2"] > 0).all() and (rows["latent_cosine"] < 1).all()
+    assert rows["reference_key"].notna().all() and (rows["reference_dtype"] == "bf16").all()
+
+
+def test_baseline_cell_reproduces_the_reference_exactly_on_cpu(smoke_run):
+    _, results, _ = smoke_run
+    rows = read_results(results).query("method == 'baseline'")
+    assert np.isinf(rows["psnr_db"]).all()
+    assert (rows["latent_rel_l2"] == 0).all()
+
+
+def test_missing_metrics_are_null_with_reasons_in_every_row(smoke_run):
+    import json
+
+    _, results, _ = smoke_run
+    frame = read_results(results)
+    assert frame["ms_ssim"].isna().all() and frame["clip_score"].isna().all()
+    for notes in frame["metric_notes"]:
+        notes = json.loads(notes)
+        assert notes["ms_ssim"].startswith("metric_unavailable: image is 64x64")
+        assert notes["clip_score"].startswith("metric_unavailable: ")
+    assert json.loads(frame["metric_models"].iloc[0])["clip"] == "openai/clip-vit-large-patch14"
+
+
+def test_quality_gates_mark_each_cell(smoke_run):
+    _, results, _ = smoke_run
+    frame = read_results(results)
+    verdicts = frame.groupby("method")["gate_status"].unique()
+    assert list(verdicts["baseline"]) == ["pass"]
+    assert list(verdicts["torchao"]) == ["fail"]
+    assert frame.query("method == 'torchao'")["gate_failures"].str.contains("breaks max_latent_rel_l2 = 0.001").all()
+
+
+def test_reference_is_computed_once_and_then_read_from_the_cache(smoke_run, tmp_path):
+    from tests.conftest import matrix_data, write_matrix
+
+    matrix = load_matrix(write_matrix(tmp_path, matrix_data(axes={"method": ["baseline"]})))
+    summary = run_matrix(matrix, tmp_path / "results")
+    assert summary.reference_runs == 0
+    assert summary.statuses == {"ok": 1}
