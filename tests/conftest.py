@@ -62,3 +62,17 @@ def make_matrix(tmp_path: Path):
         return write_matrix(tmp_path, matrix_data(**sections), name)
 
     return make
+
+
+@pytest.fixture(scope="session")
+def smoke_run(tmp_path_factory, quantbench_cache):
+    """The smoke matrix (baseline and torchao int8wo, 2 prompts x 1 seed, two gates) run once per session."""
+    from bench.matrix import load_matrix
+    from bench.runner import run_matrix
+
+    folder = tmp_path_factory.mktemp("smoke")
+    data = matrix_data(name="smoke", gates={"min_psnr_db": 30, "max_latent_rel_l2": 0.001})
+    matrix = load_matrix(write_matrix(folder, data))
+    results = folder / "results"
+    summary = run_matrix(matrix, results)
+    return matrix, results, summary

@@ -13,20 +13,6 @@ from bench.store import ResultsFolder, read_results
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture(scope="module")
-def smoke_run(tmp_path_factory, quantbench_cache):
-    """The smoke matrix (baseline and torchao int8wo, 2 prompts x 1 seed) run once for this module."""
-    from tests.conftest import matrix_data, write_matrix
-
-    folder = tmp_path_factory.mktemp("smoke")
-    matrix = load_matrix(
-        write_matrix(folder, matrix_data(name="smoke", gates={"min_psnr_db": 30, "max_latent_rel_l2": 0.001}))
-    )
-    results = folder / "results"
-    summary = run_matrix(matrix, results)
-    return matrix, results, summary
-
-
 def test_smoke_run_writes_one_ok_row_per_cell_prompt_and_seed(smoke_run):
     matrix, results, summary = smoke_run
     frame = read_results(results)

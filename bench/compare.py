@@ -1,0 +1,108 @@
+"""`quantbench compare OLD NEW`: per-cell deltas between two runs, with noise-aware regression flags.
+
+Defaults: memory +2 %; latency beyond max(5 %, 3 x IQR); drift beyond the cell's gate (a gate that passed
+and now fails). Exit code 1 when any cell regressed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+
+from bench.errors import UserError
+from bench.store import read_results
+from bench.summary import cell_summary
+
+
+@dataclass(frozen=True)
+class Thresholds:
+    memory_increase: float = 0.02
+    latency_increase: float = 0.05
+    latency_iqr_multiple: float = 3.0
+
+
+MEMORY_COLUMNS = ("peak_reserved_bytes", "resident_reserved_bytes", "transformer_tensor_bytes")
+
+
+def compare_frames(old: pd.DataFrame, new: pd.DataFrame, thresholds: Thresholds = Thresholds()) -> pd.DataFrame:
+    """One row per cell present in both runs: old and new values, deltas, and the regressions found."""
+    old_cells, new_cells = cell_summary(old).set_index("cell_id"), cell_summary(new).set_index("cell_id")
+    records = []
+    for cell_id in new_cells.index.intersection(old_cells.index):
+        before, after = old_cells.loc[cell_id], new_cells.loc[cell_id]
+        record = {
+            "cell_id": cell_id,
+            "cell": after["cell_label"],
+            "old_status": before["status"],
+            "new_status": after["status"],
+        }
+        regressions = []
+        if before["status"] == "ok" and after["status"] != "ok":
+            regressions.append(f"status {before['status']} -> {after['status']}")
+        for column in MEMORY_COLUMNS:
+            change = _relative(before[column], after[column])
+            record[f"{column}_change"] = change
+            if change is not None and change > thresholds.memory_increase:
+                regressions.append(f"{column} +{change:.1%} (limit +{thresholds.memory_increase:.0%})")
+        latency_change = _relative(before["e2e_latency_median_s"], after["e2e_latency_median_s"])
+        record["e2e_latency_change"] = latency_change
+        if latency_change is not None:
+            noise = thresholds.latency_iqr_multiple * max(before["e2e_latency_iqr_s"], after["e2e_latency_iqr_s"])
+            allowed = max(thresholds.latency_increase * before["e2e_latency_median_s"], noise)
+            if after["e2e_latency_median_s"] - before["e2e_latency_median_s"] > allowed:
+                regressions.append(f"e2e latency +{latency_change:.1%} (beyond max(5 %, 3 x IQR))")
+        if before["gate_status"] == "pass" and after["gate_status"] == "fail":
+            regressions.append(f"drift gate now fails: {after['gate_failures']}")
+        record["regressions"] = "; ".join(regressions)
+        records.append(record)
+    return pd.DataFrame.from_records(records)
+
+
+def _relative(before: float, after: float) -> float | None:
+    if before is None or after is None or pd.isna(before) or pd.isna(after) or before == 0:
+        return None
+    return float(after / before - 1)
+
+
+def compare_runs(old: Path, new: Path, output: Path | None = None) -> int:
+    """Print the comparison table (and write it as CSV); exit code 1 on a regression."""
+    from rich.markup import escape
+    from rich.table import Table
+
+    from bench.console import console
+
+    frames = []
+    for path in (old, new):
+        if not Path(path).exists():
+            raise UserError(f"{path}: no such results folder or Parquet file")
+        frames.append(read_results(path))
+    table = compare_frames(*frames)
+    if table.empty:
+        raise UserError(f"{old} and {new} share no cell ids: nothing to compare")
+    if output:
+        table.to_csv(output, index=False)
+    view = Table(title=f"{old} -> {new}")
+    for column in ("cell id", "cell", "status", "peak memory", "transformer size", "e2e latency", "regression"):
+        view.add_column(column)
+    for _, row in table.iterrows():
+        view.add_row(
+            row["cell_id"],
+            escape(row["cell"]),
+            f"{row['old_status']} -> {row['new_status']}",
+            _percent(row["peak_reserved_bytes_change"]),
+            _percent(row["transformer_tensor_bytes_change"]),
+            _percent(row["e2e_latency_change"]),
+            f"[red]{escape(row['regressions'])}[/]" if row["regressions"] else "[green]none[/]",
+        )
+    console.print(view)
+    regressed = int((table["regressions"] != "").sum())
+    console.print(
+        f"{regressed} of {len(table)} cells regressed" if regressed else f"no regression in {len(table)} cells"
+    )
+    return 1 if regressed else 0
+
+
+def _percent(value: float | None) -> str:
+    return "n/a" if value is None or pd.isna(value) else f"{value:+.1%}"

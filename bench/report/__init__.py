@@ -1,0 +1,196 @@
+"""`quantbench report`: one self-contained HTML file (plots and images embedded) from a results folder."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+from jinja2 import Environment, PackageLoader, select_autoescape
+
+from bench.baseline import ReferenceCache
+from bench.errors import UserError
+from bench.report.plots import all_plots, colour
+from bench.store import read_results
+from bench.summary import cell_summary
+
+THUMBNAIL_PX = 256
+ENVIRONMENT_COLUMNS = (
+    "device", "gpu_name", "gpu_driver", "cuda_version", "cpu", "host", "python_version", "torch_version",
+    "diffusers_version", "transformers_version", "accelerate_version", "bitsandbytes_version", "torchao_version",
+    "gguf_version",
+)  # fmt: skip
+DRIFT_COLUMNS = (
+    ("psnr_db", "PSNR dB"),
+    ("ssim", "SSIM"),
+    ("lpips_alex", "LPIPS"),
+    ("clip_score", "CLIP score"),
+    ("latent_rel_l2", "latent rel L2"),
+)
+
+
+def write_report(results: Path, output: Path) -> Path:
+    """Render the report of `results` (a folder or a Parquet file) to `output`."""
+    results = Path(results)
+    if not results.exists():
+        raise UserError(f"{results}: no such results folder or file")
+    frame = read_results(results)
+    if frame.empty:
+        raise UserError(f"{results}: holds no result rows (run a matrix first)")
+    root = results if results.is_dir() else results.parent
+    html = render(frame, root)
+    output = Path(output)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    temporary = output.with_name(output.name + ".tmp")
+    temporary.write_text(html, encoding="utf-8")
+    temporary.replace(output)
+    return output
+
+
+def render(frame: pd.DataFrame, root: Path) -> str:
+    cells = cell_summary(frame)
+    environment = Environment(loader=PackageLoader("bench.report"), autoescape=select_autoescape(default=True))
+    environment.filters["family_colour"] = colour
+    template = environment.get_template("report.html.j2")
+    first = frame.iloc[0]
+    return template.render(
+        matrix_name=first["matrix_name"],
+        matrix_path=first["matrix_path"],
+        harness_commits=sorted(set(frame["harness_commit"].dropna())) or ["unknown"],
+        timestamps=(frame["timestamp_utc"].min(), frame["timestamp_utc"].max()),
+        weights=sorted(set(frame["weights"])),
+        environment=_environment(frame),
+        model=f"{first['model_source']} ({first['pipeline_class']})",
+        generation=f"{first['width']}x{first['height']}, {first['num_inference_steps']} steps, guidance {first['guidance_scale']:g}, {first['repeats']} timed repeats",
+        summary_rows=[_summary_row(cell) for _, cell in cells.iterrows()],
+        drift_headers=[label for _, label in DRIFT_COLUMNS],
+        plots=[
+            {"title": p.title, "image": _figure_png(p.figure) if p.figure else None, "reason": p.reason}
+            for p in all_plots(cells)
+        ],
+        image_grid=_image_grid(frame, cells, root),
+        not_run=[cell for _, cell in cells.iterrows() if cell["status"] != "ok"],
+        metric_notes=_metric_notes(frame),
+        gpu_memory_notes=sorted(set(frame["gpu_memory_note"].dropna())),
+    )
+
+
+def _environment(frame: pd.DataFrame) -> list[tuple[str, str]]:
+    rows = []
+    for column in ENVIRONMENT_COLUMNS:
+        values = sorted({str(v) for v in frame[column].dropna()})
+        rows.append((column.removesuffix("_version"), ", ".join(values) if values else "n/a"))
+    return rows
+
+
+def _number(value: Any, fmt: str) -> str | None:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return None
+    if isinstance(value, float) and math.isinf(value):
+        return "∞" if value > 0 else "-∞"
+    return fmt.format(value)
+
+
+def _summary_row(cell: pd.Series) -> dict[str, Any]:
+    def gib(column: str) -> str | None:
+        return _number(cell[column] / 1024**3 if cell[column] is not None else None, "{:.2f}")
+
+    drift = []
+    for metric, _ in DRIFT_COLUMNS:
+        value = _number(cell[metric], "{:.4g}")
+        low, high = _number(cell[f"{metric}_ci_low"], "{:.3g}"), _number(cell[f"{metric}_ci_high"], "{:.3g}")
+        drift.append({"value": value, "ci": f"[{low}, {high}]" if low and high else None})
+    return {
+        "id": cell["cell_id"],
+        "label": cell["cell_label"],
+        "family": cell["method_family"],
+        "status": cell["status"],
+        "resident": gib("resident_reserved_bytes"),
+        "peak": gib("peak_reserved_bytes"),
+        "tensor_mib": _number(cell["transformer_tensor_bytes"] / 1024**2, "{:.2f}"),
+        "footprint_mib": _number(cell["transformer_footprint_bytes"] / 1024**2, "{:.2f}"),
+        "step": _number(cell["step_latency_median_s"], "{:.4f}"),
+        "step_iqr": _number(cell["step_latency_iqr_s"], "{:.4f}"),
+        "e2e": _number(cell["e2e_latency_median_s"], "{:.3f}"),
+        "e2e_iqr": _number(cell["e2e_latency_iqr_s"], "{:.3f}"),
+        "speedup": _number(cell["speedup"], "{:.2f}×"),
+        "memory_saving": _number(cell["memory_saving"] * 100, "{:.1f} %"),
+        "drift": drift,
+        "gate": cell["gate_status"] if isinstance(cell["gate_status"], str) else "–",
+        "gate_failures": cell["gate_failures"] if isinstance(cell["gate_failures"], str) else None,
+    }
+
+
+def _figure_png(figure: Any) -> str:
+    import matplotlib.pyplot as plt
+
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png")
+    plt.close(figure)
+    return base64.b64encode(buffer.getvalue()).decode()
+
+
+def _thumbnail(path: Path) -> str | None:
+    from PIL import Image
+
+    if not path.is_file():
+        return None
+    with Image.open(path) as image:
+        image = image.convert("RGB")
+        image.thumbnail((THUMBNAIL_PX, THUMBNAIL_PX))
+        buffer = io.BytesIO()
+        image.save(buffer, format="PNG")
+    return base64.b64encode(buffer.getvalue()).decode()
+
+
+def _image_grid(frame: pd.DataFrame, cells: pd.DataFrame, root: Path) -> list[dict[str, Any]]:
+    """Per (prompt, seed): the reference image, then each cell's image with its drift in the caption."""
+    cache = ReferenceCache()
+    baseline_first = cells.sort_values("method", key=lambda m: m != "baseline", kind="stable")
+    order = {cell_id: i for i, cell_id in enumerate(baseline_first["cell_id"])}
+    grid = []
+    ok = frame[frame["status"] == "ok"]
+    for (_, seed), rows in ok.groupby(["prompt_index", "seed"], sort=True):
+        rows = rows.sort_values("cell_id", key=lambda ids: ids.map(order))
+        tiles = []
+        keys = rows["reference_key"].dropna()
+        reference = cache.get(keys.iloc[0]) if len(keys) else None
+        if reference is not None:
+            tiles.append(
+                {
+                    "title": f"reference ({rows['reference_dtype'].iloc[0]} baseline)",
+                    "image": _thumbnail(reference.image_path),
+                    "caption": "",
+                    "path": str(reference.image_path),
+                }
+            )
+        for _, row in rows.iterrows():
+            caption = ", ".join(
+                f"{label} {text}"
+                for metric, label in DRIFT_COLUMNS
+                if (text := _number(row[metric], "{:.3g}")) is not None
+            )
+            path = root / row["image_path"] if row["image_path"] else root / "missing"
+            tiles.append(
+                {
+                    "title": row["cell_label"],
+                    "image": _thumbnail(path),
+                    "caption": caption or "drift: missing",
+                    "path": row["image_path"],
+                }
+            )
+        grid.append({"prompt": rows["prompt"].iloc[0], "seed": seed, "tiles": tiles})
+    return grid
+
+
+def _metric_notes(frame: pd.DataFrame) -> list[tuple[str, str]]:
+    """Each missing metric with its reason(s), once."""
+    notes: dict[str, set[str]] = {}
+    for text in frame["metric_notes"].dropna():
+        for metric, reason in json.loads(text).items():
+            notes.setdefault(metric, set()).add(reason)
+    return [(metric, "; ".join(sorted(reasons))) for metric, reasons in sorted(notes.items())]

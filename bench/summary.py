@@ -1,0 +1,80 @@
+"""Per-cell summaries of a results table, shared by the console, the HTML report, compare and notebooks.
+
+Latency: the median of the per-(prompt, seed) medians, and the median of their IQRs. Drift: the mean over
+prompts x seeds with a 95% confidence interval (Student t). Memory is a per-cell measurement.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pandas as pd
+from scipy import stats as scipy_stats
+
+from bench.drift import METRICS
+
+CELL_COLUMNS = (
+    "cell_label", "method", "method_family", "method_options", "dtype", "threshold", "compile", "fullgraph",
+    "components", "placement", "weights", "gpu_name", "device", "resident_reserved_bytes", "peak_reserved_bytes",
+    "peak_allocated_bytes", "dequantized_reserved_bytes", "transformer_footprint_bytes", "transformer_tensor_bytes",
+    "gpu_memory_note", "load_s", "quantize_s", "warmup_s", "prepare_s", "import_s", "cell_wall_s", "gate_status",
+    "gate_failures",
+)  # fmt: skip
+STATUS_ORDER = ("failed", "oom", "timeout", "unsupported", "skipped", "ok")
+
+
+def mean_ci(values: pd.Series) -> tuple[float | None, float | None, float | None]:
+    """Mean and 95% confidence interval of the finite-or-infinite values; None where there are none."""
+    data = values.dropna().astype(float).to_numpy()
+    if data.size == 0:
+        return None, None, None
+    mean = float(data.mean())
+    if data.size < 2 or not np.isfinite(data).all():
+        return mean, None, None
+    half = float(scipy_stats.t.ppf(0.975, data.size - 1) * data.std(ddof=1) / math.sqrt(data.size))
+    return mean, mean - half, mean + half
+
+
+def cell_summary(frame: pd.DataFrame) -> pd.DataFrame:
+    """One row per cell, in the order cells first appear: its axes, status, memory, latency and drift."""
+    records = []
+    for cell_id, rows in frame.groupby("cell_id", sort=False):
+        first = rows.iloc[0]
+        record = {"cell_id": cell_id, **{c: first.get(c) for c in CELL_COLUMNS}}
+        statuses = set(rows["status"])
+        record["status"] = next(s for s in STATUS_ORDER if s in statuses)
+        errors = rows.loc[rows["status"] != "ok", "error"].dropna()
+        record["error"] = errors.iloc[0] if len(errors) else None
+        record["rows"] = len(rows)
+        record["e2e_latency_median_s"] = rows["e2e_latency_median_s"].median()
+        record["e2e_latency_iqr_s"] = rows["e2e_latency_iqr_s"].median()
+        record["step_latency_median_s"] = rows["step_latency_median_s"].median()
+        record["step_latency_iqr_s"] = rows["step_latency_iqr_s"].median()
+        ok = rows[rows["status"] == "ok"]
+        for metric in METRICS:
+            mean, low, high = mean_ci(ok[metric]) if metric in ok else (None, None, None)
+            record[metric], record[f"{metric}_ci_low"], record[f"{metric}_ci_high"] = mean, low, high
+        records.append(record)
+    summary = pd.DataFrame.from_records(records)
+    return _against_baseline(summary) if not summary.empty else summary
+
+
+def _against_baseline(summary: pd.DataFrame) -> pd.DataFrame:
+    """Speedup and memory saving of each cell against the uncompiled baseline cell on the same placement."""
+    summary = summary.copy()
+    summary["speedup"] = np.nan
+    summary["memory_saving"] = np.nan
+    summary["transformer_size_ratio"] = np.nan
+    baselines = summary[(summary["method"] == "baseline") & (summary["compile"] == "off") & (summary["status"] == "ok")]
+    for index, cell in summary.iterrows():
+        candidates = baselines[baselines["placement"] == cell["placement"]]
+        if candidates.empty:
+            continue
+        base = candidates.iloc[0]
+        summary.loc[index, "speedup"] = base["e2e_latency_median_s"] / cell["e2e_latency_median_s"]
+        summary.loc[index, "memory_saving"] = 1 - cell["peak_reserved_bytes"] / base["peak_reserved_bytes"]
+        summary.loc[index, "transformer_size_ratio"] = (
+            cell["transformer_tensor_bytes"] / base["transformer_tensor_bytes"]
+        )
+    return summary

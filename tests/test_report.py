@@ -1,0 +1,144 @@
+"""The HTML report, compare mode and the notebook, all from real smoke-run Parquet."""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from bench.compare import compare_frames
+from bench.report import write_report
+from bench.store import ResultRow, ResultsFolder, read_results
+
+pytestmark = pytest.mark.slow
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def results_with_a_failure(smoke_run, tmp_path_factory):
+    """The smoke results plus one failed cell, as a crashed run would leave them."""
+    _, results, _ = smoke_run
+    folder = tmp_path_factory.mktemp("with-failure") / "results"
+    shutil.copytree(results, folder)
+    row = read_results(results).iloc[0].to_dict()
+    names = {f.name for f in dataclasses.fields(ResultRow)}
+    failed = ResultRow(**{k: (None if pd.isna(v) else v) for k, v in row.items() if k in names})
+    failed.cell_id, failed.cell_label, failed.status = "f" * 12, "torchao[int8dq] bf16", "failed"
+    failed.error = "RuntimeError: boom in the cell"
+    for column in ("e2e_latency_median_s", "psnr_db", "ssim", "latent_rel_l2", "image_path"):
+        setattr(failed, column, None)
+    ResultsFolder(folder).write_cell(failed.cell_id, [failed])
+    return folder
+
+
+@pytest.fixture(scope="module")
+def report(results_with_a_failure, tmp_path_factory):
+    return write_report(results_with_a_failure, tmp_path_factory.mktemp("report") / "index.html")
+
+
+def test_report_is_one_self_contained_file(report):
+    html = report.read_text()
+    assert html.count("data:image/png;base64,") >= 5
+    assert not re.search(r'(src|href)="(?!data:)', html), "everything is embedded; nothing is fetched"
+
+
+def test_report_has_a_summary_row_per_cell_and_lists_the_failure(report):
+    html = report.read_text()
+    summary = html.split('id="summary"')[1].split("</table>")[0]
+    assert summary.count("<tr>") == 1 + 3  # header + 3 cells
+    not_run = html.split('id="not-run"')[1].split("</table>")[0]
+    assert "RuntimeError: boom in the cell" in not_run and "status-failed" in not_run
+
+
+def test_missing_metrics_show_as_missing_with_a_reason_never_zero(report):
+    html = report.read_text()
+    assert 'title="GPU memory was not measured (see notes)">missing' in html
+    missing = html.split('id="missing-metrics"')[1].split("</table>")[0]
+    assert "ms_ssim" in missing and "MS-SSIM needs &gt;= 161 px" in missing
+    assert "clip_score" in missing and "lpips_alex" in missing
+
+
+def test_report_warns_that_synthetic_drift_is_not_quality(report):
+    assert "Synthetic weights." in report.read_text()
+
+
+def test_report_command_on_an_empty_folder_is_a_clear_error(tmp_path):
+    from bench.errors import UserError
+
+    ResultsFolder(tmp_path).create()
+    with pytest.raises(UserError, match="holds no result rows"):
+        write_report(tmp_path, tmp_path / "out.html")
+
+
+def test_compare_flags_memory_and_latency_regressions_only(smoke_run):
+    _, results, _ = smoke_run
+    old = read_results(results)
+    same = compare_frames(old, old.copy())
+    assert (same["regressions"] == "").all()
+    new = old.copy()
+    torchao = new["method"] == "torchao"
+    new["transformer_tensor_bytes"] = (
+        new["transformer_tensor_bytes"]
+        .where(~torchao, (new["transformer_tensor_bytes"] * 1.05).round())
+        .astype("int64")
+    )
+    new.loc[torchao, "e2e_latency_median_s"] = new.loc[torchao, "e2e_latency_median_s"] * 3
+    flagged = compare_frames(old, new).set_index("cell")
+    assert "transformer_tensor_bytes +5.0%" in flagged.loc["torchao[int8wo] bf16", "regressions"]
+    assert "e2e latency +200.0%" in flagged.loc["torchao[int8wo] bf16", "regressions"]
+    assert flagged.loc["baseline bf16", "regressions"] == ""
+
+
+def test_compare_cli_exits_1_on_a_regression_and_0_otherwise(smoke_run, tmp_path):
+    _, results, _ = smoke_run
+    slower = read_results(results)
+    slower["e2e_latency_median_s"] *= 2
+    slower_path = tmp_path / "slower.parquet"
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from bench.store import SCHEMA
+
+    pq.write_table(pa.Table.from_pandas(slower, schema=SCHEMA, preserve_index=False), slower_path)
+    from bench.cli import main
+
+    assert main(["compare", str(results), str(results)]) == 0
+    assert main(["compare", str(results), str(slower_path), "-o", str(tmp_path / "delta.csv")]) == 1
+    assert pd.read_csv(tmp_path / "delta.csv")["regressions"].str.contains("e2e latency").all()
+
+
+def test_notebook_runs_on_smoke_results(smoke_run, monkeypatch):
+    import nbformat
+    from nbclient import NotebookClient
+
+    _, results, _ = smoke_run
+    monkeypatch.setenv("QUANTBENCH_RESULTS", str(results))
+    monkeypatch.setenv("PYTHONPATH", str(ROOT))
+    notebook = nbformat.read(ROOT / "reports" / "quantbench.ipynb", as_version=4)
+    NotebookClient(notebook, timeout=300, resources={"metadata": {"path": str(ROOT / "reports")}}).execute()
+    outputs = [o for cell in notebook.cells if cell.cell_type == "code" for o in cell.get("outputs", [])]
+    assert not [o for o in outputs if o.output_type == "error"]
+    assert "4 rows, 2 cells" in "".join(o.get("text", "") for o in outputs)
+    assert sum("image/png" in o.get("data", {}) for o in outputs) >= 2
+
+
+@pytest.mark.browser
+@pytest.mark.skipif(shutil.which("chromium") is None, reason="needs Debian's chromium (apt-get install chromium)")
+def test_report_renders_in_a_real_browser_with_no_broken_image(report, tmp_path):
+    command = ["chromium", "--headless", "--no-sandbox", "--disable-gpu", "--virtual-time-budget=5000"]
+    dom = subprocess.run([*command, "--dump-dom", report.as_uri()], capture_output=True, text=True, timeout=120).stdout
+    shot = tmp_path / "report.png"
+    subprocess.run(
+        [*command, "--window-size=1400,2400", f"--screenshot={shot}", report.as_uri()], capture_output=True, timeout=120
+    )
+    images = int(re.search(r'data-images="(\d+)"', dom).group(1))
+    assert images == dom.count("<img")
+    assert images >= 5
+    assert 'data-broken-images="0"' in dom
+    assert dom.split('id="summary"')[1].split("</table>")[0].count("<tr>") == 4
+    assert shot.stat().st_size > 10_000
