@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import sys
 from pathlib import Path
 
 from bench.errors import UserError
 
 DEFAULT_RESULTS_ROOT = Path("results")
+SELECT_HELP = "only cells whose axis or method option KEY equals VALUE (repeatable; e.g. compile=off)"
 
 
 class _Parser(argparse.ArgumentParser):
@@ -24,11 +26,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     plan = verbs.add_parser("plan", help="list the cells a matrix expands into, and which will run here")
     plan.add_argument("matrix", type=Path, help="matrix file (TOML)")
+    plan.add_argument("--select", action="append", default=[], metavar="KEY=VALUE", help=SELECT_HELP)
 
     run = verbs.add_parser("run", help="run a matrix; finished cells are skipped unless --force")
     run.add_argument("matrix", type=Path, help="matrix file (TOML)")
     run.add_argument("--results", type=Path, help="results folder (default: results/<matrix name>/)")
     run.add_argument("--force", action="store_true", help="rerun cells that already have completed rows")
+    run.add_argument("--select", action="append", default=[], metavar="KEY=VALUE", help=SELECT_HELP)
 
     report = verbs.add_parser("report", help="write a self-contained HTML report of a results folder")
     report.add_argument("results", type=Path, help="results folder or Parquet file")
@@ -41,8 +45,13 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt  # SIGTERM (e.g. `timeout`) stops a run like Ctrl-C: the running cell is killed, rows kept
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    signal.signal(signal.SIGTERM, _interrupt)
     logging.basicConfig(level=logging.WARNING, format="quantbench: %(message)s")
     try:
         return _dispatch(args)
@@ -60,7 +69,7 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.verb in ("plan", "run"):
         from bench.matrix import load_matrix
 
-        matrix = load_matrix(args.matrix)
+        matrix = load_matrix(args.matrix, args.select)
         if args.verb == "plan":
             from bench.runner import plan
 

@@ -23,7 +23,7 @@ from bench.methods.base import MethodOptions
 from bench.prompts import BUILTIN_PROMPTS, PromptFileError, read_prompt_file
 
 SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
-BUILTIN_MODELS = ("tiny-flux",)
+BUILTIN_MODELS = ("tiny-flux", "flux-dev-shape")
 COMPILE_MODES = ("off", "default", "max-autotune", "reduce-overhead", "max-autotune-no-cudagraphs")
 PLACEMENTS = ("device", "device_map", "model_cpu_offload", "sequential_cpu_offload")
 
@@ -181,7 +181,7 @@ class Matrix(BaseModel):
 
     def clip_model(self) -> str | None:
         """The configured CLIP model: a folder relative to the matrix if one exists there, else a hub id."""
-        configured = self.drift.clip_model
+        configured = self.drift.clip_model or None
         if configured and (self.path.parent / configured).expanduser().is_dir():
             return str(self.resolve_path(configured))
         return configured
@@ -191,8 +191,12 @@ class Matrix(BaseModel):
         return (self.path.parent / Path(relative).expanduser()).resolve()
 
 
-def load_matrix(path: str | Path) -> Matrix:
-    """Read, validate and expand a matrix file; MatrixError on any problem."""
+def load_matrix(path: str | Path, select: list[str] | tuple[str, ...] = ()) -> Matrix:
+    """Read, validate and expand a matrix file; MatrixError on any problem.
+
+    `select` keeps only the cells matching every `KEY=VALUE` (as in an exclude rule; `compile=off`,
+    `method=torchao`, `quant_type=int8wo`): a quick subset that shares ids, and so results, with the full run.
+    """
     path = Path(path)
     raw = _read_toml(path)
     try:
@@ -206,7 +210,25 @@ def load_matrix(path: str | Path) -> Matrix:
     if spec.model.path and not (path.parent / spec.model.path).expanduser().is_dir():
         raise MatrixError(path, "model.path", "no such folder", spec.model.path)
     cells = expand(spec, path)
+    if select:
+        rule = dict(_select_item(path, item) for item in select)
+        _rule_keys(spec, rule, path, "--select")
+        cells = [cell for cell in cells if _matches(path, rule, cell, "--select")]
+        if not cells:
+            raise MatrixError(path, "--select", "no cell matches", " ".join(select))
     return Matrix(path=path, name=name, spec=spec, cells=cells)
+
+
+def _select_item(path: Path, item: str) -> tuple[str, Any]:
+    """`KEY=VALUE` with VALUE read as TOML when it parses (numbers, booleans, lists), else as a string."""
+    key, sep, text = item.partition("=")
+    if not sep or not key:
+        raise MatrixError(path, "--select", "expected KEY=VALUE", item)
+    try:
+        value = tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = text
+    return key.strip(), value
 
 
 def _with_prompts(path: Path, generation: Generation) -> Generation:
@@ -332,6 +354,15 @@ def _check_combination(path: Path, spec: MatrixFile, cell: Cell) -> None:
         )
 
 
+def _components_axis(axes: Axes, cls: type) -> list[list[str] | None]:
+    """The components axis as it applies to a method: collapsed for the baseline and single-component methods."""
+    if not cls.quantizes:
+        return [None]
+    if cls.only_components:
+        return [list(cls.only_components)]
+    return axes.components
+
+
 def _product(axes: Axes, method: str, options: dict[str, Any]) -> list[Cell]:
     cls = method_class(method)
     cells = []
@@ -340,7 +371,7 @@ def _product(axes: Axes, method: str, options: dict[str, Any]) -> list[Cell]:
         axes.threshold if cls.uses_threshold else [None],
         axes.compile,
         axes.fullgraph,
-        axes.components if cls.quantizes else [None],
+        _components_axis(axes, cls),
         axes.placement,
     ):
         cells.append(

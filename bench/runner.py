@@ -260,6 +260,7 @@ def _run_in_subprocess(
                 stdin=subprocess.DEVNULL,
                 env=cell_environment(),
                 start_new_session=True,  # the whole process group can be killed on timeout
+                preexec_fn=_die_with_parent,
             )
             try:
                 returncode = process.wait(timeout=timeout_s)
@@ -284,6 +285,14 @@ def _run_in_subprocess(
     result.measurements["cell_wall_s"] = wall_s
     result.measurements["log_tail"] = _tail(log_path)
     return result
+
+
+def _die_with_parent() -> None:
+    """In the cell process: get SIGKILL when the driver dies, even by SIGKILL, so no orphan holds the GPU."""
+    import ctypes
+
+    PR_SET_PDEATHSIG = 1
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
 def _tail(path: Path) -> str:

@@ -73,7 +73,10 @@ def test_plan_lists_every_cell_with_what_happens_here(make_matrix, tmp_path):
 
     for cell in load_matrix(path).cells:
         assert cell.id in done.stdout
-    assert "skipped: placement model_cpu_offload needs a CUDA GPU" in done.stdout
-    assert "skipped: torchao float8dq needs a CUDA GPU" in done.stdout
+    import torch
+
+    if not torch.cuda.is_available():
+        assert "skipped: placement model_cpu_offload needs a CUDA GPU" in done.stdout
+        assert "skipped: torchao float8dq needs a CUDA GPU" in done.stdout
     assert "unsupported: autoquant is not provided by the installed torchao" in done.stdout
     assert not (tmp_path / "results").exists(), "plan runs nothing and writes nothing"

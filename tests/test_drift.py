@@ -66,7 +66,7 @@ def tiny_clip(tmp_path_factory):
     """A tiny random-init CLIP saved locally: exercises the real CLIP code path, says nothing about quality."""
     from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor, CLIPTokenizer
 
-    from bench.models.tiny import byte_level_vocab
+    from bench.models.builtin import byte_level_vocab
 
     folder = tmp_path_factory.mktemp("tiny-clip-random-init")
     torch.manual_seed(0)

@@ -27,12 +27,20 @@ def test_smoke_run_writes_one_ok_row_per_cell_prompt_and_seed(smoke_run):
     assert frame.loc[frame.method == "baseline", "quantize_s"].isna().all()
 
 
-def test_gpu_memory_columns_are_null_with_a_reason_on_cpu(smoke_run):
+def test_gpu_memory_columns_are_measured_on_gpu_and_null_with_a_reason_on_cpu(smoke_run):
+    import torch
+
     _, results, _ = smoke_run
     frame = read_results(results)
     for column in ("resident_reserved_bytes", "peak_reserved_bytes", "peak_allocated_bytes"):
-        assert frame[column].isna().all(), column
-    assert frame["gpu_memory_note"].str.contains("no CUDA device").all()
+        if torch.cuda.is_available():
+            assert (frame[column] > 0).all(), column
+        else:
+            assert frame[column].isna().all(), column
+    if torch.cuda.is_available():
+        assert frame["gpu_memory_note"].isna().all() and frame["gpu_name"].notna().all()
+    else:
+        assert frame["gpu_memory_note"].str.contains("no CUDA device").all()
 
 
 def test_rows_record_axes_model_and_environment(smoke_run):
@@ -120,6 +128,12 @@ def test_drift_of_the_torchao_cell_is_finite_and_non_zero(smoke_run):
 
 
 def test_baseline_cell_reproduces_the_reference_exactly_on_cpu(smoke_run):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip(
+            "on a GPU the baseline's run-to-run drift is recorded (its PSNR against the reference), not asserted"
+        )
     _, results, _ = smoke_run
     rows = read_results(results).query("method == 'baseline'")
     assert np.isinf(rows["psnr_db"]).all()

@@ -19,23 +19,25 @@ from bench.methods.base import Component, Method, MethodOptions, MethodUnavailab
 
 WRITER_VERSION = "1"  # bump when the produced files change
 GGUF_TYPES = ("F16", "BF16", "Q8_0", "Q5_0", "Q5_1", "Q4_0", "Q4_1", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K")
-# Byte offsets of the float16 scale fields (d, dmin) inside each K-quant block, as ggml lays them out.
-K_QUANT_SCALE_OFFSETS = {"Q2_K": (80, 82), "Q3_K": (108,), "Q4_K": (0, 2), "Q5_K": (0, 2), "Q6_K": (208,)}
+# Byte offsets of the float16 scale fields (d, and m/dmin where present) inside each block, as ggml lays them out.
+SCALE_OFFSETS = {
+    "Q8_0": (0,), "Q5_0": (0,), "Q5_1": (0, 2), "Q4_0": (0,), "Q4_1": (0, 2),
+    "Q2_K": (80, 82), "Q3_K": (108,), "Q4_K": (0, 2), "Q5_K": (0, 2), "Q6_K": (208,),
+}  # fmt: skip
+K_QUANTS = ("Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K")
 
 
 class GgufOptions(MethodOptions):
     quant_type: Literal[GGUF_TYPES] | None = None  # type: ignore[valid-type]
     file: str | None = None
-    synthetic_blocks: bool = False
+    synthetic_blocks: bool = False  # random valid blocks instead of quantized values: synthetic weights only
 
     @model_validator(mode="after")
     def _file_or_type(self) -> GgufOptions:
         if (self.file is None) == (self.quant_type is None):
             raise ValueError("give exactly one of quant_type (quantbench writes the file) or file (your .gguf)")
-        if self.synthetic_blocks and self.quant_type not in K_QUANT_SCALE_OFFSETS:
-            raise ValueError(
-                f"synthetic_blocks is for the K-quants the gguf package cannot write: {', '.join(K_QUANT_SCALE_OFFSETS)}"
-            )
+        if self.synthetic_blocks and self.quant_type not in SCALE_OFFSETS:
+            raise ValueError(f"synthetic_blocks needs a block-quantized type: {', '.join(SCALE_OFFSETS)}")
         return self
 
 
@@ -48,7 +50,7 @@ class Gguf(Method):
 
     def check(self, cell, machine) -> None:
         quant_type = self.options.quant_type
-        if quant_type in K_QUANT_SCALE_OFFSETS and not self.options.synthetic_blocks:
+        if quant_type in K_QUANTS and not self.options.synthetic_blocks:
             raise MethodUnavailable(
                 "unsupported",
                 f"the gguf package cannot quantize to {quant_type} (K-quants); give a {quant_type} file, "
@@ -122,13 +124,15 @@ def write_gguf(sources: list[Path], target: Path, options: GgufOptions) -> None:
     for source in sources:
         with safe_open(str(source), framework="pt") as handle:
             for name in handle.keys():  # noqa: SIM118 (safe_open is not a dict)
-                tensor = handle.get_tensor(name).float().numpy()
-                if tensor.ndim < 2 or tensor.shape[-1] % block_size:
-                    writer.add_tensor(name, tensor)
-                elif options.synthetic_blocks:
-                    writer.add_tensor(name, _random_blocks(tensor.shape, options.quant_type, rng), raw_dtype=qtype)
+                shape = tuple(handle.get_slice(name).get_shape())
+                if len(shape) < 2 or shape[-1] % block_size:
+                    writer.add_tensor(name, handle.get_tensor(name).float().numpy())
+                elif options.synthetic_blocks:  # the values are never read: shapes and types are what count
+                    writer.add_tensor(name, _random_blocks(shape, options.quant_type, rng), raw_dtype=qtype)
                 else:
-                    writer.add_tensor(name, gguf.quants.quantize(tensor, qtype), raw_dtype=qtype)
+                    writer.add_tensor(
+                        name, gguf.quants.quantize(handle.get_tensor(name).float().numpy(), qtype), raw_dtype=qtype
+                    )
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
@@ -136,14 +140,14 @@ def write_gguf(sources: list[Path], target: Path, options: GgufOptions) -> None:
 
 
 def _random_blocks(shape: tuple[int, ...], quant_type: str, rng: Any) -> Any:
-    """Valid K-quant blocks of random bytes with small positive scales (memory and dequantization cost
-    depend on the type, not the values). Only for synthetic weights."""
+    """Valid blocks of random bytes with small positive scales (memory and dequantization cost depend on the
+    type, not the values). Only for synthetic weights."""
     import gguf
     import numpy as np
 
     block_size, type_size = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[quant_type]]
     blocks = rng.integers(0, 256, size=(*shape[:-1], shape[-1] // block_size, type_size), dtype=np.uint8)
     scale = np.frombuffer(np.float16(1e-4).tobytes(), dtype=np.uint8)
-    for offset in K_QUANT_SCALE_OFFSETS[quant_type]:
+    for offset in SCALE_OFFSETS[quant_type]:
         blocks[..., offset : offset + 2] = scale
     return blocks.reshape(*shape[:-1], -1)

@@ -26,9 +26,9 @@ def resolve_model(matrix) -> ResolvedModel:
     """Build, find or download the matrix's model; UserError when that cannot be done."""
     source = matrix.model
     if source.builtin:
-        from bench.models.tiny import build_tiny
+        from bench.models.builtin import build_builtin
 
-        folder, revision, name = build_tiny(source.builtin), None, f"builtin:{source.builtin}"
+        folder, revision, name = build_builtin(source.builtin), None, f"builtin:{source.builtin}"
     elif source.path:
         folder, revision, name = matrix.resolve_path(source.path), None, f"path:{source.path}"
     else:

@@ -1,0 +1,149 @@
+"""Built-in pipelines: real architectures with random weights from a fixed seed, built offline.
+
+Built once into the cache, then loaded like any other folder through `from_pretrained`, so every quantizer
+takes its real path. `tiny-flux` runs anywhere in seconds (widths are multiples of 64 so that every backend,
+bitsandbytes 4-bit included, accepts them); `flux-dev-shape` is FLUX.1-dev at full size (about 11.9 B
+transformer parameters, T5-XXL, CLIP-L, the FLUX VAE), initialised on the GPU: its memory and latency are
+real, its images are not.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from bench.cache import build_once, cache_dir
+from bench.errors import UserError
+
+BUILD_VERSION = "v2"  # bump when a builder changes, so caches rebuild
+WIDTH = 64
+SEED = 0
+
+
+def build_builtin(name: str) -> Path:
+    """The cached folder of built-in model `name`, built on first use."""
+    return build_once(cache_dir("models") / f"{name}-{BUILD_VERSION}", BUILDERS[name])
+
+
+def byte_level_vocab() -> dict[str, int]:
+    """A CLIP BPE vocabulary of the 256 byte-level symbols, their word-final forms and the special tokens."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    symbols = [chr(b) for b in printable]
+    symbols += [chr(256 + i) for i in range(256 - len(printable))]
+    vocab = {symbol: i for i, symbol in enumerate(symbols)}
+    vocab.update({symbol + "</w>": len(symbols) + i for i, symbol in enumerate(symbols)})
+    vocab["<|startoftext|>"] = len(vocab)
+    vocab["<|endoftext|>"] = len(vocab)
+    return vocab
+
+
+def _tokenizers():
+    """A byte-level CLIP tokenizer and a character-level T5 (Unigram) tokenizer, made without files."""
+    from transformers import CLIPTokenizer, T5TokenizerFast
+
+    vocab = byte_level_vocab()
+    pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("▁", -2.0)]
+    pieces += [(c, -3.0) for c in "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789.,:;!?'\"-()"]
+    return CLIPTokenizer(vocab=vocab, merges=[], model_max_length=77), T5TokenizerFast(vocab=pieces, extra_ids=0)
+
+
+def _text_encoders(clip_config: dict, t5_config: dict):
+    from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
+
+    vocab = byte_level_vocab()
+    special = {
+        "bos_token_id": vocab["<|startoftext|>"],
+        "eos_token_id": vocab["<|endoftext|>"],
+        "pad_token_id": vocab["<|endoftext|>"],
+    }
+    clip = CLIPTextModel(CLIPTextConfig(max_position_embeddings=77, **special, **clip_config))
+    t5 = T5EncoderModel(T5Config(pad_token_id=0, eos_token_id=1, **t5_config))
+    return clip.eval(), t5.eval()
+
+
+def _vae(**config):
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        latent_channels=16,
+        use_quant_conv=False,
+        use_post_quant_conv=False,
+        **config,
+    ).eval()
+
+
+def _flux_pipeline(
+    folder: Path, transformer_config: dict, clip_config: dict, t5_config: dict, vae_config: dict, scheduler_config: dict
+) -> None:
+    """Build a FluxPipeline with random weights (seed SEED) on the current default device and save it."""
+    import torch
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+
+    torch.manual_seed(SEED)
+    clip_tokenizer, t5_tokenizer = _tokenizers()
+    clip, t5 = _text_encoders(clip_config, t5_config)
+    pipe = FluxPipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler(**scheduler_config),
+        vae=_vae(**vae_config),
+        text_encoder=clip,
+        tokenizer=clip_tokenizer,
+        text_encoder_2=t5,
+        tokenizer_2=t5_tokenizer,
+        transformer=FluxTransformer2DModel(**transformer_config).eval(),
+    )
+    pipe.save_pretrained(folder)
+
+
+def _build_tiny_flux(folder: Path) -> None:
+    _flux_pipeline(
+        folder,
+        transformer_config={
+            "patch_size": 1, "in_channels": 64, "num_layers": 1, "num_single_layers": 1, "attention_head_dim": 32,
+            "num_attention_heads": 2, "joint_attention_dim": WIDTH, "pooled_projection_dim": WIDTH,
+            "axes_dims_rope": (8, 12, 12), "guidance_embeds": True,
+        },
+        clip_config={"vocab_size": len(byte_level_vocab()), "hidden_size": WIDTH, "intermediate_size": 2 * WIDTH,
+                     "num_hidden_layers": 2, "num_attention_heads": 2, "projection_dim": WIDTH},
+        t5_config={"vocab_size": len(_tokenizers()[1]), "d_model": WIDTH, "d_ff": 2 * WIDTH, "d_kv": 16, "num_heads": 4, "num_layers": 2},
+        vae_config={"down_block_types": ("DownEncoderBlock2D",) * 2, "up_block_types": ("UpDecoderBlock2D",) * 2,
+                    "block_out_channels": (16, 32), "layers_per_block": 1, "norm_num_groups": 8,
+                    "shift_factor": 0.0609, "scaling_factor": 1.5035},
+        scheduler_config={},
+    )  # fmt: skip
+
+
+def _build_flux_dev_shape(folder: Path) -> None:
+    """FLUX.1-dev's published configs, random bf16 weights initialised directly on the GPU."""
+    import torch
+
+    if not torch.cuda.is_available():
+        raise UserError("model builtin 'flux-dev-shape' is built on a CUDA GPU (about 12 B parameters); none is here")
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16)
+    try:
+        with torch.device("cuda"):
+            _flux_pipeline(
+                folder,
+                transformer_config={
+                    "patch_size": 1, "in_channels": 64, "num_layers": 19, "num_single_layers": 38,
+                    "attention_head_dim": 128, "num_attention_heads": 24, "joint_attention_dim": 4096,
+                    "pooled_projection_dim": 768, "axes_dims_rope": (16, 56, 56), "guidance_embeds": True,
+                },
+                clip_config={"vocab_size": 49408, "hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12,
+                             "num_attention_heads": 12, "projection_dim": 768, "hidden_act": "quick_gelu"},
+                t5_config={"vocab_size": 32128, "d_model": 4096, "d_ff": 10240, "d_kv": 64, "num_heads": 64,
+                           "num_layers": 24, "feed_forward_proj": "gated-gelu"},
+                vae_config={"down_block_types": ("DownEncoderBlock2D",) * 4, "up_block_types": ("UpDecoderBlock2D",) * 4,
+                            "block_out_channels": (128, 256, 512, 512), "layers_per_block": 2, "norm_num_groups": 32,
+                            "sample_size": 1024, "shift_factor": 0.1159, "scaling_factor": 0.3611},
+                scheduler_config={"base_image_seq_len": 256, "base_shift": 0.5, "max_image_seq_len": 4096,
+                                  "max_shift": 1.15, "shift": 3.0, "use_dynamic_shifting": True},
+            )  # fmt: skip
+    finally:
+        torch.set_default_dtype(previous)
+        torch.cuda.empty_cache()
+
+
+BUILDERS = {"tiny-flux": _build_tiny_flux, "flux-dev-shape": _build_flux_dev_shape}
+SYNTHETIC = tuple(BUILDERS)  # every built-in model has random weights
