@@ -41,7 +41,7 @@ class Cell:
     @property
     def label(self) -> str:
         """A short human-readable name, e.g. `torchao[int8wo] bf16 compile=default`."""
-        options = ",".join(str(v) for v in self.options.values())
+        options = ",".join(_option_text(k, v) for k, v in self.options.items())
         parts = [f"{self.method}[{options}]" if options else self.method, self.dtype]
         if self.threshold is not None:
             parts.append(f"threshold={self.threshold:g}")
@@ -63,3 +63,10 @@ class Cell:
     def from_axes(cls, data: dict[str, Any], cell_id: str) -> Cell:
         components = data.get("components")
         return cls(**{**data, "components": tuple(components) if components is not None else None, "id": cell_id})
+
+
+def _option_text(name: str, value: Any) -> str:
+    """An option as shown in labels: its value, or its name for a flag that is on (`dequantize`)."""
+    if isinstance(value, bool):
+        return name if value else f"no {name}"
+    return str(value)

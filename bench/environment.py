@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.metadata
+import os
 import platform
 import socket
 import subprocess
@@ -86,7 +87,12 @@ def _cpu_name() -> str:
 
 
 def harness_commit() -> str | None:
-    """The git commit of the quantbench checkout, with `-dirty` when it has uncommitted changes."""
+    """The git commit of the quantbench checkout, with `-dirty` when it has uncommitted changes.
+
+    A copy without its git folder (e.g. shipped to a GPU host) can say it in QUANTBENCH_HARNESS_COMMIT.
+    """
+    if os.environ.get("QUANTBENCH_HARNESS_COMMIT"):
+        return os.environ["QUANTBENCH_HARNESS_COMMIT"]
     root = Path(__file__).resolve().parent.parent
     try:
         commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10)

@@ -57,7 +57,13 @@ def cell_summary(frame: pd.DataFrame) -> pd.DataFrame:
             record[metric], record[f"{metric}_ci_low"], record[f"{metric}_ci_high"] = mean, low, high
         records.append(record)
     summary = pd.DataFrame.from_records(records)
-    return _against_baseline(summary) if not summary.empty else summary
+    if summary.empty:
+        return summary
+    # baseline first, then by family and label, so every table and plot lists cells the same way
+    summary = summary.sort_values(
+        ["method_family", "cell_label"], key=lambda c: c.where(c != "baseline", ""), kind="stable"
+    )
+    return _against_baseline(summary.reset_index(drop=True))
 
 
 def _against_baseline(summary: pd.DataFrame) -> pd.DataFrame:
