@@ -17,7 +17,8 @@ from typing import Any
 
 PROCESS_START = time.perf_counter()
 
-# Test-only fault injection, so the failure paths are exercised for real: "<kind>" or "<kind>@<cell id>".
+# Test-only fault injection, so the failure paths are exercised for real: comma-separated "<kind>" or
+# "<kind>@<cell id prefix>" items, e.g. "oom@3c5a,sigkill@83b8".
 FAULT_ENV = "QUANTBENCH_INJECT_FAULT"
 FAULT_KINDS = ("crash", "oom", "sigkill", "hang", "nan")
 
@@ -78,9 +79,11 @@ class CellResult:
 
 
 def _fault(cell_id: str) -> str | None:
-    value = os.environ.get(FAULT_ENV, "")
-    kind, _, target = value.partition("@")
-    return kind if kind in FAULT_KINDS and (not target or cell_id.startswith(target)) else None
+    for item in os.environ.get(FAULT_ENV, "").split(","):
+        kind, _, target = item.strip().partition("@")
+        if kind in FAULT_KINDS and (not target or cell_id.startswith(target)):
+            return kind
+    return None
 
 
 def _inject(kind: str | None, phase: str) -> None:
@@ -237,6 +240,22 @@ def _save_latents(latents: Any, path: Path) -> None:
     os.replace(temporary, path)
 
 
+def describe(error: BaseException) -> str:
+    """The end of the traceback, plus the root cause when libraries wrap it (diffusers hides why a
+    pickled checkpoint was refused behind a generic OSError)."""
+    text = "".join(traceback.format_exception(error)[-6:]).strip()
+    root = error
+    while root.__cause__ or root.__context__:
+        root = root.__cause__ or root.__context__
+    if root is not error:
+        text += f"\ncaused by {type(root).__name__}: {str(root).strip().splitlines()[0] if str(root).strip() else ''}"
+    if type(root).__name__ == "UnpicklingError":
+        text += (
+            "\nquantbench loads pickled checkpoints only with torch.load(weights_only=True); convert it to safetensors"
+        )
+    return text
+
+
 def classify(error: BaseException) -> str:
     """The row status for an exception raised inside a cell."""
     from bench.methods.base import MethodUnavailable
@@ -258,7 +277,7 @@ def main(argv: list[str]) -> None:
 
         result.status = classify(error)
         reason = error.reason if isinstance(error, MethodUnavailable) else None
-        result.error = reason or "".join(traceback.format_exception(error)[-6:]).strip()
+        result.error = reason or describe(error)
         traceback.print_exc()
     result.save(Path(spec.result_path))
     sys.stdout.flush()

@@ -29,7 +29,7 @@ PLACEMENTS = ("device", "device_map", "model_cpu_offload", "sequential_cpu_offlo
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
 
 class ModelSource(_Strict):

@@ -30,7 +30,7 @@ from bench.errors import UserError
 from bench.matrix import Matrix
 from bench.models import ResolvedModel, resolve_model
 from bench.rows import cell_rows
-from bench.store import ResultsFolder
+from bench.store import ResultsFolder, worst_status
 
 LOG_TAIL_CHARS = 4000
 PACKAGE_ROOT = Path(__file__).resolve().parent.parent
@@ -102,9 +102,10 @@ def run_matrix(
                 matrix, ready.model, cell, result, {**context, **(comparison.row_fields() if comparison else {})}, drift
             )
             folder.write_cell(cell.id, rows)
-            summary.statuses[result.status] += 1
+            status = worst_status({row.status for row in rows})
+            summary.statuses[status] += 1
             if on_cell_done:
-                on_cell_done(cell, result.status, index + 1, len(todo))
+                on_cell_done(cell, status, index + 1, len(todo))
     return summary
 
 

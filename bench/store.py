@@ -25,6 +25,14 @@ from bench.errors import UserError
 
 SCHEMA_VERSION = 1
 STATUSES = ("ok", "failed", "oom", "timeout", "skipped", "unsupported")
+WORST_FIRST = ("failed", "oom", "timeout", "unsupported", "skipped", "ok")
+
+
+def worst_status(statuses: set[str]) -> str:
+    """A cell's status from its rows' statuses: the worst one."""
+    return next(status for status in WORST_FIRST if status in statuses)
+
+
 log = logging.getLogger(__name__)
 
 
@@ -151,8 +159,11 @@ class ResultsFolder:
         self.latents_dir = self.root / "latents"
 
     def create(self) -> None:
-        for folder in (self.cells_dir, self.images_dir, self.latents_dir, self.logs_dir):
-            folder.mkdir(parents=True, exist_ok=True)
+        try:
+            for folder in (self.cells_dir, self.images_dir, self.latents_dir, self.logs_dir):
+                folder.mkdir(parents=True, exist_ok=True)
+        except OSError as error:
+            raise UserError(f"{self.root}: cannot create the results folder: {error.strerror or error}") from None
 
     @contextlib.contextmanager
     def exclusive(self) -> Iterator[None]:
@@ -190,6 +201,10 @@ class ResultsFolder:
             with open(temporary, "rb") as handle:
                 os.fsync(handle.fileno())
             os.replace(temporary, target)
+        except OSError as error:  # full or read-only disk: stop with a clear message; earlier parts stay as they were
+            raise UserError(
+                f"{self.root}: cannot write the results of cell {cell_id}: {error.strerror or error}"
+            ) from None
         finally:
             temporary.unlink(missing_ok=True)
         return target

@@ -13,6 +13,7 @@ import pandas as pd
 from scipy import stats as scipy_stats
 
 from bench.drift import METRICS
+from bench.store import worst_status
 
 CELL_COLUMNS = (
     "cell_label", "method", "method_family", "method_options", "dtype", "threshold", "compile", "fullgraph",
@@ -21,7 +22,6 @@ CELL_COLUMNS = (
     "gpu_memory_note", "load_s", "quantize_s", "warmup_s", "prepare_s", "import_s", "cell_wall_s", "gate_status",
     "gate_failures",
 )  # fmt: skip
-STATUS_ORDER = ("failed", "oom", "timeout", "unsupported", "skipped", "ok")
 
 
 def mean_ci(values: pd.Series) -> tuple[float | None, float | None, float | None]:
@@ -42,8 +42,7 @@ def cell_summary(frame: pd.DataFrame) -> pd.DataFrame:
     for cell_id, rows in frame.groupby("cell_id", sort=False):
         first = rows.iloc[0]
         record = {"cell_id": cell_id, **{c: first.get(c) for c in CELL_COLUMNS}}
-        statuses = set(rows["status"])
-        record["status"] = next(s for s in STATUS_ORDER if s in statuses)
+        record["status"] = worst_status(set(rows["status"]))
         errors = rows.loc[rows["status"] != "ok", "error"].dropna()
         record["error"] = errors.iloc[0] if len(errors) else None
         record["rows"] = len(rows)

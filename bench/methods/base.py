@@ -16,7 +16,7 @@ if TYPE_CHECKING:
 class MethodOptions(BaseModel):
     """Per-method options from the matrix's `[method.<name>]` table. Subclasses add fields."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
 
 class MethodUnavailable(Exception):

@@ -1,0 +1,240 @@
+"""Faults injected for real: cells that crash, run out of memory, are killed, hang or produce NaN; a harness
+killed mid-run; a results disk that refuses writes; untrusted checkpoints. Nothing written may be lost."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from bench.errors import UserError
+from bench.matrix import load_matrix
+from bench.runner import run_matrix
+from bench.store import ResultsFolder, read_results
+from tests.conftest import matrix_data, write_matrix
+
+pytestmark = pytest.mark.slow
+ROOT = Path(__file__).resolve().parent.parent
+FAULTY = matrix_data(
+    name="faulty",
+    run={"timeout_s": 45},
+    generation={"prompts": ["a red apple"], "num_inference_steps": 2, "repeats": 1},
+    axes={"method": ["baseline", "torchao"]},
+    method={"torchao": {"quant_type": ["int8wo", "int8dq", "float8wo", "int4wo_intx", "int2wo_intx"]}},
+)
+
+
+def cells_by_label(matrix):
+    return {cell.label: cell for cell in matrix.cells}
+
+
+@pytest.fixture(scope="module")
+def faulty_run(tmp_path_factory, quantbench_cache):
+    """Six cells: one fine, one crashing, one OOM, one SIGKILLed, one NaN, one hanging past the timeout."""
+    folder = tmp_path_factory.mktemp("faulty")
+    matrix = load_matrix(write_matrix(folder, FAULTY))
+    cells = cells_by_label(matrix)
+    faults = {
+        "torchao[int8wo] bf16": "crash",
+        "torchao[int8dq] bf16": "oom",
+        "torchao[float8wo] bf16": "sigkill",
+        "torchao[int4wo_intx] bf16": "nan",
+        "torchao[int2wo_intx] bf16": "hang",
+    }
+    mp = pytest.MonkeyPatch()
+    mp.setenv("QUANTBENCH_INJECT_FAULT", ",".join(f"{kind}@{cells[label].id}" for label, kind in faults.items()))
+    summary = run_matrix(matrix, folder / "results")
+    mp.undo()
+    return matrix, folder / "results", summary
+
+
+def status_of(results, cell) -> tuple[str, str]:
+    rows = read_results(results).query("cell_id == @cell.id")
+    assert len(rows) == 1
+    return rows.iloc[0]["status"], rows.iloc[0]["error"] or ""
+
+
+def test_every_fault_becomes_a_row_with_its_status_and_the_run_goes_on(faulty_run):
+    matrix, results, summary = faulty_run
+    cells = cells_by_label(matrix)
+    assert summary.statuses == {"ok": 1, "failed": 3, "oom": 1, "timeout": 1}
+    assert status_of(results, cells["baseline bf16"])[0] == "ok"
+    status, error = status_of(results, cells["torchao[int8wo] bf16"])
+    assert status == "failed" and "injected crash" in error
+    assert status_of(results, cells["torchao[int8dq] bf16"])[0] == "oom"
+    status, error = status_of(results, cells["torchao[float8wo] bf16"])
+    assert status == "failed" and "died (signal SIGKILL) before reporting a result" in error
+    status, error = status_of(results, cells["torchao[int2wo_intx] bf16"])
+    assert status == "timeout" and "run.timeout_s = 45" in error
+
+
+def test_nan_image_is_flagged_and_its_metrics_are_null_with_the_reason(faulty_run):
+    import json
+
+    matrix, results, _ = faulty_run
+    cell_id = cells_by_label(matrix)["torchao[int4wo_intx] bf16"].id
+    frame = read_results(results)
+    row = frame[frame["cell_id"] == cell_id].iloc[0]
+    assert row["status"] == "failed" and row["image_finite"] == False  # noqa: E712 (numpy bool)
+    assert "NaN or inf" in row["error"]
+    assert row["psnr_db"] != row["psnr_db"]  # NaN: missing
+    assert "NaN or inf" in json.loads(row["metric_notes"])["psnr_db"]
+
+
+def test_rerun_finishes_the_failed_cells_and_leaves_the_finished_one_alone(faulty_run):
+    matrix, results, _ = faulty_run
+    ok_part = ResultsFolder(results).part_path(cells_by_label(matrix)["baseline bf16"].id)
+    before = ok_part.stat().st_mtime_ns
+    faster = load_matrix(matrix.path)
+    summary = run_matrix(faster, results)
+    assert summary.already_done == 1 and summary.statuses == {"ok": 5}
+    assert ok_part.stat().st_mtime_ns == before
+    assert set(read_results(results)["status"]) == {"ok"}
+
+
+def _quantbench(*args: str, env: dict[str, str]) -> subprocess.Popen:
+    environment = {
+        **os.environ,
+        **env,
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
+    }
+    return subprocess.Popen(
+        [sys.executable, "-m", "bench", *args], env=environment, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+    )
+
+
+def _wait_for(predicate, timeout_s: float = 120) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        assert time.monotonic() < deadline, "timed out waiting"
+        time.sleep(0.2)
+
+
+def test_sigkill_of_the_harness_during_a_cell_loses_nothing_and_a_rerun_resumes(tmp_path, quantbench_cache):
+    import psutil
+
+    data = matrix_data(name="killed", generation={"prompts": ["a red apple"], "num_inference_steps": 2, "repeats": 1})
+    path = write_matrix(tmp_path, data)
+    matrix = load_matrix(path)
+    first, second = matrix.cells
+    results = tmp_path / "results"
+    folder = ResultsFolder(results)
+    driver = _quantbench(
+        "run", str(path), "--results", str(results), env={"QUANTBENCH_INJECT_FAULT": f"hang@{second.id}"}
+    )
+    _wait_for(lambda: folder.part_path(first.id).exists() and (folder.logs_dir / f"{second.id}.log").exists())
+    _wait_for(lambda: any("bench.cell" in " ".join(p.cmdline()) for p in psutil.Process(driver.pid).children()))
+    cell_process = next(p for p in psutil.Process(driver.pid).children() if "bench.cell" in " ".join(p.cmdline()))
+    driver.send_signal(signal.SIGKILL)
+    driver.wait(30)
+    _wait_for(lambda: not cell_process.is_running() or cell_process.status() == psutil.STATUS_ZOMBIE, 30)
+    first_part = folder.part_path(first.id).read_bytes()
+    assert set(read_results(results)["cell_id"]) == {first.id}, "the finished cell's row survives, nothing else"
+    assert not list(folder.cells_dir.glob(".*tmp"))
+    summary = run_matrix(matrix, results)
+    assert summary.already_done == 1 and summary.statuses == {"ok": 1}
+    assert folder.part_path(first.id).read_bytes() == first_part
+    assert set(read_results(results)["status"]) == {"ok"}
+
+
+def test_sigterm_stops_the_run_cleanly_and_says_how_to_resume(tmp_path, quantbench_cache):
+    data = matrix_data(name="stopped", generation={"prompts": ["a red apple"], "num_inference_steps": 2, "repeats": 1})
+    path = write_matrix(tmp_path, data)
+    results = tmp_path / "results"
+    second = load_matrix(path).cells[1]
+    driver = _quantbench(
+        "run", str(path), "--results", str(results), env={"QUANTBENCH_INJECT_FAULT": f"hang@{second.id}"}
+    )
+    _wait_for(lambda: (results / "logs" / f"{second.id}.log").exists())
+    time.sleep(1)
+    driver.send_signal(signal.SIGTERM)
+    _, stderr = driver.communicate(timeout=60)
+    assert driver.returncode == 130
+    assert b"finished cells are saved, rerun to resume" in stderr
+    assert len(read_results(results)) == 1
+
+
+def test_a_results_disk_that_refuses_writes_stops_with_a_clear_error_and_keeps_earlier_parts(
+    tmp_path, monkeypatch, quantbench_cache
+):
+    import errno
+
+    import pyarrow.parquet as pq
+
+    data = matrix_data(name="full", generation={"prompts": ["a red apple"], "num_inference_steps": 2, "repeats": 1})
+    matrix = load_matrix(write_matrix(tmp_path, data))
+    results = tmp_path / "results"
+    real_write = pq.write_table
+    writes = []
+
+    def write_then_fill_up(table, where, *args, **kwargs):
+        writes.append(where)
+        if len(writes) > 1:
+            Path(where).write_bytes(b"PAR1 half")  # a partial file, as a full disk leaves it
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real_write(table, where, *args, **kwargs)
+
+    monkeypatch.setattr(pq, "write_table", write_then_fill_up)
+    with pytest.raises(UserError, match="cannot write the results of cell .*: No space left on device"):
+        run_matrix(matrix, results)
+    folder = ResultsFolder(results)
+    assert [p.stem for p in folder.cells_dir.glob("*.parquet")] == [matrix.cells[0].id]
+    assert not [p for p in folder.cells_dir.iterdir() if p.name.endswith(".tmp")], "no half-written file is left"
+    assert read_results(results)["status"].tolist() == ["ok"]
+
+
+def test_malicious_pickle_checkpoint_is_refused_and_never_executed(tmp_path, quantbench_cache):
+    import shutil
+
+    from bench.models.builtin import build_builtin
+
+    model = tmp_path / "model"
+    shutil.copytree(build_builtin("tiny-flux"), model)
+    marker = tmp_path / "pwned"
+
+    class Exploit:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    import torch
+
+    for weights in (model / "transformer").glob("*.safetensors"):
+        weights.unlink()
+    torch.save({"proj_out.weight": Exploit()}, model / "transformer" / "diffusion_pytorch_model.bin")
+    data = matrix_data(name="pickle", axes={"method": ["baseline"]}, drift={"enabled": False})
+    data["model"] = {"path": "model"}
+    matrix = load_matrix(write_matrix(tmp_path, data))
+    run_matrix(matrix, tmp_path / "results")
+    row = read_results(tmp_path / "results").iloc[0]
+    assert row["status"] == "failed"
+    assert "caused by UnpicklingError: Trying to load unsupported GLOBAL posix.system" in row["error"]
+    assert "only with torch.load(weights_only=True); convert it to safetensors" in row["error"]
+    assert not marker.exists(), "the pickle's code never ran"
+
+
+def test_corrupted_gguf_file_is_a_failed_row_not_a_crash(tmp_path, quantbench_cache):
+    bad = tmp_path / "broken.gguf"
+    bad.write_bytes(b"GGUF\x03\x00\x00\x00" + os.urandom(64))
+    data = matrix_data(
+        name="badgguf", axes={"method": ["gguf"]}, method={"gguf": {"file": str(bad)}}, drift={"enabled": False}
+    )
+    summary = run_matrix(load_matrix(write_matrix(tmp_path, data)), tmp_path / "results")
+    rows = read_results(tmp_path / "results")
+    assert summary.statuses == {"failed": 1}
+    assert rows["error"].str.contains("gguf|GGUF|tensor|Error", regex=True).all()
+
+
+def test_unreachable_hub_model_is_a_clear_error_before_any_cell(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    data = matrix_data(name="hub")
+    data["model"] = {"hub": "black-forest-labs/FLUX.1-dev"}
+    matrix = load_matrix(write_matrix(tmp_path, data))
+    with pytest.raises(UserError, match="cannot get hub model 'black-forest-labs/FLUX.1-dev'"):
+        run_matrix(matrix, tmp_path / "results")
+    assert not list((tmp_path / "results").glob("cells/*.parquet"))
