@@ -36,6 +36,7 @@ class CellSpec:
     images_dir: str
     latents_dir: str
     result_path: str
+    gpu_memory_limit_gib: float | None = None
 
     def save(self, path: Path) -> None:
         path.write_text(json.dumps(asdict(self)))
@@ -124,6 +125,9 @@ def run_cell(spec: CellSpec, result: CellResult) -> None:
         reset_gpu_peak()
         m["gpu_name"] = torch.cuda.get_device_name()
         m["cuda_version"] = torch.version.cuda
+        if spec.gpu_memory_limit_gib:
+            total = torch.cuda.get_device_properties(0).total_memory
+            torch.cuda.set_per_process_memory_fraction(min(1.0, spec.gpu_memory_limit_gib * 1024**3 / total))
 
     method_cls = method_class(cell.method)
     method = method_cls(method_cls.Options.model_validate(cell.options))

@@ -249,6 +249,7 @@ def _run_in_subprocess(
             images_dir=str(images_dir),
             latents_dir=str(latents_dir),
             result_path=str(Path(scratch) / "result.json"),
+            gpu_memory_limit_gib=ready.matrix.spec.run.gpu_memory_limit_gib,
         )
         spec_path = Path(scratch) / "spec.json"
         spec.save(spec_path)

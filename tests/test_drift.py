@@ -98,12 +98,31 @@ def test_clip_metrics_run_on_locally_configured_weights(tiny_clip):
 @pytest.mark.skipif(
     __import__("importlib").util.find_spec("torchvision") is None, reason="LPIPS needs torchvision (absent on CPU CI)"
 )
-def test_identical_images_give_zero_lpips_where_torchvision_and_backbones_exist():
+def test_lpips_runs_on_locally_cached_backbones(tmp_path, monkeypatch):
+    """Random-init AlexNet and VGG16 backbones written into a private torch hub cache: the real LPIPS code
+    path with local weights. The numbers say nothing about quality."""
+    import torchvision
+
+    from bench.drift import LPIPS_BACKBONE_FILES
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    checkpoints = tmp_path / "hub" / "checkpoints"
+    checkpoints.mkdir(parents=True)
+    torch.manual_seed(0)
+    torch.save(torchvision.models.alexnet().state_dict(), checkpoints / LPIPS_BACKBONE_FILES["alex"])
+    torch.save(torchvision.models.vgg16().state_dict(), checkpoints / LPIPS_BACKBONE_FILES["vgg"])
     scorer = DriftScorer(clip_model=None, lpips=True)
-    drift = scorer.score(gray(), gray(), None, None, "p")
-    if drift.values["lpips_alex"] is None:
-        pytest.skip(drift.notes["lpips_alex"])
-    assert drift.values["lpips_alex"] == pytest.approx(0.0, abs=1e-6)
+    same = scorer.score(gray(), gray(), None, None, "p")
+    noisy = scorer.score(
+        np.clip(gray() + 0.2 * np.random.default_rng(2).standard_normal(gray().shape), 0, 1).astype(np.float32),
+        gray(),
+        None,
+        None,
+        "p",
+    )
+    for net in ("alex", "vgg"):
+        assert same.values[f"lpips_{net}"] == pytest.approx(0.0, abs=1e-6)
+        assert noisy.values[f"lpips_{net}"] > 0
 
 
 def test_gates_pass_fail_and_missing():
