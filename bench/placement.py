@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-NEEDS_CUDA = ("device_map", "model_cpu_offload", "sequential_cpu_offload")
+NEEDS_CUDA = ("device_map", "model_cpu_offload", "sequential_cpu_offload", "group_offload")
 
 
 def place(pipe: Any, placement: str, device: str) -> None:
@@ -15,13 +15,21 @@ def place(pipe: Any, placement: str, device: str) -> None:
         pipe.enable_model_cpu_offload()
     elif placement == "sequential_cpu_offload":
         pipe.enable_sequential_cpu_offload()
+    elif placement == "group_offload":  # the denoiser streams its layers from CPU memory; the rest sits on the GPU
+        model = denoiser(pipe)
+        for component in pipe.components.values():
+            if component is not model and hasattr(component, "to") and hasattr(component, "parameters"):
+                component.to(device)
+        model.enable_group_offload(
+            onload_device=device, offload_device="cpu", offload_type="leaf_level", use_stream=True
+        )
     elif placement != "device_map":  # device_map placement happens at load time
         raise ValueError(f"unknown placement {placement!r}")
 
 
 def load_kwargs(placement: str) -> dict[str, Any]:
     """Extra `from_pretrained` arguments a placement needs."""
-    return {"device_map": "cuda"} if placement == "device_map" else {}
+    return {"device_map": "balanced"} if placement == "device_map" else {}
 
 
 def denoiser(pipe: Any) -> Any:

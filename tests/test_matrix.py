@@ -92,7 +92,7 @@ def test_cell_id_ignores_the_order_of_option_keys(tmp_path):
             [
                 "unknown method 'torchoa'",
                 "did you mean 'torchao'",
-                "allowed: baseline, bnb_4bit, bnb_8bit, gguf, torchao",
+                "allowed: baseline, bnb_4bit, bnb_8bit, gguf, layerwise_fp8, quanto, torchao",
             ],
         ),
         (

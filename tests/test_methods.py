@@ -184,3 +184,33 @@ def test_bitsandbytes_configs_follow_the_cell_axes():
     config = four.quantization_config(Cell("bnb_4bit", dtype="fp16"))
     assert config["bnb_4bit_compute_dtype"] == torch.float16 and config["bnb_4bit_quant_type"] == "fp4"
     assert config["bnb_4bit_use_double_quant"] is True
+
+
+@pytest.mark.parametrize(
+    ("weights_dtype", "weight_class", "max_ratio"),
+    [("int8", "WeightQBytesTensor", 0.6), ("int4", "WeightQBitsTensor", 0.35)],
+)
+def test_quanto_quantizes_the_transformer_linears(tiny_flux, weights_dtype, weight_class, max_ratio):
+    model = load("quanto", {"weights_dtype": weights_dtype}, tiny_flux)
+    assert type(model.transformer_blocks[0].attn.to_q).__name__ == "QLinear"
+    assert type(model.transformer_blocks[0].attn.to_q.weight).__name__ == weight_class
+    assert tensor_bytes(model) < max_ratio * baseline_bytes(tiny_flux)
+
+
+def test_quanto_quantizes_the_t5_encoder_through_transformers_config(tiny_flux):
+    model = load("quanto", {"weights_dtype": "int8"}, tiny_flux, "text_encoder_2")
+    assert type(model.encoder.block[0].layer[0].SelfAttention.q).__name__ == "QLinear"
+
+
+def test_layerwise_casting_stores_weights_in_float8(tiny_flux):
+    model = load("layerwise_fp8", {}, tiny_flux)
+    assert model.transformer_blocks[0].attn.to_q.weight.dtype == torch.float8_e4m3fn
+    # diffusers keeps norms, embeddings and the input/output projections in bf16: a large share at tiny width
+    assert tensor_bytes(model) < 0.7 * baseline_bytes(tiny_flux)
+
+
+def test_layerwise_casting_of_a_transformers_model_is_unsupported_with_the_reason(tiny_flux):
+    from bench.methods.base import MethodUnavailable
+
+    with pytest.raises(MethodUnavailable, match="layerwise casting is a diffusers model feature"):
+        load("layerwise_fp8", {}, tiny_flux, "text_encoder_2")

@@ -14,6 +14,8 @@ _REGISTRY: dict[str, str] = {
     "bnb_8bit": "bench.methods.bitsandbytes:EightBit",
     "bnb_4bit": "bench.methods.bitsandbytes:FourBit",
     "gguf": "bench.methods.gguf:Gguf",
+    "layerwise_fp8": "bench.methods.layerwise:LayerwiseCasting",
+    "quanto": "bench.methods.quanto:Quanto",
     "torchao": "bench.methods.torchao:TorchAo",
 }
 

@@ -1,0 +1,34 @@
+"""optimum-quanto through diffusers' `QuantoConfig` (transformers' for the text encoders): int8/int4/int2/float8 weights."""
+
+from __future__ import annotations
+
+import importlib.util
+from typing import Any, ClassVar, Literal
+
+from bench.methods.base import Component, Method, MethodOptions, MethodUnavailable
+
+
+class QuantoOptions(MethodOptions):
+    weights_dtype: Literal["int8", "int4", "int2", "float8"] = "int8"
+    modules_to_not_convert: list[str] | None = None
+
+
+class Quanto(Method):
+    name: ClassVar[str] = "quanto"
+    family: ClassVar[str] = "quanto"
+    Options: ClassVar[type[MethodOptions]] = QuantoOptions
+    options: QuantoOptions
+
+    def check(self, cell, machine) -> None:
+        if importlib.util.find_spec("optimum.quanto") is None:
+            raise MethodUnavailable("unsupported", "quanto needs the `optimum-quanto` package")
+
+    def load_component(self, component: Component, cell) -> Any:
+        # the two libraries name the weight type differently
+        dtype_key = "weights" if component.is_transformers_model else "weights_dtype"
+        return component.load_quantized(
+            cell,
+            "QuantoConfig",
+            **{dtype_key: self.options.weights_dtype},
+            modules_to_not_convert=self.options.modules_to_not_convert,
+        )
