@@ -1,4 +1,4 @@
-"""The one front door for every task: `nox -s tests`, `nox -s smoke`, `nox -s lint`."""
+"""The one front door for every task: `nox -s tests`, `nox -s smoke`, `nox -s lint`, `nox -s gpu`."""
 
 import os
 
@@ -33,6 +33,24 @@ def smoke(session: nox.Session) -> None:
     install(session)
     session.run("quantbench", "run", "matrices/smoke.toml", *session.posargs)
     session.run("quantbench", "report", "results/smoke", "-o", "reports/out/smoke.html")
+
+
+@nox.session
+def gpu(session: nox.Session) -> None:
+    """On a CUDA machine: the reference matrix (`-- --quick`: eager cells only), its report, and a comparison
+    with the committed H100 reference that fails on a regression."""
+    install(session)
+    quick = ["--select", "compile=off"] if "--quick" in session.posargs else []
+    session.run("quantbench", "run", "matrices/flux-dev-h100.toml", "--results", "results/nightly", *quick)
+    session.run("quantbench", "report", "results/nightly", "-o", "reports/out/nightly.html")
+    session.run(
+        "quantbench",
+        "compare",
+        "results/reference/flux-dev-h100",
+        "results/nightly",
+        "-o",
+        "reports/out/nightly-compare.csv",
+    )
 
 
 @nox.session

@@ -1,0 +1,61 @@
+"""The nightly GPU workflow and the noxfile it drives fit together (checked on CPU)."""
+
+from __future__ import annotations
+
+import re
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+
+from bench.cli import build_parser
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def nox_sessions() -> set[str]:
+    listing = subprocess.run(
+        [sys.executable, "-m", "nox", "--list", "--noxfile", str(ROOT / "noxfile.py")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert listing.returncode == 0, listing.stderr
+    names = {line.split()[1] for line in listing.stdout.splitlines() if line.startswith(("* ", "- "))}
+    return names | {name.split("-")[0] for name in names}  # `tests` runs every `tests-<python>`
+
+
+def test_nightly_workflow_parses_and_runs_on_schedule_and_by_hand():
+    workflow = yaml.safe_load((ROOT / ".github/workflows/nightly-gpu.yml").read_text())
+    triggers = workflow[True]  # YAML 1.1 reads the key `on` as True
+    assert "schedule" in triggers and "workflow_dispatch" in triggers
+    job = workflow["jobs"]["gpu"]
+    assert "self-hosted" in job["runs-on"] and "gpu" in job["runs-on"]
+    assert any(step.get("uses", "").startswith("actions/upload-artifact") for step in job["steps"])
+
+
+def test_every_nox_session_the_workflow_calls_exists():
+    workflow = yaml.safe_load((ROOT / ".github/workflows/nightly-gpu.yml").read_text())
+    called = {
+        match for step in workflow["jobs"]["gpu"]["steps"] for match in re.findall(r"nox -s (\w+)", step.get("run", ""))
+    }
+    assert called == {"gpu"}
+    assert called <= nox_sessions()
+
+
+def test_every_quantbench_command_in_the_noxfile_is_a_real_verb_with_real_files():
+    verbs = set(build_parser()._subparsers._group_actions[0].choices)
+    source = (ROOT / "noxfile.py").read_text()
+    calls = re.findall(r'session\.run\("quantbench", ([^)]*)\)', source)
+    assert calls
+    for call in calls:
+        words = [w.strip('"') for w in re.findall(r'"[^"]*"', call)]
+        assert words[0] in verbs, words
+        for word in words[1:]:
+            if word.startswith(("matrices/", "results/reference/")):
+                assert (ROOT / word).exists(), word
+    ci_command = "python3 -m nox -s tests"
+    assert ci_command in (ROOT / ".ci" / "run").read_text() and ci_command in (ROOT / "README.md").read_text()
+    assert shlex.split(ci_command)[-1] in nox_sessions()
