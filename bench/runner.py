@@ -81,10 +81,10 @@ def run_matrix(
     with folder.exclusive():
         ready = plan(matrix)
         done = set() if force else folder.completed_cell_ids()
-        context = _row_context(ready)
         todo = [cell for cell in matrix.cells if cell.id not in done]
         summary.already_done = len(matrix.cells) - len(todo)
         comparison = _Comparison(ready, folder, summary) if matrix.drift.enabled and todo else None
+        context = {**_row_context(ready), **(comparison.row_fields() if comparison else {})}
         for index, cell in enumerate(todo):
             verdict = ready.verdicts[cell.id]
             if verdict.status == "run":
@@ -98,9 +98,7 @@ def run_matrix(
             else:
                 result = CellResult(status=verdict.status, error=verdict.reason)
             drift = comparison.score(cell, result) if comparison else None
-            rows = cell_rows(
-                matrix, ready.model, cell, result, {**context, **(comparison.row_fields() if comparison else {})}, drift
-            )
+            rows = cell_rows(matrix, ready.model, cell, result, context, drift)
             folder.write_cell(cell.id, rows)
             status = worst_status({row.status for row in rows})
             summary.statuses[status] += 1
@@ -149,15 +147,14 @@ class _Comparison:
                 generation,
             )
             if result.status != "ok":
-                return (
-                    {},
-                    f"the reference run ({self.dtype} baseline) ended {result.status}: {(result.error or '').splitlines()[-1:]}",
-                )
+                last_line = (result.error or "").strip().splitlines()[-1:] or ["no error text"]
+                return {}, f"the reference run ({self.dtype} baseline) ended {result.status}: {last_line[0]}"
             for pair, key in keys.items():
                 stem = f"p{pair[0]}_s{pair[1]}"
-                found[pair] = cache.put(
-                    key, Path(scratch) / "images" / f"{stem}.png", Path(scratch) / "latents" / f"{stem}.safetensors"
-                )
+                image = Path(scratch) / "images" / f"{stem}.png"
+                if not image.exists():
+                    return {}, f"the reference image for prompt {pair[0]}, seed {pair[1]} has NaN or inf values"
+                found[pair] = cache.put(key, image, Path(scratch) / "latents" / f"{stem}.safetensors")
         return found, None
 
     def row_fields(self) -> dict[str, Any]:
