@@ -214,3 +214,20 @@ def test_layerwise_casting_of_a_transformers_model_is_unsupported_with_the_reaso
 
     with pytest.raises(MethodUnavailable, match="layerwise casting is a diffusers model feature"):
         load("layerwise_fp8", {}, tiny_flux, "text_encoder_2")
+
+
+@pytest.fixture(scope="module")
+def tiny_sd3(quantbench_cache):
+    return build_builtin("tiny-sd3")
+
+
+def test_gguf_quantizes_only_linear_weights_of_sd3(tiny_sd3):
+    model = load("gguf", {"quant_type": "Q8_0"}, tiny_sd3)
+    assert type(model.transformer_blocks[0].attn.to_q.weight).__name__ == "GGUFParameter"
+    assert type(model.pos_embed.proj.weight).__name__ != "GGUFParameter", "convolutions stay unquantized"
+    assert tensor_bytes(model) < baseline_bytes(tiny_sd3)
+
+
+def test_torchao_quantizes_the_sd3_t5_encoder(tiny_sd3):
+    model = load("torchao", {"quant_type": "int8wo"}, tiny_sd3, "text_encoder_3")
+    assert type(model.encoder.block[0].layer[0].SelfAttention.q.weight).__name__ == "Int8Tensor"

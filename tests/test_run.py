@@ -169,3 +169,21 @@ def test_reference_is_computed_once_and_then_read_from_the_cache(smoke_run, tmp_
     summary = run_matrix(matrix, tmp_path / "results")
     assert summary.reference_runs == 0
     assert summary.statuses == {"ok": 1}
+
+
+def test_stable_diffusion_3_runs_end_to_end(tmp_path, quantbench_cache):
+    from tests.conftest import matrix_data, write_matrix
+
+    data = matrix_data(
+        name="sd3",
+        generation={"prompts": ["a red apple"], "guidance_scale": 5.0},
+        axes={"method": ["baseline", "torchao"], "components": [["transformer", "text_encoder_3"]]},
+    )
+    data["model"] = {"builtin": "tiny-sd3"}
+    summary = run_matrix(load_matrix(write_matrix(tmp_path, data)), tmp_path / "results")
+    frame = read_results(tmp_path / "results")
+    assert summary.statuses == {"ok": 2}
+    assert set(frame["pipeline_class"]) == {"StableDiffusion3Pipeline"}
+    torchao = frame[frame.method == "torchao"].iloc[0]
+    assert torchao["components"] == "transformer,text_encoder_3"
+    assert 10 < torchao["psnr_db"] < float("inf")

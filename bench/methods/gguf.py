@@ -17,7 +17,7 @@ from pydantic import model_validator
 from bench.cache import build_once, cache_dir
 from bench.methods.base import Component, Method, MethodOptions, MethodUnavailable
 
-WRITER_VERSION = "1"  # bump when the produced files change
+WRITER_VERSION = "2"  # bump when the produced files change
 GGUF_TYPES = ("F16", "BF16", "Q8_0", "Q5_0", "Q5_1", "Q4_0", "Q4_1", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K")
 # Byte offsets of the float16 scale fields (d, and m/dmin where present) inside each block, as ggml lays them out.
 SCALE_OFFSETS = {
@@ -108,8 +108,9 @@ def content_digest(path: Path) -> str:
 def write_gguf(sources: list[Path], target: Path, options: GgufOptions) -> None:
     """Write the safetensors `sources` as one GGUF file of `options.quant_type`.
 
-    Tensors whose last dimension is not a multiple of the type's block size (and 1-D tensors) stay F32,
-    as llama.cpp's converters do.
+    Only 2-D `.weight` matrices (linear layers) are quantized; everything else (biases, norms, convolutions,
+    positional-embedding buffers) and matrices whose last dimension is not a multiple of the type's block
+    size stay F32, as llama.cpp's converters do.
     """
     import gguf
     import numpy as np
@@ -125,7 +126,7 @@ def write_gguf(sources: list[Path], target: Path, options: GgufOptions) -> None:
         with safe_open(str(source), framework="pt") as handle:
             for name in handle.keys():  # noqa: SIM118 (safe_open is not a dict)
                 shape = tuple(handle.get_slice(name).get_shape())
-                if len(shape) < 2 or shape[-1] % block_size:
+                if not name.endswith(".weight") or len(shape) != 2 or shape[-1] % block_size:
                     writer.add_tensor(name, handle.get_tensor(name).float().numpy())
                 elif options.synthetic_blocks:  # the values are never read: shapes and types are what count
                     writer.add_tensor(name, _random_blocks(shape, options.quant_type, rng), raw_dtype=qtype)

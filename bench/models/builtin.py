@@ -46,8 +46,8 @@ def _tokenizers():
     return CLIPTokenizer(vocab=vocab, merges=[], model_max_length=77), T5TokenizerFast(vocab=pieces, extra_ids=0)
 
 
-def _text_encoders(clip_config: dict, t5_config: dict):
-    from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
+def _clip(config: dict, with_projection: bool = False):
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     vocab = byte_level_vocab()
     special = {
@@ -55,9 +55,14 @@ def _text_encoders(clip_config: dict, t5_config: dict):
         "eos_token_id": vocab["<|endoftext|>"],
         "pad_token_id": vocab["<|endoftext|>"],
     }
-    clip = CLIPTextModel(CLIPTextConfig(max_position_embeddings=77, **special, **clip_config))
-    t5 = T5EncoderModel(T5Config(pad_token_id=0, eos_token_id=1, **t5_config))
-    return clip.eval(), t5.eval()
+    cls = CLIPTextModelWithProjection if with_projection else CLIPTextModel
+    return cls(CLIPTextConfig(max_position_embeddings=77, **special, **config)).eval()
+
+
+def _t5(config: dict):
+    from transformers import T5Config, T5EncoderModel
+
+    return T5EncoderModel(T5Config(pad_token_id=0, eos_token_id=1, **config)).eval()
 
 
 def _vae(**config):
@@ -82,17 +87,24 @@ def _flux_pipeline(
 
     torch.manual_seed(SEED)
     clip_tokenizer, t5_tokenizer = _tokenizers()
-    clip, t5 = _text_encoders(clip_config, t5_config)
     pipe = FluxPipeline(
         scheduler=FlowMatchEulerDiscreteScheduler(**scheduler_config),
         vae=_vae(**vae_config),
-        text_encoder=clip,
+        text_encoder=_clip(clip_config),
         tokenizer=clip_tokenizer,
-        text_encoder_2=t5,
+        text_encoder_2=_t5(t5_config),
         tokenizer_2=t5_tokenizer,
         transformer=FluxTransformer2DModel(**transformer_config).eval(),
     )
     pipe.save_pretrained(folder)
+
+
+TINY_VAE = {
+    "down_block_types": ("DownEncoderBlock2D",) * 2, "up_block_types": ("UpDecoderBlock2D",) * 2,
+    "block_out_channels": (16, 32), "layers_per_block": 1, "norm_num_groups": 8,
+    "shift_factor": 0.0609, "scaling_factor": 1.5035,
+}  # fmt: skip
+TINY_T5 = {"d_model": WIDTH, "d_ff": 2 * WIDTH, "d_kv": 16, "num_heads": 4, "num_layers": 2}
 
 
 def _build_tiny_flux(folder: Path) -> None:
@@ -105,12 +117,36 @@ def _build_tiny_flux(folder: Path) -> None:
         },
         clip_config={"vocab_size": len(byte_level_vocab()), "hidden_size": WIDTH, "intermediate_size": 2 * WIDTH,
                      "num_hidden_layers": 2, "num_attention_heads": 2, "projection_dim": WIDTH},
-        t5_config={"vocab_size": len(_tokenizers()[1]), "d_model": WIDTH, "d_ff": 2 * WIDTH, "d_kv": 16, "num_heads": 4, "num_layers": 2},
-        vae_config={"down_block_types": ("DownEncoderBlock2D",) * 2, "up_block_types": ("UpDecoderBlock2D",) * 2,
-                    "block_out_channels": (16, 32), "layers_per_block": 1, "norm_num_groups": 8,
-                    "shift_factor": 0.0609, "scaling_factor": 1.5035},
+        t5_config={"vocab_size": len(_tokenizers()[1]), **TINY_T5},
+        vae_config=TINY_VAE,
         scheduler_config={},
     )  # fmt: skip
+
+
+def _build_tiny_sd3(folder: Path) -> None:
+    """Stable Diffusion 3 at toy width: two projecting CLIP encoders whose hidden states fill the T5 width."""
+    import torch
+    from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+
+    torch.manual_seed(SEED)
+    clip_tokenizer, t5_tokenizer = _tokenizers()
+    clip_config = {"vocab_size": len(byte_level_vocab()), "hidden_size": WIDTH // 2, "intermediate_size": WIDTH,
+                   "num_hidden_layers": 2, "num_attention_heads": 2, "projection_dim": WIDTH // 2}  # fmt: skip
+    transformer = SD3Transformer2DModel(
+        sample_size=32, patch_size=2, in_channels=16, out_channels=16, num_layers=2, attention_head_dim=32,
+        num_attention_heads=2, caption_projection_dim=WIDTH, joint_attention_dim=WIDTH, pooled_projection_dim=WIDTH,
+    )  # fmt: skip
+    StableDiffusion3Pipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler(),
+        vae=_vae(**TINY_VAE),
+        text_encoder=_clip(clip_config, with_projection=True),
+        tokenizer=clip_tokenizer,
+        text_encoder_2=_clip(clip_config, with_projection=True),
+        tokenizer_2=clip_tokenizer,
+        text_encoder_3=_t5({"vocab_size": len(t5_tokenizer), **TINY_T5}),
+        tokenizer_3=t5_tokenizer,
+        transformer=transformer.eval(),
+    ).save_pretrained(folder)
 
 
 def _build_flux_dev_shape(folder: Path) -> None:
@@ -145,5 +181,5 @@ def _build_flux_dev_shape(folder: Path) -> None:
         torch.cuda.empty_cache()
 
 
-BUILDERS = {"tiny-flux": _build_tiny_flux, "flux-dev-shape": _build_flux_dev_shape}
+BUILDERS = {"tiny-flux": _build_tiny_flux, "tiny-sd3": _build_tiny_sd3, "flux-dev-shape": _build_flux_dev_shape}
 SYNTHETIC = tuple(BUILDERS)  # every built-in model has random weights
