@@ -37,6 +37,7 @@ class CellSpec:
     latents_dir: str
     result_path: str
     gpu_memory_limit_gib: float | None = None
+    trust_pickled_checkpoints: bool = False
 
     def save(self, path: Path) -> None:
         path.write_text(json.dumps(asdict(self)))
@@ -143,6 +144,8 @@ def run_cell(spec: CellSpec, result: CellResult) -> None:
         start = clock.now()
         quantized = {name: method.load_component(component, cell) for name, component in prepared.items()}
         m["quantize_s"] = clock.now() - start
+        if getattr(method.options, "serialize", False):
+            _round_trip(quantized, prepared, cell, spec, m)
     else:
         quantized = {}
 
@@ -169,6 +172,22 @@ def run_cell(spec: CellSpec, result: CellResult) -> None:
         m["peak_reserved_bytes"] = peak.max_reserved_bytes
         m["peak_allocated_bytes"] = peak.max_allocated_bytes
     m["cpu_peak_rss_bytes"] = cpu_peak_rss_bytes()
+
+
+def _round_trip(
+    quantized: dict[str, Any], prepared: dict[str, Any], cell: Any, spec: CellSpec, m: dict[str, Any]
+) -> None:
+    """Replace each quantized component by its save_pretrained/from_pretrained round trip; sum the costs."""
+    from bench.serialization import round_trip
+
+    statuses = []
+    for name in quantized:
+        quantized[name], measured = round_trip(quantized[name], prepared[name], cell, spec.trust_pickled_checkpoints)
+        for key in ("serialize_save_s", "serialize_reload_s", "checkpoint_bytes"):
+            if key in measured:
+                m[key] = m.get(key, 0) + measured[key]
+        statuses.append(f"{name}: {measured['serialization_status']}")
+    m["serialization_status"] = "; ".join(statuses)
 
 
 def _generate(pipe: Any, spec: CellSpec, result: CellResult, clock: Any, fault: str | None) -> None:
@@ -247,10 +266,10 @@ def _save_latents(latents: Any, path: Path) -> None:
 def describe(error: BaseException) -> str:
     """The end of the traceback, plus the root cause when libraries wrap it (diffusers hides why a
     pickled checkpoint was refused behind a generic OSError)."""
+    from bench.errors import root_cause
+
     text = "".join(traceback.format_exception(error)[-6:]).strip()
-    root = error
-    while root.__cause__ or root.__context__:
-        root = root.__cause__ or root.__context__
+    root = root_cause(error)
     if root is not error:
         text += f"\ncaused by {type(root).__name__}: {str(root).strip().splitlines()[0] if str(root).strip() else ''}"
     if type(root).__name__ == "UnpicklingError":

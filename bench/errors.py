@@ -38,3 +38,10 @@ class MatrixError(UserError):
 def _short_repr(value: object, limit: int = 80) -> str:
     text = repr(value)
     return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def root_cause(error: BaseException) -> BaseException:
+    """The innermost exception of a chain (libraries often wrap the reason in a generic error)."""
+    while error.__cause__ or error.__context__:
+        error = error.__cause__ or error.__context__
+    return error

@@ -95,6 +95,8 @@ class RunSettings(_Strict):
     timeout_s: float = Field(default=3600, gt=0, le=7 * 24 * 3600)
     # Cap each cell's CUDA memory (torch.cuda.set_per_process_memory_fraction) to see what fits a smaller GPU.
     gpu_memory_limit_gib: float | None = Field(default=None, gt=0, le=4096)
+    # Opt-in: reload pickled checkpoints that quantbench itself wrote with torch.load(weights_only=False).
+    trust_pickled_checkpoints: bool = False
 
 
 class Axes(_Strict):

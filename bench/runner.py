@@ -247,6 +247,7 @@ def _run_in_subprocess(
             latents_dir=str(latents_dir),
             result_path=str(Path(scratch) / "result.json"),
             gpu_memory_limit_gib=ready.matrix.spec.run.gpu_memory_limit_gib,
+            trust_pickled_checkpoints=ready.matrix.spec.run.trust_pickled_checkpoints,
         )
         spec_path = Path(scratch) / "spec.json"
         spec.save(spec_path)

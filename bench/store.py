@@ -84,6 +84,10 @@ class ResultRow:
     step_latency_median_s: float | None = None
     step_latency_iqr_s: float | None = None
     cell_wall_s: float | None = None
+    serialize_save_s: float | None = None
+    serialize_reload_s: float | None = None
+    checkpoint_bytes: int | None = None
+    serialization_status: str | None = None
     # memory (bytes)
     resident_reserved_bytes: int | None = None
     peak_reserved_bytes: int | None = None

@@ -19,6 +19,12 @@ class MethodOptions(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
 
+class QuantizedOptions(MethodOptions):
+    """Options every quantizing method takes."""
+
+    serialize: bool = False  # save_pretrained / from_pretrained round trip before generating (bench/serialization.py)
+
+
 class MethodUnavailable(Exception):
     """A cell cannot run here: `status` is `skipped` (this machine) or `unsupported` (installed libraries)."""
 

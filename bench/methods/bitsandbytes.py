@@ -11,10 +11,10 @@ import dataclasses
 from typing import Any, ClassVar, Literal
 
 from bench.cache import build_once, cache_dir
-from bench.methods.base import Component, Method, MethodOptions, needs_cuda
+from bench.methods.base import Component, Method, MethodOptions, QuantizedOptions, needs_cuda
 
 
-class BitsAndBytesOptions(MethodOptions):
+class BitsAndBytesOptions(QuantizedOptions):
     llm_int8_skip_modules: list[str] | None = None
     dequantize: bool = False
     prequantized: bool = False

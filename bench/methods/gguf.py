@@ -15,7 +15,7 @@ from typing import Any, ClassVar, Literal
 from pydantic import model_validator
 
 from bench.cache import build_once, cache_dir
-from bench.methods.base import Component, Method, MethodOptions, MethodUnavailable
+from bench.methods.base import Component, Method, MethodOptions, MethodUnavailable, QuantizedOptions
 
 WRITER_VERSION = "2"  # bump when the produced files change
 GGUF_TYPES = ("F16", "BF16", "Q8_0", "Q5_0", "Q5_1", "Q4_0", "Q4_1", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K")
@@ -27,7 +27,7 @@ SCALE_OFFSETS = {
 K_QUANTS = ("Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K")
 
 
-class GgufOptions(MethodOptions):
+class GgufOptions(QuantizedOptions):
     quant_type: Literal[GGUF_TYPES] | None = None  # type: ignore[valid-type]
     file: str | None = None
     synthetic_blocks: bool = False  # random valid blocks instead of quantized values: synthetic weights only

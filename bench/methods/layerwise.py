@@ -5,10 +5,10 @@ from __future__ import annotations
 
 from typing import Any, ClassVar, Literal
 
-from bench.methods.base import Component, Method, MethodOptions, MethodUnavailable
+from bench.methods.base import Component, Method, MethodOptions, MethodUnavailable, QuantizedOptions
 
 
-class LayerwiseOptions(MethodOptions):
+class LayerwiseOptions(QuantizedOptions):
     storage_dtype: Literal["float8_e4m3fn", "float8_e5m2"] = "float8_e4m3fn"
     skip_modules_pattern: list[str] | None = None
 

@@ -5,10 +5,10 @@ from __future__ import annotations
 import importlib.util
 from typing import Any, ClassVar, Literal
 
-from bench.methods.base import Component, Method, MethodOptions, MethodUnavailable
+from bench.methods.base import Component, Method, MethodOptions, MethodUnavailable, QuantizedOptions
 
 
-class QuantoOptions(MethodOptions):
+class QuantoOptions(QuantizedOptions):
     weights_dtype: Literal["int8", "int4", "int2", "float8"] = "int8"
     modules_to_not_convert: list[str] | None = None
 

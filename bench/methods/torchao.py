@@ -12,7 +12,7 @@ from typing import Any, ClassVar
 
 from pydantic import field_validator
 
-from bench.methods.base import Component, Method, MethodOptions, MethodUnavailable, needs_cuda
+from bench.methods.base import Component, Method, MethodOptions, MethodUnavailable, QuantizedOptions, needs_cuda
 
 _FPX = re.compile(r"fp(\d+)_e(\d+)m(\d+)")
 _UINTX = re.compile(r"uint([1-7])wo")
@@ -29,7 +29,7 @@ PATTERN_TYPES = ("fpX_eAwB (X == A + B + 1)", "uint1wo ... uint7wo", "int1wo_int
 FLOAT8_DYNAMIC = ("float8dq", "float8dq_e4m3", "float8_e4m3_tensor", "float8_e4m3_row")
 
 
-class TorchAoOptions(MethodOptions):
+class TorchAoOptions(QuantizedOptions):
     quant_type: str
     group_size: int | None = None
     modules_to_not_convert: list[str] | None = None
