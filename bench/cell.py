@@ -145,7 +145,7 @@ def run_cell(spec: CellSpec, result: CellResult) -> None:
         quantized = {name: method.load_component(component, cell) for name, component in prepared.items()}
         m["quantize_s"] = clock.now() - start
         if getattr(method.options, "serialize", False):
-            _round_trip(quantized, prepared, cell, spec, m)
+            _round_trip(method, quantized, prepared, cell, spec, m)
     else:
         quantized = {}
 
@@ -175,14 +175,16 @@ def run_cell(spec: CellSpec, result: CellResult) -> None:
 
 
 def _round_trip(
-    quantized: dict[str, Any], prepared: dict[str, Any], cell: Any, spec: CellSpec, m: dict[str, Any]
+    method: Any, quantized: dict[str, Any], prepared: dict[str, Any], cell: Any, spec: CellSpec, m: dict[str, Any]
 ) -> None:
     """Replace each quantized component by its save_pretrained/from_pretrained round trip; sum the costs."""
     from bench.serialization import round_trip
 
     statuses = []
     for name in quantized:
-        quantized[name], measured = round_trip(quantized[name], prepared[name], cell, spec.trust_pickled_checkpoints)
+        quantized[name], measured = round_trip(
+            quantized[name], prepared[name], cell, method.safe_serialization, spec.trust_pickled_checkpoints
+        )
         for key in ("serialize_save_s", "serialize_reload_s", "checkpoint_bytes"):
             if key in measured:
                 m[key] = m.get(key, 0) + measured[key]
@@ -266,12 +268,12 @@ def _save_latents(latents: Any, path: Path) -> None:
 def describe(error: BaseException) -> str:
     """The end of the traceback, plus the root cause when libraries wrap it (diffusers hides why a
     pickled checkpoint was refused behind a generic OSError)."""
-    from bench.errors import root_cause
+    from bench.errors import first_line, root_cause
 
     text = "".join(traceback.format_exception(error)[-6:]).strip()
     root = root_cause(error)
     if root is not error:
-        text += f"\ncaused by {type(root).__name__}: {str(root).strip().splitlines()[0] if str(root).strip() else ''}"
+        text += f"\ncaused by {type(root).__name__}: {first_line(root)}"
     if type(root).__name__ == "UnpicklingError":
         text += (
             "\nquantbench loads pickled checkpoints only with torch.load(weights_only=True); convert it to safetensors"

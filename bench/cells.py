@@ -8,6 +8,15 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
+
+
+def torch_dtype(name: str) -> Any:
+    """The torch dtype of a matrix dtype name (`bf16`, `fp16`, `fp32`)."""
+    import torch
+
+    return getattr(torch, DTYPES[name])
+
+
 AXES = ("method", "dtype", "threshold", "compile", "fullgraph", "components", "placement")
 
 
@@ -55,9 +64,7 @@ class Cell:
 
     @property
     def torch_dtype(self) -> Any:
-        import torch
-
-        return getattr(torch, DTYPES[self.dtype])
+        return torch_dtype(self.dtype)
 
     @classmethod
     def from_axes(cls, data: dict[str, Any], cell_id: str) -> Cell:

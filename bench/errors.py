@@ -40,6 +40,12 @@ def _short_repr(value: object, limit: int = 80) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
+def first_line(error: BaseException) -> str:
+    """An exception's message, first line only (for one-line statuses)."""
+    text = str(error).strip()
+    return text.splitlines()[0] if text else ""
+
+
 def root_cause(error: BaseException) -> BaseException:
     """The innermost exception of a chain (libraries often wrap the reason in a generic error)."""
     while error.__cause__ or error.__context__:

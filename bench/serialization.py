@@ -10,26 +10,39 @@ and the row says it ran.
 
 from __future__ import annotations
 
+import shutil
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
-from bench.errors import root_cause
+from bench.errors import first_line, root_cause
 from bench.methods.base import Component
 
 
-def round_trip(model: Any, component: Component, cell: Any, trust_pickles: bool) -> tuple[Any, dict[str, Any]]:
-    """The reloaded component (or the original where reloading failed) and the measurements."""
+def round_trip(
+    model: Any, component: Component, cell: Any, safe_serialization: bool, trust_pickles: bool
+) -> tuple[Any, dict[str, Any]]:
+    """The reloaded component (or the original where reloading failed) and the measurements.
+
+    The checkpoint is written to a temporary folder, removed afterwards (a FLUX transformer is 12-24 GB);
+    Linux keeps any memory-mapped file readable after it is unlinked.
+    """
     folder = Path(tempfile.mkdtemp(prefix=f"quantbench-{component.name}-"))
-    pickled = (
-        getattr(getattr(model, "hf_quantizer", None), "quantization_config", None).__class__.__name__ == "TorchAoConfig"
-    )
+    try:
+        return _save_and_reload(model, component, cell, folder, safe_serialization, trust_pickles)
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def _save_and_reload(
+    model: Any, component: Component, cell: Any, folder: Path, safe_serialization: bool, trust_pickles: bool
+) -> tuple[Any, dict[str, Any]]:
     start = time.perf_counter()
     try:
-        model.save_pretrained(folder, safe_serialization=not pickled)
+        model.save_pretrained(folder, safe_serialization=safe_serialization)
     except Exception as error:  # some quantizers cannot be saved (GGUF): say so, keep the cell going
-        return model, {"serialization_status": f"not saved: {type(error).__name__}: {_first_line(error)}"}
+        return model, {"serialization_status": f"not saved: {type(error).__name__}: {first_line(error)}"}
     measured = {
         "serialize_save_s": time.perf_counter() - start,
         "checkpoint_bytes": sum(p.stat().st_size for p in folder.rglob("*") if p.is_file()),
@@ -43,12 +56,12 @@ def round_trip(model: Any, component: Component, cell: Any, trust_pickles: bool)
         if type(root).__name__ != "UnpicklingError":
             return model, {
                 **measured,
-                "serialization_status": f"reload failed: {type(root).__name__}: {_first_line(root)}",
+                "serialization_status": f"reload failed: {type(root).__name__}: {first_line(root)}",
             }
         if not trust_pickles:
             return model, {
                 **measured,
-                "serialization_status": f"reload refused by torch.load(weights_only=True): {_first_line(root)}",
+                "serialization_status": f"reload refused by torch.load(weights_only=True): {first_line(root)}",
             }
         reloaded = trusted_reload(component, folder, cell)
         status = "ok: reloaded with torch.load(weights_only=False) because [run] trust_pickled_checkpoints = true"
@@ -69,8 +82,3 @@ def trusted_reload(component: Component, folder: Path, cell: Any) -> Any:
     state = torch.load(folder / "diffusion_pytorch_model.bin", map_location="cpu", weights_only=False)
     model.load_state_dict(state, strict=True, assign=True)
     return model.eval()
-
-
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip()
-    return text.splitlines()[0] if text else ""

@@ -93,7 +93,10 @@ class Method:
     Options: ClassVar[type[MethodOptions]] = MethodOptions
     quantizes: ClassVar[bool] = True
     uses_threshold: ClassVar[bool] = False
-    only_components: ClassVar[tuple[str, ...] | None] = None  # e.g. GGUF files hold the transformer alone
+    only_components: ClassVar[tuple[str, ...] | None] = None
+    safe_serialization: ClassVar[bool] = (
+        True  # save_pretrained as safetensors in the serialization round trip  # e.g. GGUF files hold the transformer alone
+    )
 
     def __init__(self, options: MethodOptions) -> None:
         self.options = options

@@ -85,14 +85,12 @@ class FourBit(_BitsAndBytes):
     options: FourBitOptions
 
     def config(self, cell) -> dict[str, Any]:
-        import torch
-
-        from bench.cells import DTYPES
+        from bench.cells import torch_dtype
 
         compute = self.options.bnb_4bit_compute_dtype or cell.dtype
         return {
             "load_in_4bit": True,
             "bnb_4bit_quant_type": self.options.bnb_4bit_quant_type,
             "bnb_4bit_use_double_quant": self.options.bnb_4bit_use_double_quant,
-            "bnb_4bit_compute_dtype": getattr(torch, DTYPES[compute]),
+            "bnb_4bit_compute_dtype": torch_dtype(compute),
         }

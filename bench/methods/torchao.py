@@ -126,6 +126,7 @@ class TorchAo(Method):
     name: ClassVar[str] = "torchao"
     family: ClassVar[str] = "torchao"
     Options: ClassVar[type[MethodOptions]] = TorchAoOptions
+    safe_serialization: ClassVar[bool] = False  # torchao tensor subclasses save only as pickles (the guide says so)
     options: TorchAoOptions
 
     def check(self, cell, machine) -> None:
