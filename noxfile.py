@@ -1,6 +1,9 @@
-"""The one front door for every task: `nox -s tests`, `nox -s smoke`, `nox -s lint`, `nox -s gpu`."""
+"""The one front door for every task: `nox -s tests`, `nox -s smoke`, `nox -s lint`, `nox -s gpu`,
+`nox -s kernels`, `nox -s scaling`."""
 
+import json
 import os
+from pathlib import Path
 
 import nox
 
@@ -53,9 +56,37 @@ def gpu(session: nox.Session) -> None:
     )
 
 
+KERNELS_REFERENCE = Path("results/reference/kernels/h100.json")
+
+
+@nox.session
+def kernels(session: nox.Session) -> None:
+    """Layer microbenchmarks (tests/kernels): FLUX.1-dev shapes on a GPU, shapes / 16 on a CPU. Writes
+    reports/out/kernels.json and, on the reference's device, compares it with the committed H100 run."""
+    install(session, "[test]")
+    output = Path("reports/out/kernels.json")
+    output.parent.mkdir(parents=True, exist_ok=True)
+    session.run("pytest", "tests/kernels", "-m", "kernels", f"--benchmark-json={output}", *session.posargs)
+    if KERNELS_REFERENCE.exists() and _kernel_device(output) == _kernel_device(KERNELS_REFERENCE):
+        session.run("pytest-benchmark", "compare", str(KERNELS_REFERENCE), str(output), "--group-by=group")
+    else:
+        session.log(f"not compared with {KERNELS_REFERENCE}: another device")
+
+
+def _kernel_device(path: Path) -> str:
+    return json.loads(path.read_text())["machine_info"]["quantbench_peaks"]["device_name"]
+
+
+@nox.session
+def scaling(session: nox.Session) -> None:
+    """Executor throughput: cells per hour on 1 and N Ray CPU workers (`-- --workers N`, default 2)."""
+    install(session, "[test]")
+    session.run("python", "benchmarks/executor_scaling.py", *session.posargs)
+
+
 @nox.session
 def lint(session: nox.Session) -> None:
     """ruff lint and format check."""
     session.install("ruff")
-    session.run("ruff", "check", "bench", "tests", "noxfile.py")
-    session.run("ruff", "format", "--check", "bench", "tests", "noxfile.py")
+    session.run("ruff", "check", "bench", "tests", "benchmarks", "noxfile.py")
+    session.run("ruff", "format", "--check", "bench", "tests", "benchmarks", "noxfile.py")

@@ -57,11 +57,12 @@ class ReferenceCache:
         reference = Reference(key, self.root / key)
         return reference if reference.image_path.exists() else None
 
-    def put(self, key: str, image: Path, latents: Path | None) -> Reference:
+    def put(self, key: str, image: bytes, latents: bytes | None) -> Reference:
+        """Store the PNG bytes and final-latents safetensors bytes of one reference image."""
         scratch = Path(tempfile.mkdtemp(prefix=f".{key}.", dir=self.root))
-        shutil.copyfile(image, scratch / IMAGE_FILE)
-        if latents is not None and latents.exists():
-            shutil.copyfile(latents, scratch / LATENTS_FILE)
+        (scratch / IMAGE_FILE).write_bytes(image)
+        if latents is not None:
+            (scratch / LATENTS_FILE).write_bytes(latents)
         target = self.root / key
         if target.exists():  # written meanwhile by another run: keep the first
             shutil.rmtree(scratch)

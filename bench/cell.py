@@ -18,9 +18,10 @@ from typing import Any
 PROCESS_START = time.perf_counter()
 
 # Test-only fault injection, so the failure paths are exercised for real: comma-separated "<kind>" or
-# "<kind>@<cell id prefix>" items, e.g. "oom@3c5a,sigkill@83b8".
+# "<kind>@<cell id prefix>" items, e.g. "oom@3c5a,sigkill@83b8". `kill-worker` kills the process that
+# launched the cell (an executor's worker) on every attempt, `kill-worker-once` on the first attempt only.
 FAULT_ENV = "QUANTBENCH_INJECT_FAULT"
-FAULT_KINDS = ("crash", "oom", "sigkill", "hang", "nan")
+FAULT_KINDS = ("crash", "oom", "sigkill", "hang", "nan", "kill-worker", "kill-worker-once")
 
 
 @dataclass
@@ -33,11 +34,22 @@ class CellSpec:
     components: dict[str, list[str]]
     generation: dict[str, Any]
     device: str
-    images_dir: str
-    latents_dir: str
-    result_path: str
     gpu_memory_limit_gib: float | None = None
     trust_pickled_checkpoints: bool = False
+    attempt: int = 1
+    output_dir: str = ""  # set by the launcher: images/, latents/ and result.json are written here
+
+    @property
+    def images_dir(self) -> Path:
+        return Path(self.output_dir) / "images"
+
+    @property
+    def latents_dir(self) -> Path:
+        return Path(self.output_dir) / "latents"
+
+    @property
+    def result_path(self) -> Path:
+        return Path(self.output_dir) / "result.json"
 
     def save(self, path: Path) -> None:
         path.write_text(json.dumps(asdict(self)))
@@ -80,11 +92,11 @@ class CellResult:
         return cls(**data)
 
 
-def _fault(cell_id: str) -> str | None:
+def _fault(spec: CellSpec) -> str | None:
     for item in os.environ.get(FAULT_ENV, "").split(","):
         kind, _, target = item.strip().partition("@")
-        if kind in FAULT_KINDS and (not target or cell_id.startswith(target)):
-            return kind
+        if kind in FAULT_KINDS and (not target or spec.cell_id.startswith(target)):
+            return None if kind == "kill-worker-once" and spec.attempt > 1 else kind
     return None
 
 
@@ -94,6 +106,9 @@ def _inject(kind: str | None, phase: str) -> None:
 
     import torch
 
+    if kind in ("kill-worker", "kill-worker-once") and phase == "load":
+        os.kill(os.getppid(), signal.SIGKILL)  # this cell then dies with its parent (PDEATHSIG)
+        time.sleep(60)
     if kind == "crash" and phase == "load":
         raise RuntimeError("injected crash (QUANTBENCH_INJECT_FAULT=crash)")
     if kind == "oom" and phase == "generate":
@@ -117,7 +132,7 @@ def run_cell(spec: CellSpec, result: CellResult) -> None:
 
     m = result.measurements
     m["import_s"] = time.perf_counter() - PROCESS_START
-    fault = _fault(spec.cell_id)
+    fault = _fault(spec)
     cell = Cell.from_axes(spec.cell, spec.cell_id)
     cuda = spec.device == "cuda"
     clock = Clock(cuda)
@@ -125,6 +140,7 @@ def run_cell(spec: CellSpec, result: CellResult) -> None:
     if cuda:
         reset_gpu_peak()
         m["gpu_name"] = torch.cuda.get_device_name()
+        m["gpu_uuid"] = str(torch.cuda.get_device_properties(0).uuid)
         m["cuda_version"] = torch.version.cuda
         if spec.gpu_memory_limit_gib:
             total = torch.cuda.get_device_properties(0).total_memory
@@ -226,7 +242,7 @@ def _generate(pipe: Any, spec: CellSpec, result: CellResult, clock: Any, fault: 
     result.measurements["warmup_s"] = clock.now() - start
     _inject(fault, "generate")
 
-    images_dir, latents_dir = Path(spec.images_dir), Path(spec.latents_dir)
+    images_dir, latents_dir = spec.images_dir, spec.latents_dir
     images_dir.mkdir(parents=True, exist_ok=True)
     latents_dir.mkdir(parents=True, exist_ok=True)
     for prompt_index, prompt in enumerate(gen["prompts"]):
@@ -304,7 +320,7 @@ def main(argv: list[str]) -> None:
         reason = error.reason if isinstance(error, MethodUnavailable) else None
         result.error = reason or describe(error)
         traceback.print_exc()
-    result.save(Path(spec.result_path))
+    result.save(spec.result_path)
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(0)  # skip interpreter teardown (~1 s per cell); everything is written

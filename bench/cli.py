@@ -33,16 +33,36 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--results", type=Path, help="results folder (default: results/<matrix name>/)")
     run.add_argument("--force", action="store_true", help="rerun cells that already have completed rows")
     run.add_argument("--select", action="append", default=[], metavar="KEY=VALUE", help=SELECT_HELP)
+    run.add_argument(
+        "--executor",
+        default="local",
+        help="where cells run: local (default; one after another), local-gpus (one per visible GPU at a time), "
+        "ray (tasks on a Ray cluster)",
+    )
+    run.add_argument("--address", help="with --executor ray: the cluster, 'auto' (default) or ray://HOST:PORT")
+    run.add_argument(
+        "--gpus", type=_device_list, help="with --executor local-gpus: device ids, e.g. 0,1 (default: all visible)"
+    )
 
     report = verbs.add_parser("report", help="write a self-contained HTML report of a results folder")
     report.add_argument("results", type=Path, help="results folder or Parquet file")
     report.add_argument("-o", "--output", type=Path, required=True, help="HTML file to write")
+    report.add_argument(
+        "--kernels", type=Path, help="also show the layer benchmarks of this `nox -s kernels` JSON, with a roofline"
+    )
 
     compare = verbs.add_parser("compare", help="per-cell deltas between two runs; exit 1 on a regression")
     compare.add_argument("old", type=Path, help="results folder or Parquet file of the reference run")
     compare.add_argument("new", type=Path, help="results folder or Parquet file of the new run")
     compare.add_argument("-o", "--output", type=Path, help="also write the table as CSV here")
     return parser
+
+
+def _device_list(text: str) -> list[str]:
+    devices = [entry.strip() for entry in text.split(",") if entry.strip()]
+    if not devices:
+        raise argparse.ArgumentTypeError("expected device ids such as 0,1")
+    return devices
 
 
 def _interrupt(signum: int, frame: object) -> None:
@@ -75,12 +95,15 @@ def _dispatch(args: argparse.Namespace) -> int:
 
             console.print_plan(plan(matrix))
             return 0
+        from bench.executors import make_executor
+
         results_dir = args.results or DEFAULT_RESULTS_ROOT / matrix.name
-        return console.run_with_progress(matrix, results_dir, args.force)
+        executor = make_executor(args.executor, args.address, args.gpus)
+        return console.run_with_progress(matrix, results_dir, args.force, executor)
     if args.verb == "report":
         from bench.report import write_report
 
-        path = write_report(args.results, args.output)
+        path = write_report(args.results, args.output, args.kernels)
         print(f"report written to {path}")
         return 0
     from bench.compare import compare_runs

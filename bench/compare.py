@@ -13,7 +13,7 @@ import pandas as pd
 
 from bench.errors import UserError
 from bench.store import read_results
-from bench.summary import cell_summary
+from bench.summary import cell_summary, device_label
 
 
 @dataclass(frozen=True)
@@ -37,7 +37,14 @@ def compare_frames(old: pd.DataFrame, new: pd.DataFrame, thresholds: Thresholds 
             "cell": after["cell_label"],
             "old_status": before["status"],
             "new_status": after["status"],
+            "note": "",
         }
+        old_device, new_device = device_label(before["gpu_name"]), device_label(after["gpu_name"])
+        if old_device != new_device:  # different hardware: the numbers say nothing about a regression
+            record["note"] = f"not compared: ran on {old_device}, now on {new_device}"
+            record["regressions"] = ""
+            records.append(record)
+            continue
         regressions = []
         if before["status"] == "ok" and after["status"] != "ok":
             regressions.append(f"status {before['status']} -> {after['status']}")
@@ -94,7 +101,11 @@ def compare_runs(old: Path, new: Path, output: Path | None = None) -> int:
             _percent(row["peak_reserved_bytes_change"]),
             _percent(row["transformer_tensor_bytes_change"]),
             _percent(row["e2e_latency_change"]),
-            f"[red]{escape(row['regressions'])}[/]" if row["regressions"] else "[green]none[/]",
+            f"[red]{escape(row['regressions'])}[/]"
+            if row["regressions"]
+            else f"[yellow]{escape(row['note'])}[/]"
+            if row["note"]
+            else "[green]none[/]",
         )
     console.print(view)
     regressed = int((table["regressions"] != "").sum())

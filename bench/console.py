@@ -11,6 +11,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from bench.cells import Cell
+from bench.executors import Executor
 from bench.matrix import Matrix
 from bench.store import read_results
 
@@ -53,8 +54,8 @@ def print_plan(ready) -> None:
             console.print(f"{cell.id} {verdict.status}: {escape(verdict.reason)}", soft_wrap=True)
 
 
-def run_with_progress(matrix: Matrix, results_dir: Path, force: bool) -> int:
-    """Run the matrix with a live progress bar, then print the summary table. Exit code 0."""
+def run_with_progress(matrix: Matrix, results_dir: Path, force: bool, executor: Executor) -> int:
+    """Run the matrix on `executor` with a live progress bar, then print the summary table. Exit code 0."""
     from bench.runner import run_matrix
 
     columns = (
@@ -66,13 +67,13 @@ def run_with_progress(matrix: Matrix, results_dir: Path, force: bool) -> int:
         TimeRemainingColumn(),
     )
     with Progress(*columns, console=console) as progress:
-        task = progress.add_task(f"{matrix.name}", total=None)
+        task = progress.add_task(f"{matrix.name} ({executor.name}, {executor.slots} at a time)", total=None)
 
         def on_cell_done(cell: Cell, status: str, done: int, total: int) -> None:
             progress.update(task, total=total, completed=done)
             progress.console.print(f"[{STATUS_STYLE[status]}]{status:>11}[/] {cell.id} {escape(cell.label)}")
 
-        summary = run_matrix(matrix, results_dir, force, on_cell_done)
+        summary = run_matrix(matrix, results_dir, force, on_cell_done, executor)
     if summary.already_done:
         console.print(f"{summary.already_done} cells already completed in {results_dir} (use --force to rerun them)")
     print_summary(results_dir)

@@ -426,7 +426,9 @@ def _validated_options(path: Path, key: str, model: type[MethodOptions], values:
 
 
 def _rule_keys(spec: MatrixFile, rule: dict[str, Any], path: Path, key: str) -> None:
-    option_names = {o for name in spec.axes.method for o in method_class(name).Options.model_fields}
+    named = rule.get("method", [])
+    methods = {*spec.axes.method, *(named if isinstance(named, list) else [named])} & set(method_names())
+    option_names = {o for name in methods for o in method_class(name).Options.model_fields}
     for name in rule:
         if name not in AXES and name not in option_names:
             raise MatrixError(path, f"{key}.{name}", "unknown rule key", None, sorted(set(AXES) | option_names))
@@ -457,7 +459,7 @@ def _included_cell(path: Path, spec: MatrixFile, rule: dict[str, Any], key: str)
         cls = method_class(method)
     except KeyError as error:
         raise MatrixError(path, f"{key}.method", error.args[0], method, method_names()) from None
-    base_options = expand_options(path, method, spec.method.get(method, {}))[0]
+    base_options = expand_options(path, method, spec.method[method])[0] if method in spec.method else {}
     option_values = {k: v for k, v in rule.items() if k in cls.Options.model_fields}
     options = _validated_options(path, key, cls.Options, {**base_options, **option_values})
     axis_values = {name: rule.get(name, getattr(spec.axes, name)[0]) for name in AXES if name != "method"}

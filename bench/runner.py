@@ -1,39 +1,37 @@
 """The driver: resolve the model, check every cell, run each in a fresh subprocess, write its rows.
 
-Only this process writes the results folder's tables, one part file per cell, so a crash (of a cell
-or of the driver) never loses or corrupts rows already written; a rerun skips finished cells.
+Only this process writes the results folder, one part file per cell, whatever executor ran the cells,
+so a crash (of a cell, a worker or the driver) never loses or corrupts rows already written; a rerun
+skips finished cells, with any executor.
 """
 
 from __future__ import annotations
 
 import json
-import os
-import signal
 import subprocess
-import sys
-import tempfile
-import time
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Callable
+from concurrent.futures import FIRST_COMPLETED, Future, wait
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from bench.baseline import Reference, ReferenceCache, reference_key
-from bench.cache import cache_dir
 from bench.capability import Verdict, check_cell
 from bench.cell import CellResult, CellSpec
 from bench.cells import Cell
 from bench.drift import METRICS, Drift, DriftScorer, load_image
 from bench.environment import Machine, collect_environment, detect_machine
 from bench.errors import UserError
+from bench.executors import Executor, WorkerLost
+from bench.executors.local import LocalExecutor
+from bench.launch import CellJob, CellOutcome
 from bench.matrix import Matrix
 from bench.models import ResolvedModel, resolve_model
 from bench.rows import cell_rows
 from bench.store import ResultsFolder, worst_status
 
-LOG_TAIL_CHARS = 4000
-PACKAGE_ROOT = Path(__file__).resolve().parent.parent
+MAX_ATTEMPTS = 2  # a cell whose worker is lost is retried once, then recorded as failed
 
 
 @dataclass
@@ -57,10 +55,11 @@ class Plan:
     verdicts: dict[str, Verdict]
 
 
-def plan(matrix: Matrix) -> Plan:
-    """Resolve the model and check every cell against this machine; UserError before any work starts."""
+def plan(matrix: Matrix, machine: Machine | None = None) -> Plan:
+    """Resolve the model and check every cell against `machine` (default: this one's accelerator);
+    UserError before any work starts."""
     model = resolve_model(matrix)
-    machine = detect_machine()
+    machine = machine or detect_machine()
     wanted = matrix.spec.run.device
     if wanted == "cuda" and not machine.cuda_available:
         raise UserError(f"{matrix.path}: run.device: 'cuda' asked for, but torch sees no CUDA device here")
@@ -74,45 +73,110 @@ def run_matrix(
     results_dir: Path,
     force: bool = False,
     on_cell_done: Callable[[Cell, str, int, int], None] | None = None,
+    executor: Executor | None = None,
 ) -> RunSummary:
-    """Run every cell not already completed in `results_dir` (all of them with `force`)."""
+    """Run every cell not already completed in `results_dir` (all of them with `force`) on `executor`
+    (default: local, one cell after another). Rows are written here, by the driver, as cells finish."""
     folder = ResultsFolder(results_dir)
     summary = RunSummary(results_dir)
-    with folder.exclusive():
-        ready = plan(matrix)
+    with folder.exclusive(), executor or LocalExecutor() as pool:
+        ready = plan(matrix, pool.machine())
         done = set() if force else folder.completed_cell_ids()
         todo = [cell for cell in matrix.cells if cell.id not in done]
         summary.already_done = len(matrix.cells) - len(todo)
-        comparison = _Comparison(ready, folder, summary) if matrix.drift.enabled and todo else None
-        context = {**_row_context(ready), **(comparison.row_fields() if comparison else {})}
-        for index, cell in enumerate(todo):
-            verdict = ready.verdicts[cell.id]
-            if verdict.status == "run":
-                result = _run_in_subprocess(
-                    ready,
-                    cell,
-                    folder.images_dir / cell.id,
-                    folder.latents_dir / cell.id,
-                    folder.logs_dir / f"{cell.id}.log",
-                )
-            else:
-                result = CellResult(status=verdict.status, error=verdict.reason)
+        comparison = _Comparison(ready, folder, summary, pool) if matrix.drift.enabled and todo else None
+        context = {**_row_context(ready), "executor": pool.name, **(comparison.row_fields() if comparison else {})}
+
+        def record(cell: Cell, result: CellResult) -> None:
             drift = comparison.score(cell, result) if comparison else None
             rows = cell_rows(matrix, ready.model, cell, result, context, drift)
             folder.write_cell(cell.id, rows)
             status = worst_status({row.status for row in rows})
             summary.statuses[status] += 1
             if on_cell_done:
-                on_cell_done(cell, status, index + 1, len(todo))
+                on_cell_done(cell, status, sum(summary.statuses.values()), len(todo))
+
+        waiting = deque()
+        for cell in todo:
+            verdict = ready.verdicts[cell.id]
+            if verdict.status == "run":
+                waiting.append(cell)
+            else:
+                record(cell, CellResult(status=verdict.status, error=verdict.reason))
+        running: dict[Future, Cell] = {}
+        while waiting or running:
+            while waiting and len(running) < pool.slots:
+                cell = waiting.popleft()
+                running[submit_with_retry(pool, _job(ready, cell))] = cell
+            finished, _ = wait(running, return_when=FIRST_COMPLETED)
+            for future in finished:
+                cell = running.pop(future)
+                record(cell, _collect(future, folder, cell.id))
     return summary
+
+
+def submit_with_retry(pool: Executor, job: CellJob) -> Future[CellOutcome]:
+    """`job` on `pool`, submitted again (once, as attempt 2) if its worker is lost; after that the
+    future raises WorkerLost."""
+    final: Future[CellOutcome] = Future()
+
+    def attempt(job: CellJob) -> None:
+        def settle(future: Future[CellOutcome]) -> None:
+            error = future.exception()
+            if isinstance(error, WorkerLost) and job.spec.attempt < MAX_ATTEMPTS:
+                attempt(job.retry())
+            elif error is not None:
+                final.set_exception(error)
+            else:
+                final.set_result(future.result())
+
+        pool.submit(job).add_done_callback(settle)
+
+    attempt(job)
+    return final
+
+
+def _collect(future: Future[CellOutcome], folder: ResultsFolder, cell_id: str) -> CellResult:
+    """The cell's result, its files stored in the results folder, where it ran recorded in its measurements."""
+    try:
+        outcome = future.result()
+    except WorkerLost as error:
+        return CellResult(
+            status="failed", error=f"the worker running the cell was lost on {MAX_ATTEMPTS} attempts: {error}"
+        )
+    except Exception as error:  # the executor itself failed on this cell; the run goes on
+        return CellResult(
+            status="failed", error=f"the executor could not run the cell: {type(error).__name__}: {error}"
+        )
+    folder.write_cell_files(cell_id, outcome.files, outcome.log)
+    outcome.result.measurements.update(
+        host=outcome.host, cuda_visible_devices=outcome.cuda_visible_devices, attempts=outcome.attempt
+    )
+    return outcome.result
+
+
+def _job(ready: Plan, cell: Cell, generation: dict[str, Any] | None = None) -> CellJob:
+    run = ready.matrix.spec.run
+    spec = CellSpec(
+        cell=cell.axes(),
+        cell_id=cell.id,
+        model_folder=str(ready.model.folder),
+        components={name: [c.library, c.class_name] for name, c in ready.model.components.items()},
+        generation=generation or ready.matrix.generation.model_dump(),
+        device=ready.device,
+        gpu_memory_limit_gib=run.gpu_memory_limit_gib,
+        trust_pickled_checkpoints=run.trust_pickled_checkpoints,
+    )
+    return CellJob.for_spec(spec, run.timeout_s)
 
 
 class _Comparison:
     """The reference images of a run (made once, then cached) and the scorer that compares cells with them."""
 
-    def __init__(self, ready: Plan, folder: ResultsFolder, summary: RunSummary) -> None:
+    def __init__(self, ready: Plan, folder: ResultsFolder, summary: RunSummary, pool: Executor) -> None:
         matrix = ready.matrix
         self.ready = ready
+        self.pool = pool
         self.folder = folder
         self.dtype = matrix.drift.reference_dtype
         self.scorer = DriftScorer(matrix.clip_model(), matrix.drift.lpips)
@@ -136,25 +200,22 @@ class _Comparison:
             return found, None
         summary.reference_runs += 1
         cell = Cell(method="baseline", dtype=self.dtype).with_id({"reference": list(keys.values())})
-        with tempfile.TemporaryDirectory(prefix="quantbench-reference-") as scratch:
-            generation = {**self.ready.matrix.generation.model_dump(), "repeats": 1, "warmup": 0}
-            result = _run_in_subprocess(
-                self.ready,
-                cell,
-                Path(scratch) / "images",
-                Path(scratch) / "latents",
-                self.folder.logs_dir / "reference.log",
-                generation,
-            )
-            if result.status != "ok":
-                last_line = (result.error or "").strip().splitlines()[-1:] or ["no error text"]
-                return {}, f"the reference run ({self.dtype} baseline) ended {result.status}: {last_line[0]}"
-            for pair, key in keys.items():
-                stem = f"p{pair[0]}_s{pair[1]}"
-                image = Path(scratch) / "images" / f"{stem}.png"
-                if not image.exists():
-                    return {}, f"the reference image for prompt {pair[0]}, seed {pair[1]} has NaN or inf values"
-                found[pair] = cache.put(key, image, Path(scratch) / "latents" / f"{stem}.safetensors")
+        generation = {**self.ready.matrix.generation.model_dump(), "repeats": 1, "warmup": 0}
+        try:
+            outcome = submit_with_retry(self.pool, _job(self.ready, cell, generation)).result()
+        except Exception as error:
+            return {}, f"the reference run ({self.dtype} baseline) could not run: {type(error).__name__}: {error}"
+        (self.folder.logs_dir / "reference.log").write_text(outcome.log)
+        result = outcome.result
+        if result.status != "ok":
+            last_line = (result.error or "").strip().splitlines()[-1:] or ["no error text"]
+            return {}, f"the reference run ({self.dtype} baseline) ended {result.status}: {last_line[0]}"
+        for pair, key in keys.items():
+            stem = f"p{pair[0]}_s{pair[1]}"
+            image = outcome.files.get(f"images/{stem}.png")
+            if image is None:
+                return {}, f"the reference image for prompt {pair[0]}, seed {pair[1]} has NaN or inf values"
+            found[pair] = cache.put(key, image, outcome.files.get(f"latents/{stem}.safetensors"))
         return found, None
 
     def row_fields(self) -> dict[str, Any]:
@@ -212,89 +273,3 @@ def _nvidia_driver() -> str | None:
     except (OSError, subprocess.TimeoutExpired):
         return None
     return out.stdout.strip().splitlines()[0] if out.returncode == 0 and out.stdout.strip() else None
-
-
-def cell_environment() -> dict[str, str]:
-    """The environment of a cell subprocess: offline hub, shared compile cache, this package importable."""
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(PACKAGE_ROOT), env.get("PYTHONPATH")]))
-    env.setdefault("HF_HUB_OFFLINE", "1")  # cells load local folders only; the driver resolved the model
-    env.setdefault("TOKENIZERS_PARALLELISM", "false")
-    env.setdefault("TORCHINDUCTOR_CACHE_DIR", str(cache_dir("inductor")))
-    env["PYTHONUNBUFFERED"] = "1"
-    return env
-
-
-def _run_in_subprocess(
-    ready: Plan,
-    cell: Cell,
-    images_dir: Path,
-    latents_dir: Path,
-    log_path: Path,
-    generation: dict[str, Any] | None = None,
-) -> CellResult:
-    """Run `cell` in a fresh Python process under the matrix's timeout; any ending becomes a CellResult."""
-    timeout_s = ready.matrix.spec.run.timeout_s
-    with tempfile.TemporaryDirectory(prefix="quantbench-cell-") as scratch:
-        spec = CellSpec(
-            cell=cell.axes(),
-            cell_id=cell.id,
-            model_folder=str(ready.model.folder),
-            components={name: [c.library, c.class_name] for name, c in ready.model.components.items()},
-            generation=generation or ready.matrix.generation.model_dump(),
-            device=ready.device,
-            images_dir=str(images_dir),
-            latents_dir=str(latents_dir),
-            result_path=str(Path(scratch) / "result.json"),
-            gpu_memory_limit_gib=ready.matrix.spec.run.gpu_memory_limit_gib,
-            trust_pickled_checkpoints=ready.matrix.spec.run.trust_pickled_checkpoints,
-        )
-        spec_path = Path(scratch) / "spec.json"
-        spec.save(spec_path)
-        start = time.perf_counter()
-        with open(log_path, "w") as log:
-            process = subprocess.Popen(
-                [sys.executable, "-m", "bench.cell", str(spec_path)],
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL,
-                env=cell_environment(),
-                start_new_session=True,  # the whole process group can be killed on timeout
-                preexec_fn=_die_with_parent,
-            )
-            try:
-                returncode = process.wait(timeout=timeout_s)
-            except subprocess.TimeoutExpired:
-                os.killpg(process.pid, signal.SIGKILL)
-                process.wait()
-                returncode = None
-            except BaseException:  # the driver is interrupted: take the cell down with it
-                os.killpg(process.pid, signal.SIGKILL)
-                raise
-        wall_s = time.perf_counter() - start
-        result_file = Path(spec.result_path)
-        if returncode is None:
-            result = CellResult(
-                status="timeout", error=f"the cell ran past run.timeout_s = {timeout_s:g} s and was killed"
-            )
-        elif result_file.exists():
-            result = CellResult.load(result_file)
-        else:
-            how = f"signal {signal.Signals(-returncode).name}" if returncode < 0 else f"exit code {returncode}"
-            result = CellResult(status="failed", error=f"the cell process died ({how}) before reporting a result")
-    result.measurements["cell_wall_s"] = wall_s
-    result.measurements["log_tail"] = _tail(log_path)
-    return result
-
-
-def _die_with_parent() -> None:
-    """In the cell process: get SIGKILL when the driver dies, even by SIGKILL, so no orphan holds the GPU."""
-    import ctypes
-
-    PR_SET_PDEATHSIG = 1
-    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
-
-
-def _tail(path: Path) -> str:
-    text = path.read_text(errors="replace")
-    return text[-LOG_TAIL_CHARS:]

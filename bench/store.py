@@ -3,6 +3,7 @@
 Layout of `results/<matrix>/`:
     cells/<cell_id>.parquet   one row per (cell, prompt, seed)
     images/<cell_id>/p<prompt>_s<seed>.png
+    latents/<cell_id>/p<prompt>_s<seed>.safetensors   final latents, for latent drift
     logs/<cell_id>.log        the cell subprocess's stdout/stderr
 """
 
@@ -13,6 +14,7 @@ import dataclasses
 import fcntl
 import logging
 import os
+import shutil
 import typing
 from collections.abc import Iterator
 from pathlib import Path
@@ -118,11 +120,15 @@ class ResultRow:
     gate_failures: str | None = None
     # environment
     device: str | None = None
+    executor: str | None = None
+    attempts: int | None = None
+    host: str | None = None
+    cuda_visible_devices: str | None = None
     gpu_name: str | None = None
+    gpu_uuid: str | None = None
     gpu_driver: str | None = None
     cuda_version: str | None = None
     cpu: str | None = None
-    host: str | None = None
     python_version: str | None = None
     torch_version: str | None = None
     diffusers_version: str | None = None
@@ -213,6 +219,23 @@ class ResultsFolder:
             temporary.unlink(missing_ok=True)
         return target
 
+    def write_cell_files(self, cell_id: str, files: dict[str, bytes], log: str) -> None:
+        """Store a cell's files ("images/p0_s0.png" goes to images/<cell_id>/p0_s0.png) and its log,
+        replacing what an earlier run of the cell left."""
+        try:
+            for folder in (self.images_dir, self.latents_dir):
+                shutil.rmtree(folder / cell_id, ignore_errors=True)
+            for name, data in files.items():
+                kind, _, rest = name.partition("/")
+                target = self.root / kind / cell_id / rest
+                target.parent.mkdir(parents=True, exist_ok=True)
+                _write_atomically(target, data)
+            _write_atomically(self.logs_dir / f"{cell_id}.log", log.encode())
+        except OSError as error:
+            raise UserError(
+                f"{self.root}: cannot write the files of cell {cell_id}: {error.strerror or error}"
+            ) from None
+
     def read_parts(self) -> dict[str, pa.Table]:
         """Every readable part file by cell id; unreadable (truncated, foreign) parts are skipped with a warning."""
         parts = {}
@@ -238,6 +261,12 @@ class ResultsFolder:
         """All rows of the folder as one table (empty, with the schema, when there are none)."""
         parts = list(self.read_parts().values())
         return pa.concat_tables(parts) if parts else SCHEMA.empty_table()
+
+
+def _write_atomically(target: Path, data: bytes) -> None:
+    temporary = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+    temporary.write_bytes(data)
+    os.replace(temporary, target)
 
 
 def read_results(path: str | Path) -> Any:

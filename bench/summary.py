@@ -65,15 +65,24 @@ def cell_summary(frame: pd.DataFrame) -> pd.DataFrame:
     return _against_baseline(summary.reset_index(drop=True))
 
 
+def device_label(gpu_name: object) -> str:
+    """What a row ran on, for grouping: its GPU name, or "CPU"."""
+    return gpu_name if isinstance(gpu_name, str) else "CPU"
+
+
 def _against_baseline(summary: pd.DataFrame) -> pd.DataFrame:
-    """Speedup and memory saving of each cell against the uncompiled baseline cell on the same placement."""
+    """Speedup and memory saving of each cell against the uncompiled baseline cell on the same placement and
+    the same device (GPU name), so cells from different GPUs are never compared with each other."""
     summary = summary.copy()
     summary["speedup"] = np.nan
     summary["memory_saving"] = np.nan
     summary["transformer_size_ratio"] = np.nan
     baselines = summary[(summary["method"] == "baseline") & (summary["compile"] == "off") & (summary["status"] == "ok")]
     for index, cell in summary.iterrows():
-        candidates = baselines[baselines["placement"] == cell["placement"]]
+        candidates = baselines[
+            (baselines["placement"] == cell["placement"])
+            & (baselines["gpu_name"].map(device_label) == device_label(cell["gpu_name"]))
+        ]
         if candidates.empty:
             continue
         base = candidates.iloc[0]

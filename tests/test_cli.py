@@ -80,3 +80,18 @@ def test_plan_lists_every_cell_with_what_happens_here(make_matrix, tmp_path):
         assert "skipped: torchao float8dq needs a CUDA GPU" in done.stdout
     assert "unsupported: autoquant is not provided by the installed torchao" in done.stdout
     assert not (tmp_path / "results").exists(), "plan runs nothing and writes nothing"
+
+
+@pytest.mark.parametrize(
+    ("args", "fragment"),
+    [
+        (["--executor", "slurm"], "--executor: unknown executor 'slurm'; allowed: local, local-gpus, ray"),
+        (["--address", "auto"], "--address is for --executor ray, not 'local'"),
+        (["--executor", "local-gpus", "--gpus", ","], "argument --gpus: expected device ids such as 0,1"),
+    ],
+)
+def test_bad_executor_options_exit_2_before_any_work(args, fragment, make_matrix, tmp_path):
+    done = quantbench("run", str(make_matrix()), *args, cwd=tmp_path)
+    assert done.returncode == 2
+    assert fragment in done.stderr and "Traceback" not in done.stderr
+    assert not (tmp_path / "results").exists()

@@ -3,6 +3,7 @@ killed mid-run; a results disk that refuses writes; untrusted checkpoints. Nothi
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -115,6 +116,20 @@ def _wait_for(predicate, timeout_s: float = 120) -> None:
         time.sleep(0.2)
 
 
+def _running_cell(driver: subprocess.Popen, cell_id: str):
+    """The driver's `bench.cell` child process running `cell_id`, or None."""
+    import psutil
+
+    for child in psutil.Process(driver.pid).children(recursive=True):
+        try:
+            command = child.cmdline()
+        except psutil.Error:  # exited meanwhile
+            continue
+        if "bench.cell" in command and json.loads(Path(command[-1]).read_text())["cell_id"] == cell_id:
+            return child
+    return None
+
+
 def test_sigkill_of_the_harness_during_a_cell_loses_nothing_and_a_rerun_resumes(tmp_path, quantbench_cache):
     import psutil
 
@@ -127,9 +142,8 @@ def test_sigkill_of_the_harness_during_a_cell_loses_nothing_and_a_rerun_resumes(
     driver = _quantbench(
         "run", str(path), "--results", str(results), env={"QUANTBENCH_INJECT_FAULT": f"hang@{second.id}"}
     )
-    _wait_for(lambda: folder.part_path(first.id).exists() and (folder.logs_dir / f"{second.id}.log").exists())
-    _wait_for(lambda: any("bench.cell" in " ".join(p.cmdline()) for p in psutil.Process(driver.pid).children()))
-    cell_process = next(p for p in psutil.Process(driver.pid).children() if "bench.cell" in " ".join(p.cmdline()))
+    _wait_for(lambda: folder.part_path(first.id).exists() and _running_cell(driver, second.id))
+    cell_process = _running_cell(driver, second.id)
     driver.send_signal(signal.SIGKILL)
     driver.wait(30)
     _wait_for(lambda: not cell_process.is_running() or cell_process.status() == psutil.STATUS_ZOMBIE, 30)
@@ -150,7 +164,7 @@ def test_sigterm_stops_the_run_cleanly_and_says_how_to_resume(tmp_path, quantben
     driver = _quantbench(
         "run", str(path), "--results", str(results), env={"QUANTBENCH_INJECT_FAULT": f"hang@{second.id}"}
     )
-    _wait_for(lambda: (results / "logs" / f"{second.id}.log").exists())
+    _wait_for(lambda: _running_cell(driver, second.id))
     time.sleep(1)
     driver.send_signal(signal.SIGTERM)
     _, stderr = driver.communicate(timeout=60)

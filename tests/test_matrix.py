@@ -61,6 +61,18 @@ def test_exclude_removes_matching_cells_and_include_adds_one(make_matrix):
     assert len(cells) == 2 + 4 - 1 + 1
 
 
+def test_include_may_name_a_method_outside_the_axes_with_its_own_options(tmp_path):
+    data = matrix_data(
+        axes={"method": ["baseline"]}, include=[{"method": "torchao", "quant_type": "float8wo", "serialize": True}]
+    )
+    del data["method"]  # no [method.torchao] table: the rule alone says what the cell is
+    (added,) = [c for c in load_matrix(write_matrix(tmp_path, data)).cells if c.method == "torchao"]
+    assert added.options == {"quant_type": "float8wo", "serialize": True}
+    data["include"] = [{"method": "torchao"}]
+    with pytest.raises(MatrixError, match="include.0.quant_type: Field required"):
+        load_matrix(write_matrix(tmp_path, data, "bad.toml"))
+
+
 def test_include_of_an_existing_cell_adds_no_duplicate(make_matrix):
     path = make_matrix(include=[{"method": "baseline", "dtype": "bf16"}])
     assert len(load_matrix(path).cells) == 2

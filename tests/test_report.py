@@ -6,6 +6,7 @@ import dataclasses
 import re
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pandas as pd
@@ -70,6 +71,29 @@ def test_report_warns_that_synthetic_drift_is_not_quality(report):
     assert "Synthetic weights." in report.read_text()
 
 
+def test_report_shows_the_layer_benchmarks_with_a_roofline(smoke_run, tmp_path):
+    from bench.kernels.results import read_kernel_results
+
+    _, results, _ = smoke_run
+    kernels = tmp_path / "kernels.json"
+    done = subprocess.run(
+        [sys.executable, "-m", "pytest", "tests/kernels", "-q", "-p", "no:cacheprovider", "-k", "bf16-eager or int8wo-eager",
+         f"--benchmark-json={kernels}"],
+        cwd=ROOT, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout[-2000:]
+    cases, peaks = read_kernel_results(kernels)
+    assert set(cases["method"]) == {"bf16", "torchao_int8wo"} and peaks.matmul_tflops > 0
+    assert (
+        cases["weight_bytes"][cases["method"] == "torchao_int8wo"]
+        < cases["weight_bytes"][cases["method"] == "bf16"].max()
+    ).all()
+    html = write_report(results, tmp_path / "report.html", kernels).read_text()
+    table = html.split('id="kernels"')[1].split("</table>")[0]
+    assert table.count("<tr>") == 1 + len(cases)
+    assert 'alt="roofline"' in html and "TFLOP/s bf16 matmul" in html
+
+
 def test_report_command_on_an_empty_folder_is_a_clear_error(tmp_path):
     from bench.errors import UserError
 
@@ -95,6 +119,49 @@ def test_compare_flags_memory_and_latency_regressions_only(smoke_run):
     assert "transformer_tensor_bytes +5.0%" in flagged.loc["torchao[int8wo] bf16", "regressions"]
     assert "e2e latency +200.0%" in flagged.loc["torchao[int8wo] bf16", "regressions"]
     assert flagged.loc["baseline bf16", "regressions"] == ""
+
+
+def _on_two_gpus(frame: pd.DataFrame) -> pd.DataFrame:
+    """The smoke rows as if run twice: once on an H100, once (other cell ids) on an A100 at half the speed."""
+    h100 = frame.assign(gpu_name="NVIDIA H100 80GB HBM3", peak_reserved_bytes=10 * 1024**3)
+    a100 = frame.assign(
+        gpu_name="NVIDIA A100-SXM4-80GB",
+        cell_id=frame["cell_id"] + "-a100",
+        e2e_latency_median_s=frame["e2e_latency_median_s"] * 2,
+        peak_reserved_bytes=12 * 1024**3,
+    )
+    return pd.concat([h100, a100], ignore_index=True)
+
+
+def test_cells_from_different_gpus_are_summarised_apart(smoke_run, tmp_path):
+    from bench.report import render
+    from bench.summary import cell_summary
+
+    _, results, _ = smoke_run
+    frame = _on_two_gpus(read_results(results))
+    cells = cell_summary(frame).set_index("cell_id")
+    torchao = frame.loc[frame["method"] == "torchao", "cell_id"].unique()
+    for cell_id in torchao:  # each against the baseline of its own GPU
+        gpu = cells.loc[cell_id, "gpu_name"]
+        base = cells[(cells["method"] == "baseline") & (cells["gpu_name"] == gpu)].iloc[0]
+        assert cells.loc[cell_id, "speedup"] == pytest.approx(
+            base["e2e_latency_median_s"] / cells.loc[cell_id, "e2e_latency_median_s"]
+        )
+        assert cells.loc[cell_id, "memory_saving"] == 0
+    html = render(frame, results)
+    assert "holds cells from 2 different devices" in html
+    tables = re.findall(r'<table id="summary[^"]*" class="summary" data-device="([^"]+)">(.*?)</table>', html, re.S)
+    assert [device for device, _ in tables] == ["NVIDIA A100-SXM4-80GB", "NVIDIA H100 80GB HBM3"]
+    assert all(body.count("<tr>") == 1 + 2 for _, body in tables)  # header + baseline + torchao on each GPU
+
+
+def test_compare_does_not_call_another_gpu_a_regression(smoke_run):
+    _, results, _ = smoke_run
+    old = read_results(results).assign(gpu_name="NVIDIA H100 80GB HBM3")
+    new = old.assign(gpu_name="NVIDIA A100-SXM4-80GB", e2e_latency_median_s=old["e2e_latency_median_s"] * 3)
+    table = compare_frames(old, new)
+    assert (table["regressions"] == "").all()
+    assert table["note"].str.contains("not compared: ran on NVIDIA H100 80GB HBM3, now on NVIDIA A100").all()
 
 
 def test_compare_cli_exits_1_on_a_regression_and_0_otherwise(smoke_run, tmp_path):

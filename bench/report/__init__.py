@@ -14,9 +14,9 @@ from jinja2 import Environment, PackageLoader, select_autoescape
 
 from bench.baseline import ReferenceCache
 from bench.errors import UserError
-from bench.report.plots import all_plots, colour
+from bench.report.plots import all_plots, colour, roofline
 from bench.store import read_results
-from bench.summary import cell_summary
+from bench.summary import cell_summary, device_label
 
 THUMBNAIL_PX = 256
 ENVIRONMENT_COLUMNS = (
@@ -33,8 +33,9 @@ DRIFT_COLUMNS = (
 )
 
 
-def write_report(results: Path, output: Path) -> Path:
-    """Render the report of `results` (a folder or a Parquet file) to `output`."""
+def write_report(results: Path, output: Path, kernels: Path | None = None) -> Path:
+    """Render the report of `results` (a folder or a Parquet file) to `output`, with the layer benchmarks
+    of `kernels` (a `nox -s kernels` JSON) and their roofline when given."""
     results = Path(results)
     if not results.exists():
         raise UserError(f"{results}: no such results folder or file")
@@ -42,7 +43,7 @@ def write_report(results: Path, output: Path) -> Path:
     if frame.empty:
         raise UserError(f"{results}: holds no result rows (run a matrix first)")
     root = results if results.is_dir() else results.parent
-    html = render(frame, root)
+    html = render(frame, root, _kernel_section(kernels) if kernels else None)
     output = Path(output)
     output.parent.mkdir(parents=True, exist_ok=True)
     temporary = output.with_name(output.name + ".tmp")
@@ -51,7 +52,7 @@ def write_report(results: Path, output: Path) -> Path:
     return output
 
 
-def render(frame: pd.DataFrame, root: Path) -> str:
+def render(frame: pd.DataFrame, root: Path, kernels: dict[str, Any] | None = None) -> str:
     cells = cell_summary(frame)
     environment = Environment(loader=PackageLoader("bench.report"), autoescape=select_autoescape(default=True))
     environment.filters["family_colour"] = colour
@@ -66,17 +67,61 @@ def render(frame: pd.DataFrame, root: Path) -> str:
         environment=_environment(frame),
         model=f"{first['model_source']} ({first['pipeline_class']})",
         generation=f"{first['width']}x{first['height']}, {first['num_inference_steps']} steps, guidance {first['guidance_scale']:g}, {first['repeats']} timed repeats",
-        summary_rows=[_summary_row(cell) for _, cell in cells.iterrows()],
+        gpu_groups=_gpu_groups(cells),
         drift_headers=[label for _, label in DRIFT_COLUMNS],
-        plots=[
-            {"title": p.title, "image": _figure_png(p.figure) if p.figure else None, "reason": p.reason}
-            for p in all_plots(cells)
-        ],
         image_grid=_image_grid(frame, cells, root),
         not_run=[cell for _, cell in cells.iterrows() if cell["status"] != "ok"],
         metric_notes=_metric_notes(frame),
         gpu_memory_notes=sorted(set(frame["gpu_memory_note"].dropna())),
+        kernels=kernels,
     )
+
+
+def _kernel_section(path: Path) -> dict[str, Any]:
+    """The roofline and one table row per layer case of a kernel benchmark JSON."""
+    from bench.kernels.results import read_kernel_results
+
+    cases, peaks = read_kernel_results(path)
+    plot = roofline(cases, peaks)
+    cases = cases.sort_values(["shape", "tokens", "family", "method", "compiled"])
+    rows = [
+        {
+            "method": case["method"],
+            "family": case["family"],
+            "compiled": "compiled" if case["compiled"] else "eager",
+            "shape": case["shape"],
+            "tokens": int(case["tokens"]),
+            "median_us": f"{case['median_s'] * 1e6:.1f}",
+            "tflops": f"{case['tflops']:.1f}",
+            "gbps": f"{case['gbps']:.0f}",
+            "peak_flops": f"{case['share_of_peak_tflops']:.0%}",
+            "peak_bandwidth": f"{case['share_of_peak_bandwidth']:.0%}",
+            "weight_mib": f"{case['weight_bytes'] / 1024**2:.1f}",
+            "rel_l2": f"{case['rel_l2_vs_bf16']:.2e}",
+        }
+        for _, case in cases.iterrows()
+    ]
+    return {
+        "source": str(path),
+        "device": peaks.device_name,
+        "shape_sets": sorted(set(cases["shape_set"])),
+        "roofline": _figure_png(plot.figure),
+        "peaks": peaks,
+        "rows": rows,
+    }
+
+
+def _gpu_groups(cells: pd.DataFrame) -> list[dict[str, Any]]:
+    """The summary rows and plots of each GPU (or the CPU) on its own: cells from different devices are
+    never put side by side in one table or plot."""
+    groups = []
+    for device, group in cells.groupby(cells["gpu_name"].map(device_label), sort=True):
+        plots = [
+            {"title": p.title, "image": _figure_png(p.figure) if p.figure else None, "reason": p.reason}
+            for p in all_plots(group)
+        ]
+        groups.append({"device": device, "rows": [_summary_row(cell) for _, cell in group.iterrows()], "plots": plots})
+    return groups
 
 
 def _environment(frame: pd.DataFrame) -> list[tuple[str, str]]:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
+from typing import Any
 
 import matplotlib
 
@@ -218,3 +219,37 @@ def all_plots(cells: pd.DataFrame) -> list[Plot]:
         compile_comparison(ran),
         gguf_ladder(ran),
     ]
+
+
+def roofline(cases: pd.DataFrame, peaks: Any) -> Plot:
+    """Achieved TFLOP/s against arithmetic intensity (FLOP per byte moved) of every layer case, under the
+    device's measured matmul and bandwidth ceilings. Filled markers: eager; open: torch.compile."""
+    title = f"Roofline of the quantized linear layers on {peaks.device_name}"
+    figure, ax = plt.subplots(figsize=(8, 5), dpi=100)
+    intensity = cases["flops"] / cases["bytes_moved"]
+    for (family, compiled), group in cases.groupby(["family", "compiled"]):
+        ax.scatter(
+            intensity[group.index],
+            group["tflops"],
+            s=30,
+            zorder=3,
+            label=f"{family}{' (compiled)' if compiled else ''}",
+            facecolors="none" if compiled else colour(family),
+            edgecolors=colour(family),
+        )
+    x = np.logspace(np.log10(intensity.min() / 2), np.log10(intensity.max() * 2), 200)
+    ceiling = np.minimum(peaks.matmul_tflops, peaks.bandwidth_gbps * x / 1e3)
+    ax.plot(x, ceiling, color="#555555", linewidth=1.5, label="measured ceiling")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("arithmetic intensity (FLOP / byte moved: weights + activations in and out)")
+    ax.set_ylabel("achieved TFLOP/s")
+    ax.set_title(
+        f"{title}\npeaks measured in the same run: {peaks.matmul_tflops:.0f} TFLOP/s bf16 matmul, "
+        f"{peaks.bandwidth_gbps:.0f} GB/s copy",
+        fontsize=9,
+    )
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=7, loc="lower right")
+    figure.tight_layout()
+    return Plot(title, figure)

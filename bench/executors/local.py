@@ -1,0 +1,72 @@
+"""The executors of one host: `local` (one cell at a time) and `local-gpus` (one cell per GPU at a time,
+each pinned with CUDA_VISIBLE_DEVICES)."""
+
+from __future__ import annotations
+
+import os
+import queue
+import signal
+import subprocess
+import threading
+from concurrent.futures import Future, ThreadPoolExecutor
+
+from bench.environment import Machine, detect_machine
+from bench.errors import UserError
+from bench.executors.base import Executor
+from bench.launch import CellJob, CellOutcome, launch_cell
+
+
+def visible_gpus() -> list[str]:
+    """The GPUs this process may use: CUDA_VISIBLE_DEVICES's entries if set, else every device torch sees."""
+    listed = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if listed is not None:
+        gpus = [entry.strip() for entry in listed.split(",") if entry.strip()]
+    else:
+        import torch
+
+        gpus = [str(index) for index in range(torch.cuda.device_count())]
+    if not gpus:
+        raise UserError("--executor local-gpus: no GPU is visible here; name the devices with --gpus 0,1,...")
+    return gpus
+
+
+class LocalExecutor(Executor):
+    """Cells as subprocesses of this host. With `gpus`, one slot per GPU and each cell pinned to its GPU;
+    without, one slot and no pinning."""
+
+    def __init__(self, gpus: list[str] | None = None) -> None:
+        self.name = "local-gpus" if gpus else "local"
+        self.slots = len(gpus) if gpus else 1
+        self._free: queue.Queue[str | None] = queue.Queue()
+        for gpu in gpus or [None]:
+            self._free.put(gpu)
+        self._pool = ThreadPoolExecutor(self.slots, thread_name_prefix="quantbench-cell")
+        self._running: set[subprocess.Popen] = set()
+        self._lock = threading.Lock()
+
+    def machine(self) -> Machine:
+        return detect_machine()
+
+    def submit(self, job: CellJob) -> Future[CellOutcome]:
+        return self._pool.submit(self._run, job)
+
+    def _run(self, job: CellJob) -> CellOutcome:
+        gpu = self._free.get()
+        try:
+            env = {"CUDA_VISIBLE_DEVICES": gpu} if gpu is not None else {}
+            return launch_cell(job, env, self._track)
+        finally:
+            with self._lock:
+                self._running = {p for p in self._running if p.poll() is None}
+            self._free.put(gpu)
+
+    def _track(self, process: subprocess.Popen) -> None:
+        with self._lock:
+            self._running.add(process)
+
+    def shutdown(self) -> None:
+        with self._lock:
+            for process in self._running:
+                if process.poll() is None:
+                    os.killpg(process.pid, signal.SIGKILL)
+        self._pool.shutdown(wait=True, cancel_futures=True)

@@ -1,0 +1,135 @@
+"""Run one cell in a fresh Python process, wherever an executor put it, and bring back what it made.
+
+This is the worker's side of every executor: the local ones call it in a thread of the driver, Ray calls it
+in a task on any node. It writes nothing outside a scratch folder; the images, latents and log come back
+as bytes in the `CellOutcome`, and only the driver writes the results folder.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+from bench.cache import cache_dir
+from bench.cell import FAULT_ENV, CellResult, CellSpec
+
+LOG_TAIL_CHARS = 4000
+PACKAGE_ROOT = Path(__file__).resolve().parent.parent
+FORWARDED_ENV = (FAULT_ENV,)  # driver settings a cell must see on any worker
+
+
+@dataclass(frozen=True)
+class CellJob:
+    """One attempt at one cell: the spec, its time limit, and the driver's settings the cell must see."""
+
+    spec: CellSpec
+    timeout_s: float
+    env: dict[str, str] = field(default_factory=dict)
+
+    @classmethod
+    def for_spec(cls, spec: CellSpec, timeout_s: float) -> CellJob:
+        return cls(spec, timeout_s, {name: os.environ[name] for name in FORWARDED_ENV if name in os.environ})
+
+    def retry(self) -> CellJob:
+        return replace(self, spec=replace(self.spec, attempt=self.spec.attempt + 1))
+
+
+@dataclass
+class CellOutcome:
+    """What came back from a cell: its result, its files (path relative to the cell's output -> bytes),
+    its log, and where and at which attempt it ran."""
+
+    result: CellResult
+    files: dict[str, bytes]
+    log: str
+    host: str
+    cuda_visible_devices: str | None
+    attempt: int
+
+
+def cell_environment(extra: dict[str, str] | None = None) -> dict[str, str]:
+    """The environment of a cell subprocess: offline hub, shared compile cache, this package importable."""
+    env = {**os.environ, **(extra or {})}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(PACKAGE_ROOT), env.get("PYTHONPATH")]))
+    env.setdefault("HF_HUB_OFFLINE", "1")  # cells load local folders only; the driver resolved the model
+    env.setdefault("TOKENIZERS_PARALLELISM", "false")
+    env.setdefault("TORCHINDUCTOR_CACHE_DIR", str(cache_dir("inductor")))
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
+
+
+def launch_cell(
+    job: CellJob, env: dict[str, str] | None = None, on_start: Callable[[subprocess.Popen], None] | None = None
+) -> CellOutcome:
+    """Run `job` in a fresh `python -m bench.cell` under its time limit; any ending becomes a CellOutcome.
+
+    `env` adds to the cell's environment (e.g. CUDA_VISIBLE_DEVICES); `on_start` receives the process so an
+    executor can kill it when the run is interrupted.
+    """
+    with tempfile.TemporaryDirectory(prefix="quantbench-cell-") as scratch:
+        output = Path(scratch) / "output"
+        output.mkdir()
+        spec = replace(job.spec, output_dir=str(output))
+        spec_path = Path(scratch) / "spec.json"
+        spec.save(spec_path)
+        log_path = Path(scratch) / "cell.log"
+        cell_env = cell_environment({**job.env, **(env or {})})
+        start = time.perf_counter()
+        with open(log_path, "w") as log:
+            process = subprocess.Popen(
+                [sys.executable, "-m", "bench.cell", str(spec_path)],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                env=cell_env,
+                start_new_session=True,  # the whole process group can be killed on timeout
+                preexec_fn=_die_with_parent,
+            )
+            if on_start:
+                on_start(process)
+            try:
+                returncode = process.wait(timeout=job.timeout_s)
+            except subprocess.TimeoutExpired:
+                os.killpg(process.pid, signal.SIGKILL)
+                process.wait()
+                returncode = None
+            except BaseException:  # the launcher is interrupted: take the cell down with it
+                os.killpg(process.pid, signal.SIGKILL)
+                raise
+        wall_s = time.perf_counter() - start
+        if returncode is None:
+            result = CellResult(
+                status="timeout", error=f"the cell ran past run.timeout_s = {job.timeout_s:g} s and was killed"
+            )
+        elif spec.result_path.exists():
+            result = CellResult.load(spec.result_path)
+        else:
+            how = f"signal {signal.Signals(-returncode).name}" if returncode < 0 else f"exit code {returncode}"
+            result = CellResult(status="failed", error=f"the cell process died ({how}) before reporting a result")
+        log_text = log_path.read_text(errors="replace")
+        result.measurements["cell_wall_s"] = wall_s
+        result.measurements["log_tail"] = log_text[-LOG_TAIL_CHARS:]
+        files = {
+            str(path.relative_to(output)): path.read_bytes()
+            for path in sorted(output.rglob("*"))
+            if path.is_file() and path != spec.result_path and not path.name.endswith(".tmp")
+        }
+    return CellOutcome(
+        result, files, log_text, socket.gethostname(), cell_env.get("CUDA_VISIBLE_DEVICES"), spec.attempt
+    )
+
+
+def _die_with_parent() -> None:
+    """In the cell process: get SIGKILL when the launcher dies, even by SIGKILL, so no orphan holds the GPU."""
+    import ctypes
+
+    PR_SET_PDEATHSIG = 1
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)

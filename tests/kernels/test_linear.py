@@ -1,0 +1,126 @@
+"""One quantized `nn.Linear` per method at FLUX.1-dev's shapes: forward latency (pytest-benchmark), weight
+bytes, achieved TFLOP/s and GB/s, share of the measured device peaks, and output error against bf16.
+
+The checks are about correctness (the layer really is quantized to its width, its output stays close to
+bf16); the speed figures are recorded in the benchmark JSON, never asserted."""
+
+from __future__ import annotations
+
+import functools
+
+import pytest
+
+from bench.kernels.layers import LAYER_METHODS, SHRINK, build_layer, reference_linear, relative_l2, weight_bytes
+from bench.kernels.peaks import best_seconds
+from bench.methods.base import MethodUnavailable
+from tests.kernels.conftest import device, peaks, shapes, token_counts
+
+pytestmark = pytest.mark.kernels
+ROUNDS = {"cuda": 30, "cpu": 5}
+FIRST_SHAPE, FIRST_TOKENS = next(iter(shapes())), next(iter(token_counts()))
+CASES = [
+    (method, compiled)
+    for method, spec in LAYER_METHODS.items()
+    for compiled in (False, True)
+    if compiled <= spec.compiles
+]
+
+
+@functools.cache
+def layers(method: str, shape: str):
+    """The bf16 reference and the method's layer for `shape`, built once for all token counts."""
+    in_features, out_features = shapes()[shape]
+    reference = reference_linear(in_features, out_features, device())
+    try:
+        return reference, build_layer(method, reference, device())
+    except MethodUnavailable as unavailable:
+        return reference, unavailable
+
+
+@pytest.mark.parametrize("tokens", list(token_counts()))
+@pytest.mark.parametrize("shape", list(shapes()))
+@pytest.mark.parametrize(("method", "compiled"), CASES, ids=[f"{m}-{'compiled' if c else 'eager'}" for m, c in CASES])
+def test_quantized_linear(benchmark, method, compiled, shape, tokens):
+    import torch
+
+    if compiled and device() == "cpu" and (shape, tokens) != (FIRST_SHAPE, FIRST_TOKENS):
+        pytest.skip("CPU suite: compiled layers run at one shape only (Inductor takes seconds per case on a CPU)")
+    reference, layer = layers(method, shape)
+    if isinstance(layer, MethodUnavailable):
+        pytest.skip(f"{layer.status}: {layer.reason}")
+    spec, in_features, out_features = LAYER_METHODS[method], reference.in_features, reference.out_features
+    n_tokens = token_counts()[tokens]
+    torch.manual_seed(0)
+    x = torch.randn(n_tokens, in_features, device=device(), dtype=torch.bfloat16)
+    forward = layer
+    if compiled:
+        torch._dynamo.reset()  # one fresh graph per case: no recompile limit, no eager fallback
+        forward = torch.compile(layer)
+    sync = torch.cuda.synchronize if device() == "cuda" else (lambda: None)
+
+    def run():
+        with torch.inference_mode():
+            out = forward(x)
+        sync()
+        return out
+
+    with torch.inference_mode():
+        expected = reference(x)
+    output = run()
+    error = relative_l2(output, expected)
+    stored = weight_bytes(layer)
+
+    assert output.shape == (n_tokens, out_features) and torch.isfinite(output).all()
+    assert error <= spec.max_rel_l2, f"{method}: output error {error:.4f} > {spec.max_rel_l2}"
+    bits = stored * 8 / (in_features * out_features)
+    assert spec.bits <= bits <= spec.bits * 1.15, f"{method}: {bits:.2f} bits per weight stored, expected ~{spec.bits}"
+
+    benchmark.group = f"{shape} x {tokens}"
+    benchmark.pedantic(run, rounds=ROUNDS[device()], warmup_rounds=3, iterations=1)
+    if benchmark.stats is None:  # --benchmark-disable: correctness checked, nothing timed
+        return
+    seconds = benchmark.stats.stats.median
+    flops = 2 * n_tokens * in_features * out_features
+    moved = stored + reference.bias.numel() * 2 + n_tokens * (in_features + out_features) * 2
+    peak = peaks()
+    benchmark.extra_info.update(
+        method=method,
+        family=spec.family,
+        compiled=compiled,
+        shape=shape,
+        in_features=in_features,
+        out_features=out_features,
+        tokens=n_tokens,
+        shape_set="flux" if device() == "cuda" else f"shrunken 1/{SHRINK} (CPU)",
+        device=peak.device_name,
+        weight_bytes=stored,
+        bytes_moved=moved,
+        flops=flops,
+        tflops=flops / seconds / 1e12,
+        gbps=moved / seconds / 1e9,
+        share_of_peak_tflops=flops / seconds / 1e12 / peak.matmul_tflops,
+        share_of_peak_bandwidth=moved / seconds / 1e9 / peak.bandwidth_gbps,
+        rel_l2_vs_bf16=error,
+        gguf_path=_gguf_path() if method.startswith("gguf") else None,
+    )
+
+
+def _gguf_path() -> str:
+    """Which GGUF forward diffusers took: its fused CUDA kernels (from the `kernels` package) or dequantize
+    + matmul."""
+    from diffusers.quantizers.gguf import utils
+
+    fused = utils.ops is not None and device() == "cuda"
+    return "fused CUDA kernel" if fused else "dequantize + matmul (diffusers forward_native)"
+
+
+def test_measured_peaks_are_plausible():
+    """The peaks the roofline uses are real peaks: a half-size matmul is not much faster than the peak rate."""
+    import torch
+
+    measured = peaks()
+    assert measured.matmul_tflops > 0 and measured.bandwidth_gbps > 0
+    n = measured.matmul_size // 2
+    a = torch.randn(n, n, device=device(), dtype=torch.bfloat16)
+    again = 2 * n**3 / best_seconds(lambda: torch.mm(a, a), device()) / 1e12
+    assert again <= measured.matmul_tflops * 1.5

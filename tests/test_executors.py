@@ -1,0 +1,143 @@
+"""Executors: local-gpus pins one cell per GPU; Ray runs the same cells with the same rows, retries a lost
+worker once, and finishes a run another executor started."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pandas as pd
+import pytest
+
+from bench.cell import CellResult, CellSpec
+from bench.errors import UserError
+from bench.executors import make_executor
+from bench.executors.local import LocalExecutor
+from bench.launch import CellJob, CellOutcome
+from bench.matrix import load_matrix
+from bench.runner import run_matrix
+from bench.store import ResultsFolder, read_results
+from tests.conftest import matrix_data, write_matrix
+
+# What must not depend on where a cell ran; timings, hosts and timestamps may.
+SAME_EVERYWHERE = ["cell_id", "prompt_index", "seed", "status", "method", "transformer_tensor_bytes", "image_finite"]
+
+
+def _job(index: int) -> CellJob:
+    spec = CellSpec(cell={}, cell_id=f"cell{index}", model_folder="", components={}, generation={}, device="cpu")
+    return CellJob(spec, timeout_s=60)
+
+
+def test_local_gpus_runs_one_cell_per_device_at_a_time(monkeypatch):
+    intervals: list[tuple[str, float, float]] = []
+    lock = threading.Lock()
+
+    def fake_launch(job, env, on_start):
+        start = time.monotonic()
+        time.sleep(0.15)
+        with lock:
+            intervals.append((env["CUDA_VISIBLE_DEVICES"], start, time.monotonic()))
+        return CellOutcome(CellResult(), {}, "", "host", env["CUDA_VISIBLE_DEVICES"], job.spec.attempt)
+
+    monkeypatch.setattr("bench.executors.local.launch_cell", fake_launch)
+    with LocalExecutor(["3", "5", "7"]) as executor:
+        assert executor.slots == 3 and executor.name == "local-gpus"
+        outcomes = [future.result() for future in [executor.submit(_job(i)) for i in range(9)]]
+    assert {o.cuda_visible_devices for o in outcomes} == {"3", "5", "7"}
+    for gpu in ("3", "5", "7"):
+        on_gpu = sorted((start, end) for device, start, end in intervals if device == gpu)
+        assert all(end <= next_start for (_, end), (next_start, _) in zip(on_gpu, on_gpu[1:])), f"GPU {gpu} shared"
+    busiest = max(sum(start <= t < end for _, start, end in intervals) for _, t, _ in intervals)
+    assert busiest == 3
+
+
+def test_local_gpus_devices_come_from_cuda_visible_devices(monkeypatch):
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "2,3")
+    assert make_executor("local-gpus").slots == 2
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    with pytest.raises(UserError, match="no GPU is visible"):
+        make_executor("local-gpus")
+
+
+def test_executor_options_are_checked():
+    with pytest.raises(UserError, match="unknown executor 'slurm'; allowed: local, local-gpus, ray"):
+        make_executor("slurm")
+    with pytest.raises(UserError, match="--address is for --executor ray"):
+        make_executor("local", address="auto")
+
+
+@pytest.mark.slow
+def test_local_gpus_smoke_rows_match_the_local_executor(smoke_run, tmp_path):
+    matrix, local_results, _ = smoke_run
+    results = tmp_path / "results"
+    summary = run_matrix(matrix, results, executor=LocalExecutor(["0", "1"]))
+    assert summary.statuses == {"ok": 2}
+    rows = read_results(results)
+    assert set(rows["cuda_visible_devices"]) == {"0", "1"}, "both devices were used"
+    assert set(rows["executor"]) == {"local-gpus"}
+    _assert_same_rows(read_results(local_results), rows)
+
+
+def _assert_same_rows(expected: pd.DataFrame, actual: pd.DataFrame) -> None:
+    key = ["cell_id", "prompt_index", "seed"]
+    expected, actual = expected.sort_values(key).reset_index(drop=True), actual.sort_values(key).reset_index(drop=True)
+    pd.testing.assert_frame_equal(expected[SAME_EVERYWHERE], actual[SAME_EVERYWHERE])
+    # on CPU the arithmetic is the same wherever the cell ran; threads may reorder sums in the last bits
+    for metric in ("psnr_db", "ssim", "latent_rel_l2"):
+        assert actual[metric].to_numpy() == pytest.approx(expected[metric].to_numpy(), rel=1e-3, abs=1e-6), metric
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    """A local Ray cluster of 2 CPUs and 2 fake GPUs (Ray pins each task's CUDA_VISIBLE_DEVICES)."""
+    ray = pytest.importorskip("ray", reason="Ray is not installed (pip install 'quantbench[ray]')")
+    ray.init(num_cpus=2, num_gpus=2, include_dashboard=False, log_to_driver=False)
+    yield ray
+    ray.shutdown()
+
+
+@pytest.mark.slow
+def test_ray_smoke_rows_match_the_local_executor(smoke_run, tmp_path, ray_cluster):
+    matrix, local_results, _ = smoke_run
+    results = tmp_path / "results"
+    summary = run_matrix(matrix, results, executor=make_executor("ray"))
+    assert summary.statuses == {"ok": 2}
+    rows = read_results(results)
+    assert set(rows["executor"]) == {"ray"} and set(rows["attempts"]) == {1}
+    assert set(rows["cuda_visible_devices"]) <= {"0", "1"} and rows["host"].notna().all()
+    assert all((results / row.image_path).exists() for row in rows.itertuples())
+    _assert_same_rows(read_results(local_results), rows)
+
+
+@pytest.mark.slow
+def test_ray_retries_a_lost_worker_once_then_records_the_cell_failed(tmp_path, ray_cluster, monkeypatch):
+    data = matrix_data(name="lost", generation={"prompts": ["a red apple"], "num_inference_steps": 2, "repeats": 1})
+    data["drift"] = {"enabled": False}
+    matrix = load_matrix(write_matrix(tmp_path, data))
+    flaky, dead = matrix.cells
+    monkeypatch.setenv("QUANTBENCH_INJECT_FAULT", f"kill-worker-once@{flaky.id},kill-worker@{dead.id}")
+    results = tmp_path / "results"
+    summary = run_matrix(matrix, results, executor=make_executor("ray"))
+    rows = read_results(results).set_index("cell_id")
+    assert rows.loc[flaky.id, "status"] == "ok" and rows.loc[flaky.id, "attempts"] == 2
+    assert rows.loc[dead.id, "status"] == "failed"
+    assert "worker running the cell was lost on 2 attempts" in rows.loc[dead.id, "error"]
+    assert "WorkerCrashedError" in rows.loc[dead.id, "error"]
+    assert summary.statuses == {"ok": 1, "failed": 1}
+
+
+@pytest.mark.slow
+def test_a_run_started_locally_is_finished_on_ray(tmp_path, ray_cluster):
+    data = matrix_data(name="resumed", generation={"prompts": ["a red apple"], "num_inference_steps": 2, "repeats": 1})
+    path = write_matrix(tmp_path, data)
+    results = tmp_path / "results"
+    first = run_matrix(load_matrix(path, ["method=baseline"]), results)
+    assert first.statuses == {"ok": 1}
+    folder = ResultsFolder(results)
+    (baseline_id,) = folder.completed_cell_ids()
+    finished_part = folder.part_path(baseline_id).read_bytes()
+    rest = run_matrix(load_matrix(path), results, executor=make_executor("ray"))
+    assert rest.already_done == 1 and rest.statuses == {"ok": 1}
+    assert folder.part_path(baseline_id).read_bytes() == finished_part
+    rows = read_results(results)
+    assert dict(zip(rows["method"], rows["executor"])) == {"baseline": "local", "torchao": "ray"}
