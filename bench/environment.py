@@ -62,7 +62,7 @@ def collect_environment() -> Environment:
     versions = {f"{name}_version": _version(name) for name in LIBRARIES}
     return Environment(
         python_version=platform.python_version(),
-        cpu=_cpu_name(),
+        cpu=cpu_name(),
         host=socket.gethostname(),
         harness_commit=harness_commit(),
         **versions,
@@ -76,7 +76,8 @@ def _version(distribution: str) -> str | None:
         return None
 
 
-def _cpu_name() -> str:
+def cpu_name() -> str:
+    """The CPU model name."""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):

@@ -39,9 +39,9 @@ def best_seconds(function, device: str, repeats: int = 10) -> float:
 def measure_peaks(device: str) -> Peaks:
     """Best-of-10 bf16 matmul TFLOP/s (8192^3 on a GPU, 1024^3 on a CPU) and copy GB/s (read + write of
     1 GiB on a GPU, 128 MiB on a CPU)."""
-    import platform
-
     import torch
+
+    from bench.environment import cpu_name
 
     cuda = device == "cuda"
     n = 8192 if cuda else 1024
@@ -52,5 +52,5 @@ def measure_peaks(device: str) -> Peaks:
     source = torch.empty(copy_bytes, dtype=torch.uint8, device=device)
     target = torch.empty_like(source)
     copy_s = best_seconds(lambda: target.copy_(source), device)
-    name = torch.cuda.get_device_name() if cuda else platform.processor() or platform.machine()
+    name = torch.cuda.get_device_name() if cuda else cpu_name()
     return Peaks(name, 2 * n**3 / matmul_s / 1e12, 2 * copy_bytes / copy_s / 1e9, n, copy_bytes)

@@ -245,8 +245,8 @@ def roofline(cases: pd.DataFrame, peaks: Any) -> Plot:
     ax.set_xlabel("arithmetic intensity (FLOP / byte moved: weights + activations in and out)")
     ax.set_ylabel("achieved TFLOP/s")
     ax.set_title(
-        f"{title}\npeaks measured in the same run: {peaks.matmul_tflops:.0f} TFLOP/s bf16 matmul, "
-        f"{peaks.bandwidth_gbps:.0f} GB/s copy",
+        f"{title}\npeaks measured in the same run: {peaks.matmul_tflops:.3g} TFLOP/s bf16 matmul, "
+        f"{peaks.bandwidth_gbps:.3g} GB/s copy",
         fontsize=9,
     )
     ax.grid(True, which="both", alpha=0.3)
