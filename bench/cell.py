@@ -6,8 +6,10 @@ atomically; the driver turns it into Parquet rows. Only the driver writes the re
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import signal
 import sys
 import time
 import traceback
@@ -35,6 +37,7 @@ class CellSpec:
     generation: dict[str, Any]
     device: str
     gpu_memory_limit_gib: float | None = None
+    compile_timeout_s: float | None = None
     trust_pickled_checkpoints: bool = False
     attempt: int = 1
     output_dir: str = ""  # set by the launcher: images/, latents/ and result.json are written here
@@ -92,6 +95,37 @@ class CellResult:
         return cls(**data)
 
 
+class CompileTimeout(Exception):
+    """The warm-up of a compiled cell, where torch.compile compiles, ran past run.compile_timeout_s."""
+
+
+@contextlib.contextmanager
+def _compile_time_limit(seconds: float | None):
+    """Raise CompileTimeout in this (main) thread once `seconds` have passed; no limit when None."""
+    if seconds is None:
+        yield
+        return
+
+    def expire(signum: int, frame: Any) -> None:
+        raise CompileTimeout(
+            f"compilation (the warm-up of a compiled cell) ran past run.compile_timeout_s = {seconds:g} s;"
+            " rerun to go on (Inductor's cache keeps the kernels already built) or raise the limit"
+        )
+
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def _phase(text: str) -> None:
+    """A line in the cell's log, so the log of a cell that was interrupted says where its time went."""
+    print(f"[quantbench] {text}", flush=True)
+
+
 def _fault(spec: CellSpec) -> str | None:
     for item in os.environ.get(FAULT_ENV, "").split(","):
         kind, _, target = item.strip().partition("@")
@@ -102,8 +136,6 @@ def _fault(spec: CellSpec) -> str | None:
 
 def _inject(kind: str | None, phase: str) -> None:
     """Make the injected fault happen for real at `phase` ("load" or "generate")."""
-    import signal
-
     import torch
 
     if kind in ("kill-worker", "kill-worker-once") and phase == "load":
@@ -132,6 +164,7 @@ def run_cell(spec: CellSpec, result: CellResult) -> None:
 
     m = result.measurements
     m["import_s"] = time.perf_counter() - PROCESS_START
+    _phase(f"imports: {m['import_s']:.1f} s")
     fault = _fault(spec)
     cell = Cell.from_axes(spec.cell, spec.cell_id)
     cuda = spec.device == "cuda"
@@ -157,9 +190,11 @@ def run_cell(spec: CellSpec, result: CellResult) -> None:
         start = clock.now()
         prepared = {name: method.prepare_component(components[name], cell) for name in cell.components}
         m["prepare_s"] = clock.now() - start
+        _phase(f"prepare: {m['prepare_s']:.1f} s")
         start = clock.now()
         quantized = {name: method.load_component(component, cell) for name, component in prepared.items()}
         m["quantize_s"] = clock.now() - start
+        _phase(f"quantize: {m['quantize_s']:.1f} s")
         if getattr(method.options, "serialize", False):
             _round_trip(method, quantized, prepared, cell, spec, m)
     else:
@@ -172,6 +207,7 @@ def run_cell(spec: CellSpec, result: CellResult) -> None:
     pipe.set_progress_bar_config(disable=True)
     place(pipe, cell.placement, spec.device)
     m["load_s"] = clock.now() - start
+    _phase(f"load and place: {m['load_s']:.1f} s")
     if cuda:
         m["resident_reserved_bytes"] = gpu_memory().max_reserved_bytes
     m.update(method.after_load(pipe, cell))
@@ -236,10 +272,16 @@ def _generate(pipe: Any, spec: CellSpec, result: CellResult, clock: Any, fault: 
         with torch.inference_mode():
             return pipe(prompt, generator=generator, callback_on_step_end=on_step_end, **call).images[0]
 
+    compiled = spec.cell.get("compile", "off") != "off"
+    _phase("warm-up" + (f" (torch.compile mode={spec.cell['compile']} compiles here)" if compiled else ""))
     start = clock.now()
-    for _ in range(gen["warmup"]):
-        generate(gen["prompts"][0], gen["seeds"][0])
-    result.measurements["warmup_s"] = clock.now() - start
+    try:
+        with _compile_time_limit(spec.compile_timeout_s if compiled else None):
+            for _ in range(gen["warmup"]):
+                generate(gen["prompts"][0], gen["seeds"][0])
+    finally:
+        result.measurements["warmup_s"] = clock.now() - start
+    _phase(f"warm-up: {result.measurements['warmup_s']:.1f} s")
     _inject(fault, "generate")
 
     images_dir, latents_dir = spec.images_dir, spec.latents_dir
@@ -299,10 +341,13 @@ def describe(error: BaseException) -> str:
 
 def classify(error: BaseException) -> str:
     """The row status for an exception raised inside a cell."""
+    from bench.errors import root_cause
     from bench.methods.base import MethodUnavailable
 
     if isinstance(error, MethodUnavailable):
         return error.status
+    if isinstance(root_cause(error), CompileTimeout):
+        return "timeout"
     if type(error).__name__ == "OutOfMemoryError" or "out of memory" in str(error).lower():
         return "oom"
     return "failed"
@@ -314,11 +359,16 @@ def main(argv: list[str]) -> None:
     try:
         run_cell(spec, result)
     except BaseException as error:  # every failure becomes a row; the driver sees it in the result file
+        from bench.errors import root_cause
         from bench.methods.base import MethodUnavailable
 
         result.status = classify(error)
-        reason = error.reason if isinstance(error, MethodUnavailable) else None
-        result.error = reason or describe(error)
+        if isinstance(error, MethodUnavailable):
+            result.error = error.reason
+        elif isinstance(root_cause(error), CompileTimeout):
+            result.error = str(root_cause(error))
+        else:
+            result.error = describe(error)
         traceback.print_exc()
     result.save(spec.result_path)
     sys.stdout.flush()

@@ -93,10 +93,22 @@ class RunSettings(_Strict):
 
     device: Literal["auto", "cpu", "cuda"] = "auto"
     timeout_s: float = Field(default=3600, gt=0, le=7 * 24 * 3600)
+    # Compilation's own limit: a compiled cell whose warm-up (where torch.compile compiles) runs past it ends as
+    # a `timeout` row with its load and quantize times; Inductor's cache keeps the kernels already built.
+    compile_timeout_s: float | None = Field(default=None, gt=0, le=7 * 24 * 3600)
     # Cap each cell's CUDA memory (torch.cuda.set_per_process_memory_fraction) to see what fits a smaller GPU.
     gpu_memory_limit_gib: float | None = Field(default=None, gt=0, le=4096)
     # Opt-in: reload pickled checkpoints that quantbench itself wrote with torch.load(weights_only=False).
     trust_pickled_checkpoints: bool = False
+
+    @model_validator(mode="after")
+    def _compile_limit_within_cell_limit(self) -> RunSettings:
+        if self.compile_timeout_s is not None and self.compile_timeout_s >= self.timeout_s:
+            raise ValueError(
+                f"compile_timeout_s ({self.compile_timeout_s:g}) must be less than timeout_s ({self.timeout_s:g}),"
+                " the limit of the whole cell"
+            )
+        return self
 
 
 class Axes(_Strict):

@@ -104,14 +104,21 @@ def run_matrix(
             else:
                 record(cell, CellResult(status=verdict.status, error=verdict.reason))
         running: dict[Future, Cell] = {}
-        while waiting or running:
-            while waiting and len(running) < pool.slots:
-                cell = waiting.popleft()
-                running[submit_with_retry(pool, _job(ready, cell))] = cell
-            finished, _ = wait(running, return_when=FIRST_COMPLETED)
-            for future in finished:
-                cell = running.pop(future)
-                record(cell, _collect(future, folder, cell.id))
+        try:
+            while waiting or running:
+                while waiting and len(running) < pool.slots:
+                    cell = waiting.popleft()
+                    running[submit_with_retry(pool, _job(ready, cell))] = cell
+                finished, _ = wait(running, return_when=FIRST_COMPLETED)
+                for future in finished:
+                    cell = running.pop(future)
+                    record(cell, _collect(future, folder, cell.id))
+        except BaseException:  # interrupted: kill the running cells, keep how far they got
+            pool.shutdown()
+            for future, cell in running.items():
+                if future.done() and future.exception() is None:
+                    folder.write_interrupted_log(cell.id, future.result().log)
+            raise
     return summary
 
 
@@ -165,6 +172,7 @@ def _job(ready: Plan, cell: Cell, generation: dict[str, Any] | None = None) -> C
         generation=generation or ready.matrix.generation.model_dump(),
         device=ready.device,
         gpu_memory_limit_gib=run.gpu_memory_limit_gib,
+        compile_timeout_s=run.compile_timeout_s,
         trust_pickled_checkpoints=run.trust_pickled_checkpoints,
     )
     return CellJob.for_spec(spec, run.timeout_s)

@@ -231,10 +231,19 @@ class ResultsFolder:
                 target.parent.mkdir(parents=True, exist_ok=True)
                 _write_atomically(target, data)
             _write_atomically(self.logs_dir / f"{cell_id}.log", log.encode())
+            self.interrupted_log_path(cell_id).unlink(missing_ok=True)
         except OSError as error:
             raise UserError(
                 f"{self.root}: cannot write the files of cell {cell_id}: {error.strerror or error}"
             ) from None
+
+    def interrupted_log_path(self, cell_id: str) -> Path:
+        return self.logs_dir / f"{cell_id}.interrupted.log"
+
+    def write_interrupted_log(self, cell_id: str, log: str) -> None:
+        """Keep the log of a cell the run was interrupted in (no row: a rerun runs it again), so the time it
+        spent is not a mystery; the next finished run of the cell removes it."""
+        _write_atomically(self.interrupted_log_path(cell_id), log.encode())
 
     def read_parts(self) -> dict[str, pa.Table]:
         """Every readable part file by cell id; unreadable (truncated, foreign) parts are skipped with a warning."""

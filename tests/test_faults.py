@@ -165,12 +165,33 @@ def test_sigterm_stops_the_run_cleanly_and_says_how_to_resume(tmp_path, quantben
         "run", str(path), "--results", str(results), env={"QUANTBENCH_INJECT_FAULT": f"hang@{second.id}"}
     )
     _wait_for(lambda: _running_cell(driver, second.id))
-    time.sleep(1)
+    cell_log = Path(_running_cell(driver, second.id).cmdline()[-1]).with_name("cell.log")  # the launcher's scratch
+    _wait_for(lambda: "[quantbench] warm-up:" in cell_log.read_text())  # hanging in generation now
     driver.send_signal(signal.SIGTERM)
     _, stderr = driver.communicate(timeout=60)
     assert driver.returncode == 130
     assert b"finished cells are saved, rerun to resume" in stderr
     assert len(read_results(results)) == 1
+    interrupted_log = ResultsFolder(results).interrupted_log_path(second.id).read_text()
+    assert "[quantbench] load and place:" in interrupted_log and "[quantbench] warm-up:" in interrupted_log
+
+
+def test_compilation_past_its_own_limit_is_a_timeout_row_that_keeps_the_earlier_phases(tmp_path, quantbench_cache):
+    data = matrix_data(
+        name="slow-compile",
+        run={"timeout_s": 300, "compile_timeout_s": 0.5},
+        generation={"prompts": ["a red apple"], "num_inference_steps": 2, "repeats": 1},
+        axes={"method": ["baseline"], "compile": ["default"]},
+        drift={"enabled": False},
+    )
+    matrix = load_matrix(write_matrix(tmp_path, data))
+    summary = run_matrix(matrix, tmp_path / "results")
+    assert summary.statuses == {"timeout": 1}
+    row = read_results(tmp_path / "results").iloc[0]
+    assert "ran past run.compile_timeout_s = 0.5 s" in row["error"]
+    assert row["load_s"] > 0 and row["warmup_s"] >= 0.5
+    log = (ResultsFolder(tmp_path / "results").logs_dir / f"{row['cell_id']}.log").read_text()
+    assert "[quantbench] warm-up (torch.compile mode=default compiles here)" in log
 
 
 def test_a_results_disk_that_refuses_writes_stops_with_a_clear_error_and_keeps_earlier_parts(

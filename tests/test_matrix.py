@@ -145,6 +145,11 @@ def test_cell_id_ignores_the_order_of_option_keys(tmp_path):
         ({"include": [{"dtype": "fp16"}]}, "include.0.method", ["must name a method"]),
         ({"include": [{"method": "baseline", "dtype": "fp8"}]}, "include.0.dtype", ["allowed: bf16, fp16, fp32"]),
         ({"exclude": [{"method": ["baseline", "torchao"]}]}, "exclude", ["exclude every cell"]),
+        (
+            {"run": {"timeout_s": 600, "compile_timeout_s": 900}},
+            "run",
+            ["compile_timeout_s (900) must be less than timeout_s (600)"],
+        ),
     ],
 )
 def test_bad_matrix_gets_one_error_naming_file_key_value_and_allowed(tmp_path, sections, key, fragments):
