@@ -269,8 +269,9 @@ def _generate(pipe: Any, spec: CellSpec, result: CellResult, clock: Any, fault: 
     def generate(prompt: str, seed: int) -> Any:
         step_ends.clear()
         generator = torch.Generator("cpu").manual_seed(seed)
-        with torch.inference_mode():
-            return pipe(prompt, generator=generator, callback_on_step_end=on_step_end, **call).images[0]
+        # The pipeline's own torch.no_grad(), as users run it: inference_mode on top breaks quanto's int4 matmul
+        # on CUDA ("Cannot set version_counter for inference tensor"), which users never see.
+        return pipe(prompt, generator=generator, callback_on_step_end=on_step_end, **call).images[0]
 
     compiled = spec.cell.get("compile", "off") != "off"
     _phase("warm-up" + (f" (torch.compile mode={spec.cell['compile']} compiles here)" if compiled else ""))

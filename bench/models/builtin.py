@@ -4,11 +4,14 @@ Built once into the cache, then loaded like any other folder through `from_pretr
 takes its real path. `tiny-flux` runs anywhere in seconds (widths are multiples of 64 so that every backend,
 bitsandbytes 4-bit included, accepts them); `flux-dev-shape` is FLUX.1-dev at full size (about 11.9 B
 transformer parameters, T5-XXL, CLIP-L, the FLUX VAE), initialised on the GPU: its memory and latency are
-real, its images are not.
+real, its images are not. `sd3-medium-shape` likewise for Stable Diffusion 3 medium (about 2 B transformer
+parameters, CLIP-L, OpenCLIP bigG, T5-XXL).
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from bench.cache import build_once, cache_dir
@@ -123,63 +126,127 @@ def _build_tiny_flux(folder: Path) -> None:
     )  # fmt: skip
 
 
-def _build_tiny_sd3(folder: Path) -> None:
-    """Stable Diffusion 3 at toy width: two projecting CLIP encoders whose hidden states fill the T5 width."""
+def _sd3_pipeline(
+    folder: Path,
+    transformer_config: dict,
+    clip_l_config: dict,
+    clip_g_config: dict,
+    t5_config: dict,
+    vae_config: dict,
+    scheduler_config: dict,
+) -> None:
+    """Build a StableDiffusion3Pipeline with random weights (seed SEED) on the current default device and save it."""
     import torch
     from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
 
     torch.manual_seed(SEED)
     clip_tokenizer, t5_tokenizer = _tokenizers()
-    clip_config = {"vocab_size": len(byte_level_vocab()), "hidden_size": WIDTH // 2, "intermediate_size": WIDTH,
-                   "num_hidden_layers": 2, "num_attention_heads": 2, "projection_dim": WIDTH // 2}  # fmt: skip
-    transformer = SD3Transformer2DModel(
-        sample_size=32, patch_size=2, in_channels=16, out_channels=16, num_layers=2, attention_head_dim=32,
-        num_attention_heads=2, caption_projection_dim=WIDTH, joint_attention_dim=WIDTH, pooled_projection_dim=WIDTH,
-    )  # fmt: skip
+    transformer = SD3Transformer2DModel(**transformer_config).eval()  # first: the seed's draws stay as they were
     StableDiffusion3Pipeline(
-        scheduler=FlowMatchEulerDiscreteScheduler(),
-        vae=_vae(**TINY_VAE),
-        text_encoder=_clip(clip_config, with_projection=True),
+        scheduler=FlowMatchEulerDiscreteScheduler(**scheduler_config),
+        vae=_vae(**vae_config),
+        text_encoder=_clip(clip_l_config, with_projection=True),
         tokenizer=clip_tokenizer,
-        text_encoder_2=_clip(clip_config, with_projection=True),
+        text_encoder_2=_clip(clip_g_config, with_projection=True),
         tokenizer_2=clip_tokenizer,
-        text_encoder_3=_t5({"vocab_size": len(t5_tokenizer), **TINY_T5}),
+        text_encoder_3=_t5(t5_config),
         tokenizer_3=t5_tokenizer,
-        transformer=transformer.eval(),
+        transformer=transformer,
     ).save_pretrained(folder)
 
 
-def _build_flux_dev_shape(folder: Path) -> None:
-    """FLUX.1-dev's published configs, random bf16 weights initialised directly on the GPU."""
+def _build_tiny_sd3(folder: Path) -> None:
+    """Stable Diffusion 3 at toy width: two projecting CLIP encoders whose hidden states fill the T5 width."""
+    clip_config = {"vocab_size": len(byte_level_vocab()), "hidden_size": WIDTH // 2, "intermediate_size": WIDTH, "num_hidden_layers": 2,
+                   "num_attention_heads": 2, "projection_dim": WIDTH // 2}  # fmt: skip
+    _sd3_pipeline(
+        folder,
+        transformer_config={
+            "sample_size": 32, "patch_size": 2, "in_channels": 16, "out_channels": 16, "num_layers": 2,
+            "attention_head_dim": 32, "num_attention_heads": 2, "caption_projection_dim": WIDTH,
+            "joint_attention_dim": WIDTH, "pooled_projection_dim": WIDTH,
+        },
+        clip_l_config=clip_config,
+        clip_g_config=clip_config,
+        t5_config={"vocab_size": len(_tokenizers()[1]), **TINY_T5},
+        vae_config=TINY_VAE,
+        scheduler_config={},
+    )  # fmt: skip
+
+
+@contextmanager
+def _on_the_gpu_in_bf16(name: str) -> Iterator[None]:
+    """Create tensors directly on the GPU in bf16 (a full-size model builds in seconds there, not minutes)."""
     import torch
 
     if not torch.cuda.is_available():
-        raise UserError("model builtin 'flux-dev-shape' is built on a CUDA GPU (about 12 B parameters); none is here")
+        raise UserError(f"model builtin {name!r} is built on a CUDA GPU (billions of parameters); none is here")
     previous = torch.get_default_dtype()
     torch.set_default_dtype(torch.bfloat16)
     try:
         with torch.device("cuda"):
-            _flux_pipeline(
-                folder,
-                transformer_config={
-                    "patch_size": 1, "in_channels": 64, "num_layers": 19, "num_single_layers": 38,
-                    "attention_head_dim": 128, "num_attention_heads": 24, "joint_attention_dim": 4096,
-                    "pooled_projection_dim": 768, "axes_dims_rope": (16, 56, 56), "guidance_embeds": True,
-                },
-                clip_config={"vocab_size": 49408, "hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12,
-                             "num_attention_heads": 12, "projection_dim": 768, "hidden_act": "quick_gelu"},
-                t5_config={"vocab_size": 32128, "d_model": 4096, "d_ff": 10240, "d_kv": 64, "num_heads": 64,
-                           "num_layers": 24, "feed_forward_proj": "gated-gelu"},
-                vae_config={"down_block_types": ("DownEncoderBlock2D",) * 4, "up_block_types": ("UpDecoderBlock2D",) * 4,
-                            "block_out_channels": (128, 256, 512, 512), "layers_per_block": 2, "norm_num_groups": 32,
-                            "sample_size": 1024, "shift_factor": 0.1159, "scaling_factor": 0.3611},
-                scheduler_config={"base_image_seq_len": 256, "base_shift": 0.5, "max_image_seq_len": 4096,
-                                  "max_shift": 1.15, "shift": 3.0, "use_dynamic_shifting": True},
-            )  # fmt: skip
+            yield
     finally:
         torch.set_default_dtype(previous)
         torch.cuda.empty_cache()
 
 
-BUILDERS = {"tiny-flux": _build_tiny_flux, "tiny-sd3": _build_tiny_sd3, "flux-dev-shape": _build_flux_dev_shape}
+# The published configs of the full-size models (FLUX.1-dev; Stable Diffusion 3 medium). Both pipelines use
+# CLIP-L, T5-XXL and a 16-channel VAE of the same layout.
+CLIP_L = {"hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12, "num_attention_heads": 12,
+          "projection_dim": 768, "hidden_act": "quick_gelu"}  # fmt: skip
+T5_XXL = {"d_model": 4096, "d_ff": 10240, "d_kv": 64, "num_heads": 64, "num_layers": 24,
+          "feed_forward_proj": "gated-gelu"}  # fmt: skip
+VAE_16 = {"down_block_types": ("DownEncoderBlock2D",) * 4, "up_block_types": ("UpDecoderBlock2D",) * 4,
+          "block_out_channels": (128, 256, 512, 512), "layers_per_block": 2, "norm_num_groups": 32,
+          "sample_size": 1024}  # fmt: skip
+FLUX_DEV_TRANSFORMER = {
+    "patch_size": 1, "in_channels": 64, "num_layers": 19, "num_single_layers": 38, "attention_head_dim": 128,
+    "num_attention_heads": 24, "joint_attention_dim": 4096, "pooled_projection_dim": 768,
+    "axes_dims_rope": (16, 56, 56), "guidance_embeds": True,
+}  # fmt: skip
+SD3_MEDIUM_TRANSFORMER = {
+    "sample_size": 128, "patch_size": 2, "in_channels": 16, "out_channels": 16, "num_layers": 24,
+    "attention_head_dim": 64, "num_attention_heads": 24, "joint_attention_dim": 4096,
+    "caption_projection_dim": 1536, "pooled_projection_dim": 2048, "pos_embed_max_size": 192,
+}  # fmt: skip
+CLIP_G = {"hidden_size": 1280, "intermediate_size": 5120, "num_hidden_layers": 32, "num_attention_heads": 20,
+          "projection_dim": 1280, "hidden_act": "gelu"}  # fmt: skip
+
+
+def _build_flux_dev_shape(folder: Path) -> None:
+    """FLUX.1-dev's published configs, random bf16 weights initialised directly on the GPU."""
+    with _on_the_gpu_in_bf16("flux-dev-shape"):
+        _flux_pipeline(
+            folder,
+            transformer_config=FLUX_DEV_TRANSFORMER,
+            clip_config={"vocab_size": 49408, **CLIP_L},
+            t5_config={"vocab_size": 32128, **T5_XXL},
+            vae_config={**VAE_16, "shift_factor": 0.1159, "scaling_factor": 0.3611},
+            scheduler_config={"base_image_seq_len": 256, "base_shift": 0.5, "max_image_seq_len": 4096,
+                              "max_shift": 1.15, "shift": 3.0, "use_dynamic_shifting": True},
+        )  # fmt: skip
+
+
+def _build_sd3_medium_shape(folder: Path) -> None:
+    """Stable Diffusion 3 medium's published configs (MMDiT, CLIP-L, OpenCLIP bigG, T5-XXL), random bf16 weights
+    initialised directly on the GPU."""
+    with _on_the_gpu_in_bf16("sd3-medium-shape"):
+        _sd3_pipeline(
+            folder,
+            transformer_config=SD3_MEDIUM_TRANSFORMER,
+            clip_l_config={"vocab_size": 49408, **CLIP_L},
+            clip_g_config={"vocab_size": 49408, **CLIP_G},
+            t5_config={"vocab_size": 32128, **T5_XXL},
+            vae_config={**VAE_16, "shift_factor": 0.0609, "scaling_factor": 1.5305},
+            scheduler_config={"shift": 3.0},
+        )
+
+
+BUILDERS = {
+    "tiny-flux": _build_tiny_flux,
+    "tiny-sd3": _build_tiny_sd3,
+    "flux-dev-shape": _build_flux_dev_shape,
+    "sd3-medium-shape": _build_sd3_medium_shape,
+}
 SYNTHETIC = tuple(BUILDERS)  # every built-in model has random weights
