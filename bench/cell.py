@@ -13,6 +13,7 @@ import signal
 import sys
 import time
 import traceback
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -95,22 +96,27 @@ class CellResult:
         return cls(**data)
 
 
-class CompileTimeout(Exception):
-    """The warm-up of a compiled cell, where torch.compile compiles, ran past run.compile_timeout_s."""
-
-
 @contextlib.contextmanager
-def _compile_time_limit(seconds: float | None):
-    """Raise CompileTimeout in this (main) thread once `seconds` have passed; no limit when None."""
+def _compile_time_limit(seconds: float | None, spec: CellSpec, result: CellResult) -> Iterator[None]:
+    """End the cell as a `timeout` once `seconds` have passed; no limit when None.
+
+    The cell ends itself from the signal handler: an exception raised inside torch.compile can be caught
+    there (and compilation retried or skipped), so it would not reliably stop anything.
+    """
     if seconds is None:
         yield
         return
+    start = time.perf_counter()
 
     def expire(signum: int, frame: Any) -> None:
-        raise CompileTimeout(
+        traceback.print_stack(frame)  # the log shows where compilation was
+        result.status = "timeout"
+        result.error = (
             f"compilation (the warm-up of a compiled cell) ran past run.compile_timeout_s = {seconds:g} s;"
             " rerun to go on (Inductor's cache keeps the kernels already built) or raise the limit"
         )
+        result.measurements["warmup_s"] = time.perf_counter() - start
+        _finish(spec, result)
 
     previous = signal.signal(signal.SIGALRM, expire)
     signal.setitimer(signal.ITIMER_REAL, seconds)
@@ -186,7 +192,13 @@ def run_cell(spec: CellSpec, result: CellResult) -> None:
     }
 
     _inject(fault, "load")
-    if cell.components:
+    if cell.components and getattr(method.options, "pipeline_config", False):
+        from diffusers import PipelineQuantizationConfig
+
+        mapping = {name: method.quantization_config(components[name], cell) for name in cell.components}
+        quantized = {"quantization_config": PipelineQuantizationConfig(quant_mapping=mapping)}
+        _phase("quantize: inside the pipeline's from_pretrained (PipelineQuantizationConfig)")
+    elif cell.components:
         start = clock.now()
         prepared = {name: method.prepare_component(components[name], cell) for name in cell.components}
         m["prepare_s"] = clock.now() - start
@@ -276,12 +288,10 @@ def _generate(pipe: Any, spec: CellSpec, result: CellResult, clock: Any, fault: 
     compiled = spec.cell.get("compile", "off") != "off"
     _phase("warm-up" + (f" (torch.compile mode={spec.cell['compile']} compiles here)" if compiled else ""))
     start = clock.now()
-    try:
-        with _compile_time_limit(spec.compile_timeout_s if compiled else None):
-            for _ in range(gen["warmup"]):
-                generate(gen["prompts"][0], gen["seeds"][0])
-    finally:
-        result.measurements["warmup_s"] = clock.now() - start
+    with _compile_time_limit(spec.compile_timeout_s if compiled else None, spec, result):
+        for _ in range(gen["warmup"]):
+            generate(gen["prompts"][0], gen["seeds"][0])
+    result.measurements["warmup_s"] = clock.now() - start
     _phase(f"warm-up: {result.measurements['warmup_s']:.1f} s")
     _inject(fault, "generate")
 
@@ -342,13 +352,10 @@ def describe(error: BaseException) -> str:
 
 def classify(error: BaseException) -> str:
     """The row status for an exception raised inside a cell."""
-    from bench.errors import root_cause
     from bench.methods.base import MethodUnavailable
 
     if isinstance(error, MethodUnavailable):
         return error.status
-    if isinstance(root_cause(error), CompileTimeout):
-        return "timeout"
     if type(error).__name__ == "OutOfMemoryError" or "out of memory" in str(error).lower():
         return "oom"
     return "failed"
@@ -360,21 +367,20 @@ def main(argv: list[str]) -> None:
     try:
         run_cell(spec, result)
     except BaseException as error:  # every failure becomes a row; the driver sees it in the result file
-        from bench.errors import root_cause
         from bench.methods.base import MethodUnavailable
 
         result.status = classify(error)
-        if isinstance(error, MethodUnavailable):
-            result.error = error.reason
-        elif isinstance(root_cause(error), CompileTimeout):
-            result.error = str(root_cause(error))
-        else:
-            result.error = describe(error)
+        result.error = error.reason if isinstance(error, MethodUnavailable) else describe(error)
         traceback.print_exc()
+    _finish(spec, result)
+
+
+def _finish(spec: CellSpec, result: CellResult) -> None:
+    """Write the result for the driver and end this process."""
     result.save(spec.result_path)
     sys.stdout.flush()
     sys.stderr.flush()
-    os._exit(0)  # skip interpreter teardown (~1 s per cell); everything is written
+    os._exit(0)  # skip interpreter teardown (~1 s per cell), and stop any thread still working: all is written
 
 
 if __name__ == "__main__":

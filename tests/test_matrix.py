@@ -131,7 +131,7 @@ def test_cell_id_ignores_the_order_of_option_keys(tmp_path):
         (
             {"method": {"torchao": {"quant_type": "int8wo", "bits": 4}}},
             "method.torchao.bits",
-            ["unknown option", "allowed: group_size, modules_to_not_convert, quant_type"],
+            ["unknown option", "allowed: group_size, modules_to_not_convert, pipeline_config, quant_type, serialize"],
         ),
         (
             {"method": {"torchoa": {"quant_type": "int8wo"}}},

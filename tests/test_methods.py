@@ -177,11 +177,11 @@ def test_bitsandbytes_configs_follow_the_cell_axes():
     from bench.methods.bitsandbytes import EightBit, FourBit, FourBitOptions
 
     eight = EightBit(EightBit.Options(llm_int8_skip_modules=["proj_out"]))
-    assert eight.quantization_config(Cell("bnb_8bit", threshold=10.0)) == {
+    assert eight.config_kwargs(Cell("bnb_8bit", threshold=10.0)) == {
         "load_in_8bit": True, "llm_int8_threshold": 10.0, "llm_int8_skip_modules": ["proj_out"]
     }  # fmt: skip
     four = FourBit(FourBitOptions(bnb_4bit_quant_type="fp4", bnb_4bit_use_double_quant=True))
-    config = four.quantization_config(Cell("bnb_4bit", dtype="fp16"))
+    config = four.config_kwargs(Cell("bnb_4bit", dtype="fp16"))
     assert config["bnb_4bit_compute_dtype"] == torch.float16 and config["bnb_4bit_quant_type"] == "fp4"
     assert config["bnb_4bit_use_double_quant"] is True
 
@@ -231,3 +231,34 @@ def test_gguf_quantizes_only_linear_weights_of_sd3(tiny_sd3):
 def test_torchao_quantizes_the_sd3_t5_encoder(tiny_sd3):
     model = load("torchao", {"quant_type": "int8wo"}, tiny_sd3, "text_encoder_3")
     assert type(model.encoder.block[0].layer[0].SelfAttention.q.weight).__name__ == "Int8Tensor"
+
+
+def test_pipeline_quantization_config_quantizes_each_mapped_component_in_one_load(tiny_flux):
+    from diffusers import DiffusionPipeline, PipelineQuantizationConfig
+
+    method = method_class("torchao")(TorchAoOptions(quant_type="int8wo", pipeline_config=True))
+    cell = Cell("torchao", {"quant_type": "int8wo"}, components=("transformer", "text_encoder_2"))
+    mapping = {name: method.quantization_config(component(tiny_flux, name), cell) for name in cell.components}
+    assert type(mapping["transformer"]).__module__.startswith("diffusers")  # each library's own config class
+    assert type(mapping["text_encoder_2"]).__module__.startswith("transformers")
+    pipe = DiffusionPipeline.from_pretrained(
+        tiny_flux, dtype=torch.bfloat16, quantization_config=PipelineQuantizationConfig(quant_mapping=mapping)
+    )
+    assert type(pipe.transformer.transformer_blocks[0].attn.to_q.weight).__name__ == "Int8Tensor"
+    assert type(pipe.text_encoder_2.encoder.block[0].layer[0].SelfAttention.q.weight).__name__ == "Int8Tensor"
+    assert all(type(p).__name__ == "Parameter" for p in pipe.text_encoder.parameters()), "unmapped: unquantized"
+
+
+@pytest.mark.parametrize(
+    ("options", "fragment"),
+    [
+        ({"quant_type": "int8wo", "pipeline_config": True, "serialize": True}, "pipeline_config and serialize"),
+        ({"pipeline_config": True, "prequantized": True}, "pipeline_config and prequantized"),
+    ],
+)
+def test_pipeline_config_refuses_options_that_need_components_loaded_one_by_one(options, fragment):
+    from pydantic import ValidationError
+
+    cls = method_class("torchao" if "quant_type" in options else "bnb_4bit")
+    with pytest.raises(ValidationError, match=fragment):
+        cls.Options.model_validate(options)

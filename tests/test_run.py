@@ -187,3 +187,24 @@ def test_stable_diffusion_3_runs_end_to_end(tmp_path, quantbench_cache):
     torchao = frame[frame.method == "torchao"].iloc[0]
     assert torchao["components"] == "transformer,text_encoder_3"
     assert 10 < torchao["psnr_db"] < float("inf")
+
+
+def test_pipeline_quantization_config_gives_the_same_cell_as_loading_components_one_by_one(tmp_path, quantbench_cache):
+    from tests.conftest import matrix_data, write_matrix
+
+    data = matrix_data(
+        name="pipeline-config",
+        generation={"prompts": ["a red apple"], "num_inference_steps": 2, "repeats": 1},
+        axes={"method": ["torchao"], "components": [["transformer", "text_encoder_2"]]},
+        method={"torchao": {"quant_type": "int8wo", "pipeline_config": [False, True]}},
+    )
+    summary = run_matrix(load_matrix(write_matrix(tmp_path, data)), tmp_path / "results")
+    assert summary.statuses == {"ok": 2}
+    frame = read_results(tmp_path / "results")
+    one_by_one = frame[~frame["method_options"].str.contains('"pipeline_config": true')].iloc[0]
+    in_one_call = frame[frame["method_options"].str.contains('"pipeline_config": true')].iloc[0]
+    assert one_by_one["quantize_s"] > 0 and np.isnan(in_one_call["quantize_s"])  # quantizing is inside load_s
+    assert in_one_call["transformer_tensor_bytes"] == one_by_one["transformer_tensor_bytes"]
+    assert in_one_call["latent_rel_l2"] == one_by_one["latent_rel_l2"] > 0  # the same quantized model, same output
+    log = (ResultsFolder(tmp_path / "results").logs_dir / f"{in_one_call['cell_id']}.log").read_text()
+    assert "inside the pipeline's from_pretrained (PipelineQuantizationConfig)" in log

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, model_validator
 
 if TYPE_CHECKING:
     from bench.cells import Cell
@@ -23,6 +23,24 @@ class QuantizedOptions(MethodOptions):
     """Options every quantizing method takes."""
 
     serialize: bool = False  # save_pretrained / from_pretrained round trip before generating (bench/serialization.py)
+
+
+class ConfigOptions(QuantizedOptions):
+    """Options of the methods that quantize through a library's quantization config (bitsandbytes, torchao,
+    quanto)."""
+
+    # Quantize every chosen component inside the pipeline's one `from_pretrained` call, through diffusers'
+    # PipelineQuantizationConfig(quant_mapping=...) as current diffusers recommends; quantize_s is then part of
+    # load_s (and null). Off: each component is loaded quantized on its own, so quantize_s is measured apart.
+    pipeline_config: bool = False
+
+    @model_validator(mode="after")
+    def _pipeline_config_loads_in_one_call(self) -> ConfigOptions:
+        if self.pipeline_config and self.serialize:
+            raise ValueError(
+                "pipeline_config and serialize exclude each other: the round trip saves components one by one"
+            )
+        return self
 
 
 class MethodUnavailable(Exception):
@@ -73,16 +91,17 @@ class Component:
         """`from_pretrained` of this component in the cell's dtype, with extra arguments."""
         return self.model_class().from_pretrained(self.folder, subfolder=self.name, dtype=cell.torch_dtype, **kwargs)
 
-    def load_quantized(self, cell: Cell, config_name: str, **config: Any) -> Any:
-        """Load with the quantization config class `config_name` of the component's own library.
+    def config_class(self, config_name: str) -> Any:
+        """The quantization config class `config_name` of the component's own library.
 
         diffusers models take diffusers' config class, transformers models (the T5 and CLIP text encoders)
         transformers' class of the same name, as the diffusers quantization guide does.
         """
         import importlib
 
-        library = importlib.import_module("transformers" if self.is_transformers_model else "diffusers")
-        return self.load(cell, quantization_config=getattr(library, config_name)(**config))
+        return getattr(
+            importlib.import_module("transformers" if self.is_transformers_model else "diffusers"), config_name
+        )
 
 
 class Method:
@@ -108,9 +127,13 @@ class Method:
         """One-off, cached work outside the timings (produce a GGUF file, save a pre-quantized checkpoint)."""
         return component
 
+    def quantization_config(self, component: Component, cell: Cell) -> Any:
+        """The library quantization config that loads `component` quantized for `cell` (methods that have one)."""
+        raise NotImplementedError
+
     def load_component(self, component: Component, cell: Cell) -> Any:
         """Load `component` quantized for `cell` (inside the cell subprocess, timed as `quantize_s`)."""
-        raise NotImplementedError
+        return component.load(cell, quantization_config=self.quantization_config(component, cell))
 
     def after_load(self, pipe: Any, cell: Cell) -> dict[str, Any]:
         """Hook run after the pipeline is placed (e.g. dequantize); returns extra measurements."""

@@ -10,14 +10,22 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, ClassVar, Literal
 
+from pydantic import model_validator
+
 from bench.cache import build_once, cache_dir
-from bench.methods.base import Component, Method, MethodOptions, QuantizedOptions, needs_cuda
+from bench.methods.base import Component, ConfigOptions, Method, MethodOptions, needs_cuda
 
 
-class BitsAndBytesOptions(QuantizedOptions):
+class BitsAndBytesOptions(ConfigOptions):
     llm_int8_skip_modules: list[str] | None = None
     dequantize: bool = False
     prequantized: bool = False
+
+    @model_validator(mode="after")
+    def _prequantized_loads_without_a_config(self) -> BitsAndBytesOptions:
+        if self.pipeline_config and self.prequantized:
+            raise ValueError("pipeline_config and prequantized exclude each other: a saved checkpoint needs no config")
+        return self
 
 
 class FourBitOptions(BitsAndBytesOptions):
@@ -37,18 +45,22 @@ class _BitsAndBytes(Method):
     def config(self, cell) -> dict[str, Any]:
         raise NotImplementedError
 
-    def quantization_config(self, cell) -> dict[str, Any]:
+    def config_kwargs(self, cell) -> dict[str, Any]:
+        """The `BitsAndBytesConfig` arguments for `cell` (the same for diffusers' and transformers' class)."""
         config = self.config(cell)
         if self.options.llm_int8_skip_modules:
             config["llm_int8_skip_modules"] = self.options.llm_int8_skip_modules
         return config
+
+    def quantization_config(self, component: Component, cell) -> Any:
+        return component.config_class("BitsAndBytesConfig")(**self.config_kwargs(cell))
 
     def prepare_component(self, component: Component, cell) -> Component:
         if not self.options.prequantized:
             return component
 
         def save_quantized(folder) -> None:
-            quantized = component.load_quantized(cell, "BitsAndBytesConfig", **self.quantization_config(cell))
+            quantized = component.load(cell, quantization_config=self.quantization_config(component, cell))
             quantized.save_pretrained(folder / component.name)
 
         saved = build_once(cache_dir("prequantized") / f"{cell.id}-{component.name}", save_quantized)
@@ -57,7 +69,7 @@ class _BitsAndBytes(Method):
     def load_component(self, component: Component, cell) -> Any:
         if self.options.prequantized:  # the saved checkpoint carries its quantization config, as the guide shows
             return component.load(cell)
-        return component.load_quantized(cell, "BitsAndBytesConfig", **self.quantization_config(cell))
+        return super().load_component(component, cell)
 
     def after_load(self, pipe: Any, cell) -> dict[str, Any]:
         if not self.options.dequantize:

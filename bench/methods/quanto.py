@@ -5,10 +5,10 @@ from __future__ import annotations
 import importlib.util
 from typing import Any, ClassVar, Literal
 
-from bench.methods.base import Component, Method, MethodOptions, MethodUnavailable, QuantizedOptions
+from bench.methods.base import Component, ConfigOptions, Method, MethodOptions, MethodUnavailable
 
 
-class QuantoOptions(QuantizedOptions):
+class QuantoOptions(ConfigOptions):
     weights_dtype: Literal["int8", "int4", "int2", "float8"] = "int8"
     modules_to_not_convert: list[str] | None = None
 
@@ -23,12 +23,9 @@ class Quanto(Method):
         if importlib.util.find_spec("optimum.quanto") is None:
             raise MethodUnavailable("unsupported", "quanto needs the `optimum-quanto` package")
 
-    def load_component(self, component: Component, cell) -> Any:
+    def quantization_config(self, component: Component, cell) -> Any:
         # the two libraries name the weight type differently
         dtype_key = "weights" if component.is_transformers_model else "weights_dtype"
-        return component.load_quantized(
-            cell,
-            "QuantoConfig",
-            **{dtype_key: self.options.weights_dtype},
-            modules_to_not_convert=self.options.modules_to_not_convert,
+        return component.config_class("QuantoConfig")(
+            **{dtype_key: self.options.weights_dtype}, modules_to_not_convert=self.options.modules_to_not_convert
         )

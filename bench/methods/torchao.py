@@ -12,7 +12,7 @@ from typing import Any, ClassVar
 
 from pydantic import field_validator
 
-from bench.methods.base import Component, Method, MethodOptions, MethodUnavailable, QuantizedOptions, needs_cuda
+from bench.methods.base import Component, ConfigOptions, Method, MethodOptions, MethodUnavailable, needs_cuda
 
 _FPX = re.compile(r"fp(\d+)_e(\d+)m(\d+)")
 _UINTX = re.compile(r"uint([1-7])wo")
@@ -29,7 +29,7 @@ PATTERN_TYPES = ("fpX_eAwB (X == A + B + 1)", "uint1wo ... uint7wo", "int1wo_int
 FLOAT8_DYNAMIC = ("float8dq", "float8dq_e4m3", "float8_e4m3_tensor", "float8_e4m3_row")
 
 
-class TorchAoOptions(QuantizedOptions):
+class TorchAoOptions(ConfigOptions):
     quant_type: str
     group_size: int | None = None
     modules_to_not_convert: list[str] | None = None
@@ -136,10 +136,7 @@ class TorchAo(Method):
             raise MethodUnavailable("unsupported", "torchao int4dq (DA8W4) has only a CPU kernel")
         build_torchao_config(self.options)
 
-    def load_component(self, component: Component, cell) -> Any:
-        return component.load_quantized(
-            cell,
-            "TorchAoConfig",
-            quant_type=build_torchao_config(self.options),
-            modules_to_not_convert=self.options.modules_to_not_convert,
+    def quantization_config(self, component: Component, cell) -> Any:
+        return component.config_class("TorchAoConfig")(
+            quant_type=build_torchao_config(self.options), modules_to_not_convert=self.options.modules_to_not_convert
         )
