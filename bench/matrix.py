@@ -71,12 +71,28 @@ class Generation(_Strict):
     max_sequence_length: int = Field(default=512, ge=1, le=4096)
     repeats: int = Field(default=3, ge=1, le=100)
     warmup: int = Field(default=1, ge=0, le=100)
+    # Time few steps, report the end-to-end time of this many: e2e + (N - steps) x median step time, in columns
+    # that say so. Changes no cell (not part of the cell id).
+    extrapolate_to_steps: int | None = Field(default=None, ge=1, le=1000)
 
     @model_validator(mode="after")
     def _one_prompt_source(self) -> Generation:
         if bool(self.prompts) == bool(self.prompt_file):
             raise ValueError("give exactly one of prompts (a non-empty list) or prompt_file")
         return self
+
+    @model_validator(mode="after")
+    def _extrapolate_beyond_the_timed_steps(self) -> Generation:
+        if self.extrapolate_to_steps is not None and self.extrapolate_to_steps <= self.num_inference_steps:
+            raise ValueError(
+                f"extrapolate_to_steps ({self.extrapolate_to_steps}) must exceed num_inference_steps"
+                f" ({self.num_inference_steps}): fewer steps are timed, more are extrapolated"
+            )
+        return self
+
+    def identity(self) -> dict[str, Any]:
+        """The settings that change what a cell computes (its id depends on them)."""
+        return self.model_dump(exclude={"extrapolate_to_steps"})
 
 
 class DriftSettings(_Strict):
@@ -340,7 +356,7 @@ def expand(spec: MatrixFile, path: Path) -> list[Cell]:
     cells += [_included_cell(path, spec, rule, f"include.{i}") for i, rule in enumerate(spec.include)]
     for cell in cells:
         _check_combination(path, spec, cell)
-    context = {"model": spec.model.key(), "generation": spec.generation.model_dump()}
+    context = {"model": spec.model.key(), "generation": spec.generation.identity()}
     unique: dict[str, Cell] = {}
     for cell in cells:
         cell = cell.with_id(context)

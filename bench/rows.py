@@ -68,6 +68,7 @@ def cell_rows(
             sample = samples.get((prompt_index, seed))
             if sample is not None:
                 _fill_sample(row, sample)
+                _extrapolate(row, generation.extrapolate_to_steps)
             elif result.status == "ok":
                 row.status, row.error = "failed", "the cell finished without measuring this prompt and seed"
             if drift and (prompt_index, seed) in drift:
@@ -75,6 +76,16 @@ def cell_rows(
             rows.append(row)
     _apply_gates(rows, matrix.spec.gates)
     return rows
+
+
+def _extrapolate(row: ResultRow, steps: int | None) -> None:
+    """The end-to-end time of `steps` steps from the timed run of fewer: the extra steps at the median step time."""
+    if steps is None or row.e2e_latency_median_s is None or row.step_latency_median_s is None:
+        return
+    row.extrapolated_to_steps = steps
+    row.e2e_latency_extrapolated_s = (
+        row.e2e_latency_median_s + (steps - row.num_inference_steps) * row.step_latency_median_s
+    )
 
 
 def _fill_drift(row: ResultRow, drift: Drift) -> None:

@@ -193,7 +193,7 @@ class _Comparison:
     def _keys(self) -> dict[tuple[int, int], str]:
         matrix = self.ready.matrix
         device = self.ready.machine.gpu_name if self.ready.device == "cuda" else "cpu"
-        generation = matrix.generation.model_dump()
+        generation = matrix.generation.identity()
         return {
             (index, seed): reference_key(matrix.model.key(), generation, prompt, seed, self.dtype, device)
             for index, prompt in enumerate(matrix.generation.prompts)

@@ -81,10 +81,13 @@ class ResultRow:
     quantize_s: float | None = None
     load_s: float | None = None
     warmup_s: float | None = None
+    compile_s: float | None = None  # compiled cells: the first warm-up generation minus the median timed one
     e2e_latency_median_s: float | None = None
     e2e_latency_iqr_s: float | None = None
     step_latency_median_s: float | None = None
     step_latency_iqr_s: float | None = None
+    extrapolated_to_steps: int | None = None  # set only when the next column is extrapolated
+    e2e_latency_extrapolated_s: float | None = None  # e2e median + (extrapolated_to_steps - steps) x step median
     cell_wall_s: float | None = None
     serialize_save_s: float | None = None
     serialize_reload_s: float | None = None

@@ -19,8 +19,8 @@ CELL_COLUMNS = (
     "cell_label", "method", "method_family", "method_options", "dtype", "threshold", "compile", "fullgraph",
     "components", "placement", "weights", "gpu_name", "device", "resident_reserved_bytes", "peak_reserved_bytes",
     "peak_allocated_bytes", "dequantized_reserved_bytes", "transformer_footprint_bytes", "transformer_tensor_bytes",
-    "gpu_memory_note", "load_s", "quantize_s", "warmup_s", "prepare_s", "import_s", "cell_wall_s", "gate_status",
-    "gate_failures",
+    "gpu_memory_note", "load_s", "quantize_s", "warmup_s", "compile_s", "prepare_s", "import_s", "cell_wall_s",
+    "extrapolated_to_steps", "gate_status", "gate_failures",
 )  # fmt: skip
 
 
@@ -50,6 +50,7 @@ def cell_summary(frame: pd.DataFrame) -> pd.DataFrame:
         record["e2e_latency_iqr_s"] = rows["e2e_latency_iqr_s"].median()
         record["step_latency_median_s"] = rows["step_latency_median_s"].median()
         record["step_latency_iqr_s"] = rows["step_latency_iqr_s"].median()
+        record["e2e_latency_extrapolated_s"] = rows["e2e_latency_extrapolated_s"].median()
         ok = rows[rows["status"] == "ok"]
         for metric in METRICS:
             mean, low, high = mean_ci(ok[metric]) if metric in ok else (None, None, None)

@@ -85,6 +85,8 @@ def test_cell_ids_are_stable_and_depend_on_generation_settings(make_matrix):
     assert first == again
     assert set(first).isdisjoint(other_steps)
     assert all(len(i) == 12 and int(i, 16) >= 0 for i in first)
+    extrapolated = [c.id for c in load_matrix(make_matrix("d.toml", generation={"extrapolate_to_steps": 50})).cells]
+    assert extrapolated == first, "extrapolation changes what rows report, not what cells compute"
 
 
 def test_cell_id_ignores_the_order_of_option_keys(tmp_path):
@@ -145,6 +147,11 @@ def test_cell_id_ignores_the_order_of_option_keys(tmp_path):
         ({"include": [{"dtype": "fp16"}]}, "include.0.method", ["must name a method"]),
         ({"include": [{"method": "baseline", "dtype": "fp8"}]}, "include.0.dtype", ["allowed: bf16, fp16, fp32"]),
         ({"exclude": [{"method": ["baseline", "torchao"]}]}, "exclude", ["exclude every cell"]),
+        (
+            {"generation": {"num_inference_steps": 4, "extrapolate_to_steps": 4}},
+            "generation",
+            ["extrapolate_to_steps (4) must exceed num_inference_steps (4)"],
+        ),
         (
             {"run": {"timeout_s": 600, "compile_timeout_s": 900}},
             "run",

@@ -208,3 +208,28 @@ def test_pipeline_quantization_config_gives_the_same_cell_as_loading_components_
     assert in_one_call["latent_rel_l2"] == one_by_one["latent_rel_l2"] > 0  # the same quantized model, same output
     log = (ResultsFolder(tmp_path / "results").logs_dir / f"{in_one_call['cell_id']}.log").read_text()
     assert "inside the pipeline's from_pretrained (PipelineQuantizationConfig)" in log
+
+
+def test_a_compiled_cell_reports_compile_time_apart_and_extrapolated_latency_says_so(tmp_path, quantbench_cache):
+    from tests.conftest import matrix_data, write_matrix
+
+    data = matrix_data(
+        name="compiled",
+        generation={"prompts": ["a red apple"], "num_inference_steps": 3, "repeats": 2, "extrapolate_to_steps": 50},
+        axes={"method": ["baseline"], "compile": ["default"]},
+        drift={"enabled": False},
+    )
+    summary = run_matrix(load_matrix(write_matrix(tmp_path, data)), tmp_path / "results")
+    assert summary.statuses == {"ok": 1}
+    row = read_results(tmp_path / "results").iloc[0]
+    assert 0 < row["compile_s"] < row["warmup_s"]
+    assert row["compile_s"] > 10 * row["e2e_latency_median_s"], "compiling costs far more than one tiny generation"
+    assert row["extrapolated_to_steps"] == 50
+    expected = row["e2e_latency_median_s"] + 47 * row["step_latency_median_s"]
+    assert row["e2e_latency_extrapolated_s"] == pytest.approx(expected)
+    assert row["e2e_latency_extrapolated_s"] > row["e2e_latency_median_s"]
+    from bench.report import render
+
+    html = render(read_results(tmp_path / "results"), tmp_path / "results")
+    assert f"{row['e2e_latency_extrapolated_s']:.2f} at 50 steps (extrapolated)" in html
+    assert f"compile {row['compile_s']:.1f} s" in html
