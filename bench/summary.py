@@ -93,3 +93,33 @@ def _against_baseline(summary: pd.DataFrame) -> pd.DataFrame:
             cell["transformer_tensor_bytes"] / base["transformer_tensor_bytes"]
         )
     return summary
+
+
+TIME_PHASES = (
+    ("import_s", "process start to imports done"),
+    ("prepare_s", "preparing (writing GGUF files, pre-quantized checkpoints; cached after the first time)"),
+    ("quantize_s", "loading the quantized components (quantizing happens here)"),
+    ("serialize_save_s", "serialization round trip: save"),
+    ("serialize_reload_s", "serialization round trip: reload"),
+    ("load_s", "loading the rest of the pipeline and placing it"),
+    ("warmup_s", "warm-up generations (torch.compile compiles here)"),
+    ("timed_s", "timed generations (median x repeats per prompt and seed)"),
+)
+
+
+def time_breakdown(frame: pd.DataFrame) -> pd.DataFrame:
+    """Where the cells' wall time went, summed over every cell that ran: one row per phase (seconds and
+    share of the cells' wall time), the rest of each cell process last (interpreter start, saving images and
+    latents, measuring, exit: the harness's own cost inside the cell)."""
+    ran = frame[frame["cell_wall_s"].notna()]
+    cells = ran.groupby("cell_id", sort=False).first()
+    timed = (ran["e2e_latency_median_s"] * ran["repeats"]).groupby(ran["cell_id"], sort=False).sum()
+    totals = {column: float(cells[column].fillna(0).sum()) for column, _ in TIME_PHASES if column != "timed_s"}
+    totals["timed_s"] = float(timed.sum())
+    wall = float(cells["cell_wall_s"].sum())
+    records = [{"phase": label, "seconds": totals[column]} for column, label in TIME_PHASES]
+    records.append({"phase": "rest of the cell process (interpreter start, saving outputs, exit)",
+                    "seconds": wall - sum(totals.values())})  # fmt: skip
+    breakdown = pd.DataFrame.from_records(records)
+    breakdown["share"] = breakdown["seconds"] / wall if wall > 0 else np.nan
+    return breakdown

@@ -122,6 +122,25 @@ def test_compare_flags_memory_and_latency_regressions_only(smoke_run):
     assert flagged.loc["baseline bf16", "regressions"] == ""
 
 
+def test_time_breakdown_accounts_for_every_second_of_the_cells(smoke_run):
+    from bench.report import render
+    from bench.summary import time_breakdown
+
+    _, results, _ = smoke_run
+    frame = read_results(results)
+    breakdown = time_breakdown(frame).set_index("phase")
+    cells = frame.groupby("cell_id").first()
+    assert breakdown["seconds"].sum() == pytest.approx(cells["cell_wall_s"].sum())
+    assert breakdown["share"].sum() == pytest.approx(1.0)
+    quantize = breakdown.loc["loading the quantized components (quantizing happens here)", "seconds"]
+    assert quantize == pytest.approx(cells["quantize_s"].sum()) and quantize > 0
+    imports = breakdown.loc["process start to imports done", "share"]
+    assert 0 < imports < 1
+    html = render(frame, results)
+    assert '<table id="time-spent">' in html and f"{imports:.1%}" in html
+    assert "serialization round trip" not in html, "phases no cell had are left out"
+
+
 def _on_two_gpus(frame: pd.DataFrame) -> pd.DataFrame:
     """The smoke rows as if run twice: once on an H100, once (other cell ids) on an A100 at half the speed."""
     h100 = frame.assign(gpu_name="NVIDIA H100 80GB HBM3", peak_reserved_bytes=10 * 1024**3)

@@ -16,7 +16,7 @@ from bench.baseline import ReferenceCache
 from bench.errors import UserError
 from bench.report.plots import all_plots, colour, roofline
 from bench.store import read_results
-from bench.summary import cell_summary, device_label
+from bench.summary import cell_summary, device_label, time_breakdown
 
 THUMBNAIL_PX = 256
 ENVIRONMENT_COLUMNS = (
@@ -74,7 +74,22 @@ def render(frame: pd.DataFrame, root: Path, kernels: dict[str, Any] | None = Non
         metric_notes=_metric_notes(frame),
         gpu_memory_notes=sorted(set(frame["gpu_memory_note"].dropna())),
         kernels=kernels,
+        time_spent=_time_spent(frame),
     )
+
+
+def _time_spent(frame: pd.DataFrame) -> dict[str, Any] | None:
+    """The phases of the cells' wall time, for the "Where the time went" table; None when no cell ran."""
+    if frame["cell_wall_s"].notna().sum() == 0:
+        return None
+    breakdown = time_breakdown(frame)
+    rows = [
+        {"phase": row["phase"], "seconds": f"{row['seconds']:.1f}", "share": f"{row['share']:.1%}"}
+        for _, row in breakdown.iterrows()
+        if row["seconds"] != 0  # phases no cell had (e.g. no serialization round trip)
+    ]
+    cells = frame.loc[frame["cell_wall_s"].notna(), "cell_id"].nunique()
+    return {"rows": rows, "cells": cells, "wall": f"{breakdown['seconds'].sum():.1f}"}
 
 
 def _kernel_section(path: Path) -> dict[str, Any]:
