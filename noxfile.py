@@ -49,7 +49,7 @@ def gpu(session: nox.Session) -> None:
     session.run(
         "quantbench",
         "compare",
-        "results/reference/flux-dev-h100",
+        "results/reference/h100/flux-dev-h100",
         "results/nightly",
         "-o",
         "reports/out/nightly-compare.csv",
