@@ -36,6 +36,7 @@ def build_once(target: Path, build: Callable[[Path], None]) -> Path:
     The folder appears only complete (built in a temporary sibling, then renamed).
     """
     if target.exists():
+        os.utime(target)  # recently used: `make_room` evicts the least recently used entries first
         return target
     with file_lock(target.with_name(target.name + ".lock")):
         if not target.exists():
@@ -46,3 +47,34 @@ def build_once(target: Path, build: Callable[[Path], None]) -> Path:
             finally:
                 shutil.rmtree(scratch, ignore_errors=True)
     return target
+
+
+def make_room(folder: Path, needed_bytes: int, keep: Path) -> list[Path]:
+    """Free `needed_bytes` on the disk holding cache `folder` by deleting its least recently used entries
+    (never `keep`, never one being built); returns the deleted entries. OSError when that is not enough.
+
+    Large produced files (a FLUX-sized GGUF is 4-13 GB) would otherwise fill a small disk in one reference run.
+    """
+    deleted: list[Path] = []
+    entries = sorted(
+        (entry for entry in folder.iterdir() if entry.is_dir() and not entry.name.startswith(".") and entry != keep),
+        key=lambda entry: entry.stat().st_mtime,
+    )
+    for entry in entries:
+        if shutil.disk_usage(folder).free >= needed_bytes:
+            break
+        with open(entry.with_name(entry.name + ".lock"), "a") as handle:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:  # another process is building it right now
+                continue
+            shutil.rmtree(entry, ignore_errors=True)
+            fcntl.flock(handle, fcntl.LOCK_UN)
+        deleted.append(entry)
+    free = shutil.disk_usage(folder).free
+    if free < needed_bytes:
+        raise OSError(
+            f"{folder}: {needed_bytes / 1e9:.1f} GB needed, {free / 1e9:.1f} GB free after evicting"
+            f" {len(deleted)} least recently used cache entries"
+        )
+    return deleted

@@ -262,3 +262,14 @@ def test_pipeline_config_refuses_options_that_need_components_loaded_one_by_one(
     cls = method_class("torchao" if "quant_type" in options else "bnb_4bit")
     with pytest.raises(ValidationError, match=fragment):
         cls.Options.model_validate(options)
+
+
+def test_gguf_file_that_would_not_fit_the_disk_is_a_clear_error_before_writing(tiny_flux, tmp_path, monkeypatch):
+    import shutil
+    from collections import namedtuple
+
+    monkeypatch.setenv("QUANTBENCH_CACHE", str(tmp_path))  # an empty cache: the file must be written
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: namedtuple("Usage", "total used free")(10**9, 10**9, 0))
+    with pytest.raises(OSError, match=r"GB needed, 0.0 GB free after evicting 0 least recently used cache entries"):
+        load("gguf", {"quant_type": "Q8_0"}, tiny_flux)
+    assert not list((tmp_path / "gguf").glob("transformer-*/model.gguf")), "nothing half-written"

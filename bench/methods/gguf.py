@@ -14,7 +14,7 @@ from typing import Any, ClassVar, Literal
 
 from pydantic import model_validator
 
-from bench.cache import build_once, cache_dir
+from bench.cache import build_once, cache_dir, make_room
 from bench.methods.base import Component, Method, MethodOptions, MethodUnavailable, QuantizedOptions
 
 WRITER_VERSION = "2"  # bump when the produced files change
@@ -72,6 +72,8 @@ class Gguf(Method):
             ).encode()
         ).hexdigest()[:16]
         target = cache_dir("gguf") / f"{component.name}-{self.options.quant_type}-{key}"
+        if not target.exists():
+            make_room(cache_dir("gguf"), estimated_gguf_bytes(source, self.options.quant_type), keep=target)
         build_once(target, lambda folder: write_gguf(source, folder / "model.gguf", self.options))
         return Component(**{**component.__dict__, "single_file": target / "model.gguf"})
 
@@ -85,6 +87,15 @@ class Gguf(Method):
             quantization_config=GGUFQuantizationConfig(compute_dtype=cell.torch_dtype),
             dtype=cell.torch_dtype,
         )
+
+
+def estimated_gguf_bytes(sources: list[Path], quant_type: str) -> int:
+    """About the size of the GGUF file of bf16/fp16 checkpoint `sources` at `quant_type`, with a margin."""
+    import gguf
+
+    block_size, type_size = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[quant_type]]
+    checkpoint = sum(path.stat().st_size for path in sources)
+    return int(checkpoint / 2 * type_size / block_size * 1.1) + 256 * 1024**2
 
 
 def content_digest(path: Path) -> str:

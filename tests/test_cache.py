@@ -1,0 +1,83 @@
+"""The shared cache: entries built once, reuse marks them recent, and room is made by evicting the least
+recently used entries when a large file would not fit the disk."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from collections import namedtuple
+
+import pytest
+
+from bench.cache import build_once, make_room
+
+Usage = namedtuple("Usage", "total used free")
+
+
+def entry(folder, name: str, size: int, mtime: int):
+    path = folder / name
+    path.mkdir()
+    (path / "model.gguf").write_bytes(b"\0" * size)
+    os.utime(path, (mtime, mtime))
+    return path
+
+
+@pytest.fixture
+def disk(monkeypatch):
+    """A disk with 100 bytes free plus whatever the cache entries deleted so far held."""
+    deleted = []
+    real_rmtree = shutil.rmtree
+
+    def rmtree(path, ignore_errors=False):
+        deleted.append(sum(f.stat().st_size for f in path.rglob("*") if f.is_file()))
+        real_rmtree(path, ignore_errors=ignore_errors)
+
+    monkeypatch.setattr(shutil, "rmtree", rmtree)
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: Usage(10**6, 0, 100 + sum(deleted)))
+
+
+def test_least_recently_used_entries_go_first_until_there_is_room(tmp_path, disk):
+    oldest, older, newest = (entry(tmp_path, n, 100, t) for n, t in (("a", 1000), ("b", 2000), ("c", 3000)))
+    keep = tmp_path / "target"
+    assert make_room(tmp_path, 250, keep=keep) == [oldest, older]
+    assert not oldest.exists() and not older.exists() and newest.exists()
+
+
+def test_nothing_is_evicted_when_the_file_fits(tmp_path, disk):
+    kept = entry(tmp_path, "a", 100, 1000)
+    assert make_room(tmp_path, 100, keep=tmp_path / "target") == []
+    assert kept.exists()
+
+
+def test_the_entry_being_made_and_scratch_folders_are_never_evicted(tmp_path, disk):
+    keep = entry(tmp_path, "target", 100, 1000)
+    scratch = entry(tmp_path, ".target.tmp123", 100, 1000)
+    with pytest.raises(OSError, match=r"free after evicting 0 least recently used cache entries"):
+        make_room(tmp_path, 250, keep=keep)
+    assert keep.exists() and scratch.exists()
+
+
+def test_an_entry_another_process_is_building_is_skipped(tmp_path, disk):
+    busy, idle = entry(tmp_path, "a", 100, 1000), entry(tmp_path, "b", 100, 2000)
+    builder = subprocess.Popen(  # holds the entry's build lock, as build_once does while building
+        [sys.executable, "-c", "import fcntl, sys, time; f = open(sys.argv[1], 'a'); fcntl.flock(f, fcntl.LOCK_EX);"
+         " print('locked', flush=True); time.sleep(60)", str(tmp_path / "a.lock")],
+        stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert builder.stdout.readline().strip() == "locked"
+        assert make_room(tmp_path, 200, keep=tmp_path / "target") == [idle]
+        assert busy.exists()
+    finally:
+        builder.kill()
+        builder.wait()
+
+
+def test_reusing_an_entry_marks_it_recently_used(tmp_path):
+    target = tmp_path / "entry"
+    build_once(target, lambda folder: (folder / "f").write_text("x"))
+    os.utime(target, (1000, 1000))
+    build_once(target, lambda folder: pytest.fail("built twice"))
+    assert target.stat().st_mtime > 1000
