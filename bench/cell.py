@@ -170,6 +170,7 @@ def run_cell(spec: CellSpec, result: CellResult) -> None:
 
     m = result.measurements
     m["import_s"] = time.perf_counter() - PROCESS_START
+    m["cpu_threads"] = torch.get_num_threads()  # CPU-side quantizing on load (torchao) scales with it
     _phase(f"imports: {m['import_s']:.1f} s")
     fault = _fault(spec)
     cell = Cell.from_axes(spec.cell, spec.cell_id)

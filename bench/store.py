@@ -127,6 +127,7 @@ class ResultRow:
     attempts: int | None = None
     host: str | None = None
     cuda_visible_devices: str | None = None
+    cpu_threads: int | None = None  # torch's intra-op threads in the cell (executors share the cores out)
     gpu_name: str | None = None
     gpu_uuid: str | None = None
     gpu_driver: str | None = None

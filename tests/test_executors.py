@@ -3,6 +3,7 @@ worker once, and finishes a run another executor started."""
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 
@@ -12,6 +13,7 @@ import pytest
 from bench.cell import CellResult, CellSpec
 from bench.errors import UserError
 from bench.executors import make_executor
+from bench.executors.base import THREADS_ENV
 from bench.executors.local import LocalExecutor
 from bench.launch import CellJob, CellOutcome
 from bench.matrix import load_matrix
@@ -30,6 +32,7 @@ def _job(index: int) -> CellJob:
 
 def test_local_gpus_runs_one_cell_per_device_at_a_time(monkeypatch):
     intervals: list[tuple[str, float, float]] = []
+    threads: set[str | None] = set()
     lock = threading.Lock()
 
     def fake_launch(job, env, on_start):
@@ -37,18 +40,43 @@ def test_local_gpus_runs_one_cell_per_device_at_a_time(monkeypatch):
         time.sleep(0.15)
         with lock:
             intervals.append((env["CUDA_VISIBLE_DEVICES"], start, time.monotonic()))
+            threads.add(env.get(THREADS_ENV))
         return CellOutcome(CellResult(), {}, "", "host", env["CUDA_VISIBLE_DEVICES"], job.spec.attempt)
 
     monkeypatch.setattr("bench.executors.local.launch_cell", fake_launch)
+    monkeypatch.setattr("bench.executors.local.os.cpu_count", lambda: 32)
+    monkeypatch.delenv(THREADS_ENV, raising=False)
     with LocalExecutor(["3", "5", "7"]) as executor:
         assert executor.slots == 3 and executor.name == "local-gpus"
         outcomes = [future.result() for future in [executor.submit(_job(i)) for i in range(9)]]
     assert {o.cuda_visible_devices for o in outcomes} == {"3", "5", "7"}
+    assert threads == {"10"}, "each of 3 cells side by side gets a third of the 32 cores"
     for gpu in ("3", "5", "7"):
         on_gpu = sorted((start, end) for device, start, end in intervals if device == gpu)
         assert all(end <= next_start for (_, end), (next_start, _) in zip(on_gpu, on_gpu[1:])), f"GPU {gpu} shared"
     busiest = max(sum(start <= t < end for _, start, end in intervals) for _, t, _ in intervals)
     assert busiest == 3
+
+
+def test_local_gpus_leaves_threads_alone_when_the_user_set_them(monkeypatch):
+    seen = []
+
+    def fake_launch(job, env, on_start):
+        seen.append(env)
+        return CellOutcome(CellResult(), {}, "", "host", env["CUDA_VISIBLE_DEVICES"], job.spec.attempt)
+
+    monkeypatch.setattr("bench.executors.local.launch_cell", fake_launch)
+    monkeypatch.setenv(THREADS_ENV, "5")  # inherited by the cell unchanged
+    with LocalExecutor(["0", "1"]) as executor:
+        executor.submit(_job(0)).result()
+    assert seen == [{"CUDA_VISIBLE_DEVICES": "0"}]
+
+
+def test_ray_error_without_a_message_still_names_the_error():
+    from bench.executors.ray import _first_line
+
+    assert _first_line(RuntimeError("")) == "(no message)"
+    assert _first_line(RuntimeError("worker died\ntraceback...")) == "worker died"
 
 
 def test_local_gpus_devices_come_from_cuda_visible_devices(monkeypatch):
@@ -75,6 +103,8 @@ def test_local_gpus_smoke_rows_match_the_local_executor(smoke_run, tmp_path):
     rows = read_results(results)
     assert set(rows["cuda_visible_devices"]) == {"0", "1"}, "both devices were used"
     assert set(rows["executor"]) == {"local-gpus"}
+    if THREADS_ENV not in os.environ:
+        assert set(rows["cpu_threads"]) == {max(1, (os.cpu_count() or 1) // 2)}, "each cell gets half the cores"
     _assert_same_rows(read_results(local_results), rows)
 
 
@@ -89,9 +119,9 @@ def _assert_same_rows(expected: pd.DataFrame, actual: pd.DataFrame) -> None:
 
 @pytest.fixture(scope="module")
 def ray_cluster():
-    """A local Ray cluster of 2 CPUs and 2 fake GPUs (Ray pins each task's CUDA_VISIBLE_DEVICES)."""
+    """A local Ray cluster of 4 CPUs and 2 fake GPUs (Ray pins each task's CUDA_VISIBLE_DEVICES)."""
     ray = pytest.importorskip("ray", reason="Ray is not installed (pip install 'quantbench[ray]')")
-    ray.init(num_cpus=2, num_gpus=2, include_dashboard=False, log_to_driver=False)
+    ray.init(num_cpus=4, num_gpus=2, include_dashboard=False, log_to_driver=False)
     yield ray
     ray.shutdown()
 
@@ -105,6 +135,8 @@ def test_ray_smoke_rows_match_the_local_executor(smoke_run, tmp_path, ray_cluste
     rows = read_results(results)
     assert set(rows["executor"]) == {"ray"} and set(rows["attempts"]) == {1}
     assert set(rows["cuda_visible_devices"]) <= {"0", "1"} and rows["host"].notna().all()
+    if THREADS_ENV not in os.environ:
+        assert set(rows["cpu_threads"]) == {2}, "a GPU cell gets its node's share of the CPUs, not Ray's default 1"
     assert all((results / row.image_path).exists() for row in rows.itertuples())
     _assert_same_rows(read_results(local_results), rows)
 

@@ -8,6 +8,15 @@ from concurrent.futures import Future
 from bench.environment import Machine
 from bench.launch import CellJob, CellOutcome
 
+THREADS_ENV = "OMP_NUM_THREADS"
+
+
+def threads_per_cell(cpus: int, cells_at_once: int) -> int:
+    """Each cell's share of `cpus` cores when `cells_at_once` cells run side by side. Left alone, every cell's
+    torch starts one thread per core, and cells quantizing on the CPU at once (torchao does, while loading)
+    slow each other down: on a 2-GPU H100 host, torchao's quantize phase took 2-2.6x its time alone."""
+    return max(1, cpus // max(1, cells_at_once))
+
 
 class WorkerLost(Exception):
     """The worker (or node) running a cell went away; the cell itself may be fine, so it is retried once."""

@@ -1,5 +1,5 @@
 """The executors of one host: `local` (one cell at a time) and `local-gpus` (one cell per GPU at a time,
-each pinned with CUDA_VISIBLE_DEVICES)."""
+each pinned with CUDA_VISIBLE_DEVICES and given its share of the CPU cores, unless OMP_NUM_THREADS is set)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 
 from bench.environment import Machine, detect_machine
 from bench.errors import UserError
-from bench.executors.base import Executor
+from bench.executors.base import THREADS_ENV, Executor, threads_per_cell
 from bench.launch import CellJob, CellOutcome, launch_cell
 
 
@@ -31,8 +31,8 @@ def visible_gpus() -> list[str]:
 
 
 class LocalExecutor(Executor):
-    """Cells as subprocesses of this host. With `gpus`, one slot per GPU and each cell pinned to its GPU;
-    without, one slot and no pinning."""
+    """Cells as subprocesses of this host. With `gpus`, one slot per GPU, each cell pinned to its GPU with
+    its share of the cores; without, one slot and no pinning."""
 
     def __init__(self, gpus: list[str] | None = None) -> None:
         self.name = "local-gpus" if gpus else "local"
@@ -43,6 +43,8 @@ class LocalExecutor(Executor):
         self._pool = ThreadPoolExecutor(self.slots, thread_name_prefix="quantbench-cell")
         self._running: set[subprocess.Popen] = set()
         self._lock = threading.Lock()
+        share = threads_per_cell(os.cpu_count() or 1, self.slots)  # a thread count the user set wins
+        self._threads = {THREADS_ENV: str(share)} if gpus and THREADS_ENV not in os.environ else {}
 
     def machine(self) -> Machine:
         return detect_machine()
@@ -53,7 +55,7 @@ class LocalExecutor(Executor):
     def _run(self, job: CellJob) -> CellOutcome:
         gpu = self._free.get()
         try:
-            env = {"CUDA_VISIBLE_DEVICES": gpu} if gpu is not None else {}
+            env = {"CUDA_VISIBLE_DEVICES": gpu, **self._threads} if gpu is not None else {}
             return launch_cell(job, env, self._track)
         finally:
             with self._lock:

@@ -12,7 +12,7 @@ from typing import Any
 
 from bench.environment import Machine, detect_machine
 from bench.errors import UserError
-from bench.executors.base import Executor, WorkerLost
+from bench.executors.base import Executor, WorkerLost, threads_per_cell
 from bench.launch import CellJob, CellOutcome, launch_cell
 
 
@@ -35,7 +35,9 @@ class RayExecutor(Executor):
                 raise UserError(f"--address {address}: cannot connect to a Ray cluster: {error}") from None
         resources = ray.cluster_resources()
         gpus = int(resources.get("GPU", 0))
-        self._options: dict[str, Any] = {"num_gpus": 1} if gpus else {"num_cpus": 1}
+        # Ray sets a task's OMP_NUM_THREADS to its CPU count (1 if it asks for none); a GPU cell asks for its
+        # node's share of the cores, as local-gpus gives it, so CPU-side quantizing is not single-threaded.
+        self._options: dict[str, Any] = {"num_gpus": 1, "num_cpus": _cpus_per_gpu(ray)} if gpus else {"num_cpus": 1}
         self.slots = gpus or int(resources.get("CPU", 1))
         # Ray's own retries are off: the driver retries a lost worker once and records the attempts.
         self._launch = ray.remote(max_retries=0, **self._options)(launch_cell)
@@ -56,7 +58,7 @@ class RayExecutor(Executor):
             if error is None:
                 outcome.set_result(done.result())
             elif self._is_lost_worker(error):
-                outcome.set_exception(WorkerLost(f"{type(error).__name__}: {str(error).strip().splitlines()[0]}"))
+                outcome.set_exception(WorkerLost(f"{type(error).__name__}: {_first_line(error)}"))
             else:
                 outcome.set_exception(error)
 
@@ -72,3 +74,19 @@ class RayExecutor(Executor):
             self._ray.cancel(ref, force=True)
         if self._owns_connection:
             self._ray.shutdown()
+
+
+def _cpus_per_gpu(ray: Any) -> int:
+    """The cores a GPU cell may ask for and still fit on every GPU node: the smallest node's share."""
+    shares = [
+        threads_per_cell(int(node["Resources"].get("CPU", 0)), int(node["Resources"]["GPU"]))
+        for node in ray.nodes()
+        if node.get("Alive") and node["Resources"].get("GPU", 0) >= 1
+    ]
+    return min(shares, default=1)
+
+
+def _first_line(error: BaseException) -> str:
+    """The first line of an exception's message; Ray's cancellations have none."""
+    lines = str(error).strip().splitlines()
+    return lines[0] if lines else "(no message)"
