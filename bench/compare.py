@@ -13,7 +13,7 @@ import pandas as pd
 
 from bench.errors import UserError
 from bench.store import read_results
-from bench.summary import cell_summary, device_label
+from bench.summary import cell_summary, device_label, run_times
 
 
 @dataclass(frozen=True)
@@ -108,11 +108,32 @@ def compare_runs(old: Path, new: Path, output: Path | None = None) -> int:
             else "[green]none[/]",
         )
     console.print(view)
+    timing = wall_time_comparison(*frames)
+    if timing:
+        console.print(timing)
     regressed = int((table["regressions"] != "").sum())
     console.print(
         f"{regressed} of {len(table)} cells regressed" if regressed else f"no regression in {len(table)} cells"
     )
     return 1 if regressed else 0
+
+
+def wall_time_comparison(old: pd.DataFrame, new: pd.DataFrame) -> str | None:
+    """One line on the wall time of the cells both runs ran: with N side by side in the new run (N GPUs),
+    its wall time as a multiple of the old run's over N, the scaling a several-GPU run is judged by."""
+    ran = [set(frame.loc[frame["cell_wall_s"].notna(), "cell_id"]) for frame in (old, new)]
+    common = ran[0] & ran[1]
+    before, after = run_times(old, common), run_times(new, common)
+    if before is None or after is None:
+        return None
+    line = (
+        f"wall time of the {len(common)} cells both runs ran: {before.busy_s:.0f} s "
+        f"({before.most_at_once} at a time) -> {after.busy_s:.0f} s ({after.most_at_once} at a time)"
+    )
+    if after.most_at_once > before.most_at_once:
+        speedup = after.most_at_once / before.most_at_once
+        line += f"; new = {after.busy_s / (before.busy_s / speedup):.2f} x (old / {speedup:g})"
+    return line
 
 
 def _percent(value: float | None) -> str:

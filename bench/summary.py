@@ -7,6 +7,7 @@ prompts x seeds with a 95% confidence interval (Student t). Memory is a per-cell
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
@@ -123,3 +124,46 @@ def time_breakdown(frame: pd.DataFrame) -> pd.DataFrame:
     breakdown = pd.DataFrame.from_records(records)
     breakdown["share"] = breakdown["seconds"] / wall if wall > 0 else np.nan
     return breakdown
+
+
+@dataclass(frozen=True)
+class RunTimes:
+    """How long cells took together: `cell_s` summed over the cells, `busy_s` the wall time while at least
+    one of them ran (gaps between the invocations of a resumed run left out), `most_at_once` the most that
+    ran side by side (1: one after another; N with N GPUs kept busy)."""
+
+    cells: int
+    cell_s: float
+    busy_s: float
+    most_at_once: int
+
+
+def run_times(frame: pd.DataFrame, cell_ids: set[str] | None = None) -> RunTimes | None:
+    """The RunTimes of the cells that ran (of `cell_ids` only, if given); None when none ran. Each cell's
+    interval ends at its row's timestamp (written when it finished, to the second) and lasts `cell_wall_s`."""
+    ran = frame[frame["cell_wall_s"].notna()].groupby("cell_id", sort=False).first()
+    if cell_ids is not None:
+        ran = ran[ran.index.isin(cell_ids)]
+    if ran.empty:
+        return None
+    finished = pd.to_datetime(ran["timestamp_utc"], utc=True)
+    ends = (finished - pd.Timestamp(0, tz="UTC")).dt.total_seconds().to_numpy()
+    starts = ends - ran["cell_wall_s"].to_numpy()
+    busy, _ = _sweep(starts, ends)
+    # a finish time is known to the second: a second of overlap is rounding, not cells side by side
+    _, most = _sweep(np.minimum(starts + 1.0, ends), ends)
+    return RunTimes(len(ran), float(ran["cell_wall_s"].sum()), busy, most)
+
+
+def _sweep(starts: np.ndarray, ends: np.ndarray) -> tuple[float, int]:
+    """The time covered by the intervals, and the most of them that overlap."""
+    edges = sorted([(float(t), 1) for t in starts] + [(float(t), -1) for t in ends])  # an end first on a tie
+    covered, running, most, since = 0.0, 0, 0, 0.0
+    for time, step in edges:
+        if running == 0:
+            since = time
+        running += step
+        most = max(most, running)
+        if running == 0:
+            covered += time - since
+    return covered, most

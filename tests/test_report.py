@@ -139,6 +139,44 @@ def test_time_breakdown_accounts_for_every_second_of_the_cells(smoke_run):
     html = render(frame, results)
     assert '<table id="time-spent">' in html and f"{imports:.1%}" in html
     assert "serialization round trip" not in html, "phases no cell had are left out"
+    assert "They ran one at a time" in html and '<span id="busy-wall">' in html
+
+
+def _timed_cells(intervals: dict[str, tuple[float, float]]) -> pd.DataFrame:
+    """Rows of cells that ran from start to end (seconds after 12:00:00), finish times rounded to the second
+    as the driver writes them."""
+    noon = pd.Timestamp("2026-01-01 12:00:00", tz="UTC")
+    return pd.DataFrame(
+        [
+            {"cell_id": cell, "cell_wall_s": end - start,
+             "timestamp_utc": (noon + pd.Timedelta(seconds=end)).floor("s").isoformat()}
+            for cell, (start, end) in intervals.items()
+        ]
+    )  # fmt: skip
+
+
+def test_run_times_measure_wall_time_and_cells_side_by_side():
+    from bench.summary import run_times
+
+    one_after_another = run_times(_timed_cells({"a": (0, 10.4), "b": (10.6, 20.2), "c": (20.5, 30.7)}))
+    assert one_after_another.most_at_once == 1, "a second of rounding is not two cells at once"
+    assert one_after_another.cell_s == pytest.approx(30.2)
+    two_gpus = _timed_cells({"a": (0, 10), "b": (0, 12), "c": (10, 20), "d": (100, 105)})  # d: resumed later
+    together = run_times(two_gpus)
+    assert together.most_at_once == 2 and together.cells == 4
+    assert together.busy_s == pytest.approx(25) and together.cell_s == pytest.approx(37)
+    assert run_times(two_gpus, {"a", "c"}).busy_s == pytest.approx(20)
+
+
+def test_compare_gives_the_wall_time_scaling_of_a_run_on_several_gpus():
+    from bench.compare import wall_time_comparison
+
+    old = _timed_cells({"a": (0, 10), "b": (10, 20), "c": (20, 30), "d": (30, 40)})
+    new = _timed_cells({"a": (0, 12), "b": (0, 12), "c": (12, 24), "d": (12, 24), "e": (24, 34)})
+    line = wall_time_comparison(old, new)
+    assert "wall time of the 4 cells both runs ran: 40 s (1 at a time) -> 24 s (2 at a time)" in line
+    assert line.endswith("new = 1.20 x (old / 2)")
+    assert "x (old" not in wall_time_comparison(old, old)
 
 
 def _on_two_gpus(frame: pd.DataFrame) -> pd.DataFrame:

@@ -16,7 +16,7 @@ from bench.baseline import ReferenceCache
 from bench.errors import UserError
 from bench.report.plots import all_plots, colour, roofline
 from bench.store import read_results
-from bench.summary import cell_summary, device_label, time_breakdown
+from bench.summary import cell_summary, device_label, run_times, time_breakdown
 
 THUMBNAIL_PX = 256
 ENVIRONMENT_COLUMNS = (
@@ -88,8 +88,14 @@ def _time_spent(frame: pd.DataFrame) -> dict[str, Any] | None:
         for _, row in breakdown.iterrows()
         if row["seconds"] != 0  # phases no cell had (e.g. no serialization round trip)
     ]
-    cells = frame.loc[frame["cell_wall_s"].notna(), "cell_id"].nunique()
-    return {"rows": rows, "cells": cells, "wall": f"{breakdown['seconds'].sum():.1f}"}
+    together = run_times(frame)
+    return {
+        "rows": rows,
+        "cells": together.cells,
+        "cell_seconds": f"{together.cell_s:.1f}",
+        "busy": f"{together.busy_s:.1f}",
+        "most_at_once": together.most_at_once,
+    }
 
 
 def _kernel_section(path: Path) -> dict[str, Any]:
