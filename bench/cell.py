@@ -227,7 +227,9 @@ def run_cell(spec: CellSpec, result: CellResult) -> None:
     model = denoiser(pipe)
     m["transformer_footprint_bytes"] = int(model.get_memory_footprint())
     m["transformer_tensor_bytes"] = tensor_bytes(model)
-    compile_denoiser(pipe, cell.compile, bool(cell.fullgraph))
+    inductor_changes = compile_denoiser(pipe, cell.compile, bool(cell.fullgraph), cell.inductor)
+    if cell.compile != "off":
+        m["inductor_settings"] = json.dumps(inductor_changes, sort_keys=True, default=str)
 
     if cuda:
         reset_gpu_peak()

@@ -17,7 +17,7 @@ def torch_dtype(name: str) -> Any:
     return getattr(torch, DTYPES[name])
 
 
-AXES = ("method", "dtype", "threshold", "compile", "fullgraph", "components", "placement")
+AXES = ("method", "dtype", "threshold", "compile", "fullgraph", "inductor", "components", "placement")
 
 
 @dataclass(frozen=True)
@@ -30,6 +30,7 @@ class Cell:
     threshold: float | None = None
     compile: str = "off"
     fullgraph: bool | None = None
+    inductor: str | None = None  # None: not compiled, or Inductor's own defaults
     components: tuple[str, ...] | None = None
     placement: str = "device"
     id: str = ""
@@ -38,6 +39,8 @@ class Cell:
         """The cell's axes and method options as plain data (what its id hashes, with model and generation)."""
         data = asdict(self)
         data.pop("id")
+        if self.inductor is None:
+            data.pop("inductor")  # cells from before the axis existed keep their ids
         data["components"] = list(self.components) if self.components is not None else None
         return data
 
@@ -55,7 +58,11 @@ class Cell:
         if self.threshold is not None:
             parts.append(f"threshold={self.threshold:g}")
         if self.compile != "off":
-            parts.append(f"compile={self.compile}" + ("+fullgraph" if self.fullgraph else ""))
+            parts.append(
+                f"compile={self.compile}"
+                + ("+fullgraph" if self.fullgraph else "")
+                + (f"+inductor={self.inductor}" if self.inductor else "")
+            )
         if self.components is not None and self.components != ("transformer",):
             parts.append("+".join(self.components))
         if self.placement != "device":

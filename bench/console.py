@@ -42,7 +42,9 @@ def print_plan(ready) -> None:
             escape(", ".join(f"{k}={v}" for k, v in cell.options.items())),
             cell.dtype,
             _or_dash(cell.threshold),
-            cell.compile + ("+fullgraph" if cell.fullgraph else ""),
+            cell.compile
+            + ("+fullgraph" if cell.fullgraph else "")
+            + (f"+inductor={cell.inductor}" if cell.inductor else ""),
             "+".join(cell.components) if cell.components else "-",
             cell.placement,
             here,

@@ -20,6 +20,7 @@ from bench.drift import METRICS
 from bench.errors import MatrixError
 from bench.methods import method_class, method_names
 from bench.methods.base import MethodOptions
+from bench.placement import INDUCTOR_PRESETS
 from bench.prompts import BUILTIN_PROMPTS, PromptFileError, read_prompt_file
 
 SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
@@ -135,6 +136,7 @@ class Axes(_Strict):
     threshold: list[typing.Annotated[float, Field(gt=0, le=1e6)]] = Field(default=[6.0], min_length=1)
     compile: list[Literal[COMPILE_MODES]] = Field(default=["off"], min_length=1)  # type: ignore[valid-type]
     fullgraph: list[bool] = Field(default=[False], min_length=1)
+    inductor: list[Literal[INDUCTOR_PRESETS]] = Field(default=["default"], min_length=1)  # type: ignore[valid-type]
     components: list[list[typing.Annotated[str, Field(pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")]]] = Field(
         default=[["transformer"]], min_length=1
     )
@@ -398,11 +400,12 @@ def _components_axis(axes: Axes, cls: type) -> list[list[str] | None]:
 def _product(axes: Axes, method: str, options: dict[str, Any]) -> list[Cell]:
     cls = method_class(method)
     cells = []
-    for dtype, threshold, compile_mode, fullgraph, components, placement in itertools.product(
+    for dtype, threshold, compile_mode, fullgraph, inductor, components, placement in itertools.product(
         axes.dtype,
         axes.threshold if cls.uses_threshold else [None],
         axes.compile,
         axes.fullgraph,
+        axes.inductor,
         _components_axis(axes, cls),
         axes.placement,
     ):
@@ -414,6 +417,7 @@ def _product(axes: Axes, method: str, options: dict[str, Any]) -> list[Cell]:
                 threshold=threshold,
                 compile=compile_mode,
                 fullgraph=fullgraph if compile_mode != "off" else None,
+                inductor=inductor if compile_mode != "off" and inductor != "default" else None,
                 components=tuple(components) if components is not None else None,
                 placement=placement,
             )
@@ -466,7 +470,7 @@ def _matches(path: Path, rule: dict[str, Any], cell: Cell, key: str) -> bool:
     """Whether `cell` matches an include/exclude rule: every key equal to (or one of) the rule's values."""
     if not rule:
         raise MatrixError(path, key, "empty rule")
-    values = {**cell.options, **cell.axes()}
+    values = {**cell.options, **cell.axes(), "inductor": cell.inductor or "default"}
     return all(values.get(name) in _candidates(name, wanted) for name, wanted in rule.items())
 
 

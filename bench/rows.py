@@ -41,6 +41,7 @@ def cell_rows(
         "threshold": cell.threshold,
         "compile": cell.compile,
         "fullgraph": cell.fullgraph,
+        "inductor": cell.inductor,
         "components": ",".join(cell.components) if cell.components is not None else None,
         "placement": cell.placement,
         "model_source": model.source,

@@ -58,6 +58,7 @@ class ResultRow:
     threshold: float | None
     compile: str
     fullgraph: bool | None
+    inductor: str | None  # the Inductor preset of a compiled cell; None: Inductor's defaults, or not compiled
     components: str | None
     placement: str
     # model and generation
@@ -81,6 +82,7 @@ class ResultRow:
     quantize_s: float | None = None
     load_s: float | None = None
     warmup_s: float | None = None
+    inductor_settings: str | None = None  # compiled cells: JSON of the Inductor settings the preset changed
     compile_s: float | None = None  # compiled cells: the first warm-up generation minus the median timed one
     e2e_latency_median_s: float | None = None
     e2e_latency_iqr_s: float | None = None

@@ -19,7 +19,7 @@ from tests.conftest import SMOKE_MATRIX
 ROOT = Path(__file__).resolve().parent.parent
 SECTIONS = ("model", "generation", "run", "axes")
 NUMERIC = ("height", "width", "num_inference_steps", "guidance_scale", "max_sequence_length", "repeats", "warmup")
-ENUM_AXES = ("dtype", "compile", "placement", "method")
+ENUM_AXES = ("dtype", "compile", "inductor", "placement", "method")
 junk_text = st.text(min_size=1, max_size=300).filter(lambda s: s.strip() and s not in ("bf16", "fp16", "fp32"))
 wrong_typed = st.one_of(
     st.booleans(), st.dictionaries(st.text(min_size=1, max_size=5), st.integers(), min_size=1, max_size=2)
@@ -72,15 +72,7 @@ def malformed(draw) -> tuple[dict | bytes, str]:
         return data, f"generation.{key}"
     if kind == "bad_enum":
         axis = draw(st.sampled_from(ENUM_AXES))
-        data["axes"][axis] = [
-            draw(
-                junk_text.filter(
-                    lambda s: (
-                        s not in ("baseline", "torchao", "gguf", "bnb_8bit", "bnb_4bit", "off", "default", "device")
-                    )
-                )
-            )
-        ]
+        data["axes"][axis] = [draw(junk_text.filter(lambda s: s not in _allowed(axis)))]
         return data, f"axes.{axis}"
     if kind == "bad_name":
         data["name"] = draw(st.sampled_from(["../up", "a/b", "/abs", "..", "x/../../y"])) + draw(
@@ -97,6 +89,17 @@ def malformed(draw) -> tuple[dict | bytes, str]:
         return data, "model.builtin"
     prefix = tomli_w.dumps(data).encode()
     return prefix + b'\nextra = "' + draw(st.binary(min_size=1, max_size=20).map(lambda b: b"\xff" + b)) + b'"\n', ""
+
+
+def _allowed(axis: str) -> tuple[str, ...]:
+    """The values an enum axis accepts (Hypothesis also tries strings it finds in our source, valid ones too)."""
+    from bench.cells import DTYPES
+    from bench.matrix import COMPILE_MODES, PLACEMENTS
+    from bench.methods import method_names
+    from bench.placement import INDUCTOR_PRESETS
+
+    allowed = {"dtype": tuple(DTYPES), "compile": COMPILE_MODES, "inductor": INDUCTOR_PRESETS, "placement": PLACEMENTS}
+    return allowed.get(axis) or tuple(method_names())
 
 
 def _fields(section: str) -> set[str]:

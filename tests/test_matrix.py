@@ -187,3 +187,20 @@ def test_unreadable_matrix_file_is_a_clear_error(tmp_path, content, fragment):
     path.write_bytes(content)
     with pytest.raises(MatrixError, match=fragment):
         load_matrix(path)
+
+
+def test_the_inductor_axis_varies_compiled_cells_only_and_keeps_default_ids(make_matrix):
+    plain = load_matrix(make_matrix(axes={"method": ["baseline"], "compile": ["off", "default"]})).cells
+    path = make_matrix(
+        axes={"method": ["baseline"], "compile": ["off", "default"], "inductor": ["default", "diffusers"]}
+    )
+    cells = load_matrix(path).cells
+    assert sorted((c.compile, c.inductor or "-") for c in cells) == [
+        ("default", "-"),
+        ("default", "diffusers"),
+        ("off", "-"),
+    ]
+    assert {c.id for c in plain} < {c.id for c in cells}, "cells on Inductor's defaults keep the ids they had"
+    assert [c.label for c in cells if c.inductor] == ["baseline bf16 compile=default+inductor=diffusers"]
+    with pytest.raises(MatrixError, match=r"axes\.inductor.*allowed: default, torchao, diffusers"):
+        load_matrix(make_matrix(axes={"method": ["baseline"], "inductor": ["fast"]}))

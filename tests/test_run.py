@@ -233,3 +233,22 @@ def test_a_compiled_cell_reports_compile_time_apart_and_extrapolated_latency_say
     html = render(read_results(tmp_path / "results"), tmp_path / "results")
     assert f"{row['e2e_latency_extrapolated_s']:.2f} at 50 steps (extrapolated)" in html
     assert f"compile {row['compile_s']:.1f} s" in html
+
+
+def test_an_inductor_preset_is_applied_in_the_compiled_cell_and_recorded(tmp_path, quantbench_cache):
+    import json
+
+    from tests.conftest import matrix_data, write_matrix
+
+    data = matrix_data(
+        name="inductor",
+        generation={"prompts": ["a red apple"], "num_inference_steps": 2, "repeats": 1},
+        axes={"method": ["baseline"], "compile": ["default"], "inductor": ["torchao"]},
+        drift={"enabled": False},
+    )
+    summary = run_matrix(load_matrix(write_matrix(tmp_path, data)), tmp_path / "results")
+    assert summary.statuses == {"ok": 1}
+    row = read_results(tmp_path / "results").iloc[0]
+    assert row["inductor"] == "torchao" and row["cell_label"].endswith("compile=default+inductor=torchao")
+    changed = json.loads(row["inductor_settings"])  # read back from torch._inductor.config inside the cell
+    assert changed["coordinate_descent_tuning"] is True and changed["force_fuse_int_mm_with_mul"] is True
