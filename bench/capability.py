@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 from dataclasses import dataclass
 
 from bench.cells import Cell
@@ -25,6 +26,8 @@ def check_cell(cell: Cell, machine: Machine) -> Verdict:
     try:
         if cell.placement in NEEDS_CUDA:
             needs_cuda(machine, f"placement {cell.placement}")
+        if cell.inductor == "torchao" and importlib.util.find_spec("torchao") is None:
+            raise MethodUnavailable("unsupported", "inductor = 'torchao' needs the `torchao` package")
         cls(cls.Options.model_validate(cell.options)).check(cell, machine)
     except MethodUnavailable as unavailable:
         return Verdict(unavailable.status, unavailable.reason)

@@ -273,3 +273,16 @@ def test_gguf_file_that_would_not_fit_the_disk_is_a_clear_error_before_writing(t
     with pytest.raises(OSError, match=r"GB needed, 0.0 GB free after evicting 0 least recently used cache entries"):
         load("gguf", {"quant_type": "Q8_0"}, tiny_flux)
     assert not list((tmp_path / "gguf").glob("transformer-*/model.gguf")), "nothing half-written"
+
+
+def test_the_torchao_inductor_preset_needs_torchao(monkeypatch):
+    import importlib.util
+
+    cell = Cell("baseline", compile="default", inductor="torchao")
+    assert check_cell(cell, CPU).status == "run"
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "torchao" else real_find_spec(name, *a)
+    )
+    verdict = check_cell(cell, CPU)
+    assert verdict.status == "unsupported" and "needs the `torchao` package" in verdict.reason

@@ -14,7 +14,7 @@ THREADS_ENV = "OMP_NUM_THREADS"
 def threads_per_cell(cpus: int, cells_at_once: int) -> int:
     """Each cell's share of `cpus` cores when `cells_at_once` cells run side by side. Left alone, every cell's
     torch starts one thread per core, and cells quantizing on the CPU at once (torchao does, while loading)
-    slow each other down: on a 2-GPU H100 host, torchao's quantize phase took 2-2.6x its time alone."""
+    slow each other down: on a 2-GPU H100 host, torchao's quantize phase took 2.0-2.9x its time alone."""
     return max(1, cpus // max(1, cells_at_once))
 
 
