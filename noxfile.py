@@ -40,11 +40,13 @@ def smoke(session: nox.Session) -> None:
 
 @nox.session
 def gpu(session: nox.Session) -> None:
-    """On a CUDA machine: the reference matrix (`-- --quick`: eager cells only), its report, and a comparison
-    with the committed H100 reference that fails on a regression."""
+    """On a CUDA machine: the reference matrix (`-- --quick`: eager cells only; other arguments go to
+    `quantbench run`, e.g. `--executor local-gpus`), its report, and a comparison with the committed H100
+    reference that fails on a regression."""
     install(session)
     quick = ["--select", "compile=off"] if "--quick" in session.posargs else []
-    session.run("quantbench", "run", "matrices/flux-dev-h100.toml", "--results", "results/nightly", *quick)
+    run_args = [arg for arg in session.posargs if arg != "--quick"]
+    session.run("quantbench", "run", "matrices/flux-dev-h100.toml", "--results", "results/nightly", *quick, *run_args)
     session.run("quantbench", "report", "results/nightly", "-o", "reports/out/nightly.html")
     session.run(
         "quantbench",

@@ -59,3 +59,18 @@ def test_every_quantbench_command_in_the_noxfile_is_a_real_verb_with_real_files(
     ci_command = "python3 -m nox -s tests"
     assert ci_command in (ROOT / ".ci" / "run").read_text() and ci_command in (ROOT / "README.md").read_text()
     assert shlex.split(ci_command)[-1] in nox_sessions()
+
+
+def test_the_workflow_passes_quantbench_run_only_options_it_has():
+    workflow = yaml.safe_load((ROOT / ".github/workflows/nightly-gpu.yml").read_text())
+    (command,) = [step["run"] for step in workflow["jobs"]["gpu"]["steps"] if "nox -s gpu" in step.get("run", "")]
+    executors = workflow[True]["workflow_dispatch"]["inputs"]["executor"]["options"]
+    for quick in ("'--quick'", "''"):
+        for executor in executors:
+            # the workflow's expressions as GitHub fills them in, then what the nox session hands to `run`
+            filled = re.sub(r"\$\{\{[^}]*'--quick'[^}]*\}\}", quick.strip("'"), command)
+            filled = re.sub(r"\$\{\{ inputs\.executor[^}]*\}\}", executor, filled)
+            posargs = shlex.split(filled.split(" -- ", 1)[1])
+            run_args = [arg for arg in posargs if arg != "--quick"]
+            args = build_parser().parse_args(["run", "matrices/flux-dev-h100.toml", *run_args])
+            assert args.executor == executor
