@@ -228,7 +228,7 @@ def run_cell(spec: CellSpec, result: CellResult) -> None:
     m["transformer_footprint_bytes"] = int(model.get_memory_footprint())
     m["transformer_tensor_bytes"] = tensor_bytes(model)
     inductor_changes = compile_denoiser(pipe, cell.compile, bool(cell.fullgraph), cell.inductor)
-    if cell.compile != "off":
+    if inductor_changes is not None:
         m["inductor_settings"] = json.dumps(inductor_changes, sort_keys=True, default=str)
 
     if cuda:

@@ -13,7 +13,7 @@ import pandas as pd
 
 from bench.errors import UserError
 from bench.store import read_results
-from bench.summary import cell_summary, device_label, run_times
+from bench.summary import cell_summary, cells_that_ran, device_label, run_times
 
 
 @dataclass(frozen=True)
@@ -121,8 +121,7 @@ def compare_runs(old: Path, new: Path, output: Path | None = None) -> int:
 def wall_time_comparison(old: pd.DataFrame, new: pd.DataFrame) -> str | None:
     """One line on the wall time of the cells both runs ran: with N side by side in the new run (N GPUs),
     its wall time as a multiple of the old run's over N, the scaling a several-GPU run is judged by."""
-    ran = [set(frame.loc[frame["cell_wall_s"].notna(), "cell_id"]) for frame in (old, new)]
-    common = ran[0] & ran[1]
+    common = set(cells_that_ran(old).index) & set(cells_that_ran(new).index)
     before, after = run_times(old, common), run_times(new, common)
     if before is None or after is None:
         return None

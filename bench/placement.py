@@ -49,11 +49,11 @@ DIFFUSERS_INDUCTOR_FLAGS = {
 }
 
 
-def compile_denoiser(pipe: Any, mode: str, fullgraph: bool, inductor: str | None = None) -> dict[str, Any]:
+def compile_denoiser(pipe: Any, mode: str, fullgraph: bool, inductor: str | None = None) -> dict[str, Any] | None:
     """`torch.compile` the denoiser in place (compilation itself happens at the first call), with Inductor
-    set up as the `inductor` preset says; returns the Inductor settings the preset changed."""
+    set up as the `inductor` preset says; returns the Inductor settings the preset changed (None: not compiled)."""
     if mode == "off":
-        return {}
+        return None
     changed = _apply_inductor_preset(inductor or "default")
     denoiser(pipe).compile(mode=mode, fullgraph=fullgraph)
     return changed

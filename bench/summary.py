@@ -108,12 +108,17 @@ TIME_PHASES = (
 )
 
 
+def cells_that_ran(frame: pd.DataFrame) -> pd.DataFrame:
+    """One row per cell whose process ran (it has a wall time), indexed by cell id."""
+    return frame[frame["cell_wall_s"].notna()].groupby("cell_id", sort=False).first()
+
+
 def time_breakdown(frame: pd.DataFrame) -> pd.DataFrame:
     """Where the cells' wall time went, summed over every cell that ran: one row per phase (seconds and
     share of the cells' wall time), the rest of each cell process last (interpreter start, saving images and
     latents, measuring, exit: the harness's own cost inside the cell)."""
     ran = frame[frame["cell_wall_s"].notna()]
-    cells = ran.groupby("cell_id", sort=False).first()
+    cells = cells_that_ran(frame)
     timed = (ran["e2e_latency_median_s"] * ran["repeats"]).groupby(ran["cell_id"], sort=False).sum()
     totals = {column: float(cells[column].fillna(0).sum()) for column, _ in TIME_PHASES if column != "timed_s"}
     totals["timed_s"] = float(timed.sum())
@@ -141,7 +146,7 @@ class RunTimes:
 def run_times(frame: pd.DataFrame, cell_ids: set[str] | None = None) -> RunTimes | None:
     """The RunTimes of the cells that ran (of `cell_ids` only, if given); None when none ran. Each cell's
     interval ends at its row's timestamp (written when it finished, to the second) and lasts `cell_wall_s`."""
-    ran = frame[frame["cell_wall_s"].notna()].groupby("cell_id", sort=False).first()
+    ran = cells_that_ran(frame)
     if cell_ids is not None:
         ran = ran[ran.index.isin(cell_ids)]
     if ran.empty:

@@ -10,6 +10,7 @@ parameters, CLIP-L, OpenCLIP bigG, T5-XXL).
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -39,6 +40,7 @@ def byte_level_vocab() -> dict[str, int]:
     return vocab
 
 
+@functools.cache
 def _tokenizers():
     """A byte-level CLIP tokenizer and a character-level T5 (Unigram) tokenizer, made without files."""
     from transformers import CLIPTokenizer, T5TokenizerFast

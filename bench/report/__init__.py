@@ -80,7 +80,8 @@ def render(frame: pd.DataFrame, root: Path, kernels: dict[str, Any] | None = Non
 
 def _time_spent(frame: pd.DataFrame) -> dict[str, Any] | None:
     """The phases of the cells' wall time, for the "Where the time went" table; None when no cell ran."""
-    if frame["cell_wall_s"].notna().sum() == 0:
+    together = run_times(frame)
+    if together is None:
         return None
     breakdown = time_breakdown(frame)
     rows = [
@@ -88,7 +89,6 @@ def _time_spent(frame: pd.DataFrame) -> dict[str, Any] | None:
         for _, row in breakdown.iterrows()
         if row["seconds"] != 0  # phases no cell had (e.g. no serialization round trip)
     ]
-    together = run_times(frame)
     return {
         "rows": rows,
         "cells": together.cells,
