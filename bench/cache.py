@@ -1,4 +1,4 @@
-"""The local cache folder (built models, produced GGUF files, baselines), shared by every run."""
+"""The local cache folder (built models, produced GGUF files, baselines, Inductor's compile caches), shared by every run."""
 
 from __future__ import annotations
 
@@ -17,6 +17,21 @@ def cache_dir(kind: str) -> Path:
     folder = root / kind
     folder.mkdir(parents=True, exist_ok=True)
     return folder
+
+
+def inductor_cache_dir() -> str:
+    """Where cells keep Inductor's caches: `TORCHINDUCTOR_CACHE_DIR` if the user chose one, else
+    `$QUANTBENCH_CACHE/inductor`.
+
+    Importing `torch._inductor` (diffusers and torchao do) fills a missing `TORCHINDUCTOR_CACHE_DIR` in with
+    Inductor's default temporary folder; that value counts as not chosen.
+    """
+    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+
+    chosen = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
+    if chosen and os.path.abspath(chosen) != os.path.abspath(default_cache_dir()):
+        return chosen
+    return str(cache_dir("inductor"))
 
 
 @contextlib.contextmanager

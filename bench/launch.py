@@ -18,7 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from bench.cache import cache_dir
+from bench.cache import inductor_cache_dir
 from bench.cell import FAULT_ENV, CellResult, CellSpec
 
 LOG_TAIL_CHARS = 4000
@@ -61,7 +61,7 @@ def cell_environment(extra: dict[str, str] | None = None) -> dict[str, str]:
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(PACKAGE_ROOT), env.get("PYTHONPATH")]))
     env.setdefault("HF_HUB_OFFLINE", "1")  # cells load local folders only; the driver resolved the model
     env.setdefault("TOKENIZERS_PARALLELISM", "false")
-    env.setdefault("TORCHINDUCTOR_CACHE_DIR", str(cache_dir("inductor")))
+    env["TORCHINDUCTOR_CACHE_DIR"] = (extra or {}).get("TORCHINDUCTOR_CACHE_DIR") or inductor_cache_dir()
     env["PYTHONUNBUFFERED"] = "1"
     return env
 

@@ -32,7 +32,6 @@ def quantbench_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
     cache = tmp_path_factory.getbasetemp() / "quantbench-cache"
     mp = pytest.MonkeyPatch()
     mp.setenv("QUANTBENCH_CACHE", str(cache))
-    mp.setenv("TORCHINDUCTOR_CACHE_DIR", str(cache / "inductor"))
     yield cache
     mp.undo()
 

@@ -81,3 +81,24 @@ def test_reusing_an_entry_marks_it_recently_used(tmp_path):
     os.utime(target, (1000, 1000))
     build_once(target, lambda folder: pytest.fail("built twice"))
     assert target.stat().st_mtime > 1000
+
+
+def test_cells_keep_inductor_caches_in_quantbench_cache_after_torch_filled_in_its_default(tmp_path, monkeypatch):
+    from torch._inductor.runtime.cache_dir_utils import cache_dir as inductor_cache
+
+    from bench.launch import cell_environment
+
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
+    monkeypatch.setenv("QUANTBENCH_CACHE", str(tmp_path / "qb"))
+    inductor_cache()  # what importing diffusers or torchao does: Inductor's temporary folder in the environment
+    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] != str(tmp_path / "qb" / "inductor")
+    assert cell_environment()["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path / "qb" / "inductor")
+
+
+def test_an_inductor_cache_folder_the_user_chose_is_kept(tmp_path, monkeypatch):
+    from bench.launch import cell_environment
+
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "mine"))
+    assert cell_environment()["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path / "mine")
+    chosen_for_the_cell = {"TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "cell")}
+    assert cell_environment(chosen_for_the_cell)["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path / "cell")

@@ -252,3 +252,4 @@ def test_an_inductor_preset_is_applied_in_the_compiled_cell_and_recorded(tmp_pat
     assert row["inductor"] == "torchao" and row["cell_label"].endswith("compile=default+inductor=torchao")
     changed = json.loads(row["inductor_settings"])  # read back from torch._inductor.config inside the cell
     assert changed["coordinate_descent_tuning"] is True and changed["force_fuse_int_mm_with_mul"] is True
+    assert any((quantbench_cache / "inductor").rglob("*.py")), "the compiled code is in quantbench's cache"
