@@ -227,9 +227,10 @@ def run_cell(spec: CellSpec, result: CellResult) -> None:
     model = denoiser(pipe)
     m["transformer_footprint_bytes"] = int(model.get_memory_footprint())
     m["transformer_tensor_bytes"] = tensor_bytes(model)
-    inductor_changes = compile_denoiser(pipe, cell.compile, bool(cell.fullgraph), cell.inductor)
-    if inductor_changes is not None:
-        m["inductor_settings"] = json.dumps(inductor_changes, sort_keys=True, default=str)
+    compiled = compile_denoiser(pipe, cell.compile, bool(cell.fullgraph), cell.inductor, bool(cell.regional))
+    if compiled is not None:
+        m["inductor_settings"] = json.dumps(compiled.inductor_changes, sort_keys=True, default=str)
+        m["compiled_modules"] = compiled.modules
 
     if cuda:
         reset_gpu_peak()

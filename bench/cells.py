@@ -17,7 +17,7 @@ def torch_dtype(name: str) -> Any:
     return getattr(torch, DTYPES[name])
 
 
-AXES = ("method", "dtype", "threshold", "compile", "fullgraph", "inductor", "components", "placement")
+AXES = ("method", "dtype", "threshold", "compile", "fullgraph", "inductor", "regional", "components", "placement")
 
 
 @dataclass(frozen=True)
@@ -31,6 +31,7 @@ class Cell:
     compile: str = "off"
     fullgraph: bool | None = None
     inductor: str | None = None  # None: not compiled, or Inductor's own defaults
+    regional: bool | None = None  # True: only the denoiser's repeated blocks are compiled; None: all of it, or none
     components: tuple[str, ...] | None = None
     placement: str = "device"
     id: str = ""
@@ -39,8 +40,9 @@ class Cell:
         """The cell's axes and method options as plain data (what its id hashes, with model and generation)."""
         data = asdict(self)
         data.pop("id")
-        if self.inductor is None:
-            data.pop("inductor")  # cells from before the axis existed keep their ids
+        for axis in ("inductor", "regional"):
+            if data[axis] is None:
+                data.pop(axis)  # cells from before the axis existed keep their ids
         data["components"] = list(self.components) if self.components is not None else None
         return data
 
@@ -62,6 +64,7 @@ class Cell:
                 f"compile={self.compile}"
                 + ("+fullgraph" if self.fullgraph else "")
                 + (f"+inductor={self.inductor}" if self.inductor else "")
+                + ("+regional" if self.regional else "")
             )
         if self.components is not None and self.components != ("transformer",):
             parts.append("+".join(self.components))

@@ -44,7 +44,8 @@ def print_plan(ready) -> None:
             _or_dash(cell.threshold),
             cell.compile
             + ("+fullgraph" if cell.fullgraph else "")
-            + (f"+inductor={cell.inductor}" if cell.inductor else ""),
+            + (f"+inductor={cell.inductor}" if cell.inductor else "")
+            + ("+regional" if cell.regional else ""),
             "+".join(cell.components) if cell.components else "-",
             cell.placement,
             here,

@@ -137,6 +137,7 @@ class Axes(_Strict):
     compile: list[Literal[COMPILE_MODES]] = Field(default=["off"], min_length=1)  # type: ignore[valid-type]
     fullgraph: list[bool] = Field(default=[False], min_length=1)
     inductor: list[Literal[INDUCTOR_PRESETS]] = Field(default=["default"], min_length=1)  # type: ignore[valid-type]
+    regional: list[bool] = Field(default=[False], min_length=1)
     components: list[list[typing.Annotated[str, Field(pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")]]] = Field(
         default=[["transformer"]], min_length=1
     )
@@ -400,12 +401,13 @@ def _components_axis(axes: Axes, cls: type) -> list[list[str] | None]:
 def _product(axes: Axes, method: str, options: dict[str, Any]) -> list[Cell]:
     cls = method_class(method)
     cells = []
-    for dtype, threshold, compile_mode, fullgraph, inductor, components, placement in itertools.product(
+    for dtype, threshold, compile_mode, fullgraph, inductor, regional, components, placement in itertools.product(
         axes.dtype,
         axes.threshold if cls.uses_threshold else [None],
         axes.compile,
         axes.fullgraph,
         axes.inductor,
+        axes.regional,
         _components_axis(axes, cls),
         axes.placement,
     ):
@@ -418,6 +420,7 @@ def _product(axes: Axes, method: str, options: dict[str, Any]) -> list[Cell]:
                 compile=compile_mode,
                 fullgraph=fullgraph if compile_mode != "off" else None,
                 inductor=inductor if compile_mode != "off" and inductor != "default" else None,
+                regional=True if compile_mode != "off" and regional else None,
                 components=tuple(components) if components is not None else None,
                 placement=placement,
             )
@@ -470,7 +473,7 @@ def _matches(path: Path, rule: dict[str, Any], cell: Cell, key: str) -> bool:
     """Whether `cell` matches an include/exclude rule: every key equal to (or one of) the rule's values."""
     if not rule:
         raise MatrixError(path, key, "empty rule")
-    values = {**cell.options, **cell.axes(), "inductor": cell.inductor or "default"}
+    values = {**cell.options, **cell.axes(), "inductor": cell.inductor or "default", "regional": bool(cell.regional)}
     return all(values.get(name) in _candidates(name, wanted) for name, wanted in rule.items())
 
 

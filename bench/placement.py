@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 NEEDS_CUDA = ("device_map", "model_cpu_offload", "sequential_cpu_offload", "group_offload")
@@ -49,14 +50,32 @@ DIFFUSERS_INDUCTOR_FLAGS = {
 }
 
 
-def compile_denoiser(pipe: Any, mode: str, fullgraph: bool, inductor: str | None = None) -> dict[str, Any] | None:
+@dataclass(frozen=True)
+class CompiledDenoiser:
+    """How a cell's denoiser was compiled: the Inductor settings its preset changed, and how many modules
+    went to `torch.compile` (1 for the whole denoiser, one per repeated block for regional compilation)."""
+
+    inductor_changes: dict[str, Any]
+    modules: int
+
+
+def compile_denoiser(
+    pipe: Any, mode: str, fullgraph: bool, inductor: str | None = None, regional: bool = False
+) -> CompiledDenoiser | None:
     """`torch.compile` the denoiser in place (compilation itself happens at the first call), with Inductor
-    set up as the `inductor` preset says; returns the Inductor settings the preset changed (None: not compiled)."""
+    set up as the `inductor` preset says; `regional` compiles only its repeated blocks, as diffusers'
+    `compile_repeated_blocks()` does. None when `mode` is off.
+    """
     if mode == "off":
         return None
+    model = denoiser(pipe)
     changed = _apply_inductor_preset(inductor or "default")
-    denoiser(pipe).compile(mode=mode, fullgraph=fullgraph)
-    return changed
+    if not regional:
+        model.compile(mode=mode, fullgraph=fullgraph)
+        return CompiledDenoiser(changed, 1)
+    model.compile_repeated_blocks(mode=mode, fullgraph=fullgraph)
+    blocks = set(model._repeated_blocks)
+    return CompiledDenoiser(changed, sum(type(module).__name__ in blocks for module in model.modules()))
 
 
 def _apply_inductor_preset(name: str) -> dict[str, Any]:

@@ -42,6 +42,7 @@ def cell_rows(
         "compile": cell.compile,
         "fullgraph": cell.fullgraph,
         "inductor": cell.inductor,
+        "regional": cell.regional,
         "components": ",".join(cell.components) if cell.components is not None else None,
         "placement": cell.placement,
         "model_source": model.source,

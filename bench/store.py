@@ -59,6 +59,7 @@ class ResultRow:
     compile: str
     fullgraph: bool | None
     inductor: str | None  # the Inductor preset of a compiled cell; None: Inductor's defaults, or not compiled
+    regional: bool | None  # True: only the repeated blocks were compiled; None: the whole denoiser, or not compiled
     components: str | None
     placement: str
     # model and generation
@@ -83,6 +84,7 @@ class ResultRow:
     load_s: float | None = None
     warmup_s: float | None = None
     inductor_settings: str | None = None  # compiled cells: JSON of the Inductor settings the preset changed
+    compiled_modules: int | None = None  # compiled cells: modules handed to torch.compile (1, or each repeated block)
     compile_s: float | None = None  # compiled cells: the first warm-up generation minus the median timed one
     e2e_latency_median_s: float | None = None
     e2e_latency_iqr_s: float | None = None

@@ -17,7 +17,7 @@ from bench.drift import METRICS
 from bench.store import worst_status
 
 CELL_COLUMNS = (
-    "cell_label", "method", "method_family", "method_options", "dtype", "threshold", "compile", "fullgraph", "inductor",
+    "cell_label", "method", "method_family", "method_options", "dtype", "threshold", "compile", "fullgraph", "inductor", "regional",
     "components", "placement", "weights", "gpu_name", "device", "resident_reserved_bytes", "peak_reserved_bytes",
     "peak_allocated_bytes", "dequantized_reserved_bytes", "transformer_footprint_bytes", "transformer_tensor_bytes",
     "gpu_memory_note", "load_s", "quantize_s", "warmup_s", "compile_s", "prepare_s", "import_s", "cell_wall_s",

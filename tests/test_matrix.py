@@ -204,3 +204,15 @@ def test_the_inductor_axis_varies_compiled_cells_only_and_keeps_default_ids(make
     assert [c.label for c in cells if c.inductor] == ["baseline bf16 compile=default+inductor=diffusers"]
     with pytest.raises(MatrixError, match=r"axes\.inductor.*allowed: default, torchao, diffusers"):
         load_matrix(make_matrix(axes={"method": ["baseline"], "inductor": ["fast"]}))
+
+
+def test_the_regional_axis_varies_compiled_cells_only_and_keeps_whole_model_ids(make_matrix):
+    plain = load_matrix(make_matrix(axes={"method": ["baseline"], "compile": ["off", "default"]})).cells
+    path = make_matrix(axes={"method": ["baseline"], "compile": ["off", "default"], "regional": [False, True]})
+    cells = load_matrix(path).cells
+    assert sorted((c.compile, c.regional) for c in cells if not c.regional) == [("default", None), ("off", None)]
+    assert [c.label for c in cells if c.regional] == ["baseline bf16 compile=default+regional"]
+    assert {c.id for c in plain} < {c.id for c in cells}, "whole-model compiled cells keep the ids they had"
+    assert len(load_matrix(path, select=["regional=true"]).cells) == 1
+    with pytest.raises(MatrixError, match=r"axes\.regional"):
+        load_matrix(make_matrix(axes={"method": ["baseline"], "regional": ["blocks"]}))

@@ -253,3 +253,37 @@ def test_an_inductor_preset_is_applied_in_the_compiled_cell_and_recorded(tmp_pat
     changed = json.loads(row["inductor_settings"])  # read back from torch._inductor.config inside the cell
     assert changed["coordinate_descent_tuning"] is True and changed["force_fuse_int_mm_with_mul"] is True
     assert any((quantbench_cache / "inductor").rglob("*.py")), "the compiled code is in quantbench's cache"
+
+
+def test_regional_compilation_compiles_each_repeated_block_of_the_denoiser(tmp_path, quantbench_cache):
+    import json
+
+    from tests.conftest import matrix_data, write_matrix
+
+    data = matrix_data(
+        name="regional",
+        generation={"prompts": ["a red apple"], "num_inference_steps": 2, "repeats": 1},
+        axes={"method": ["baseline"], "compile": ["default"], "regional": [True]},
+        drift={"enabled": False},
+    )
+    summary = run_matrix(load_matrix(write_matrix(tmp_path, data)), tmp_path / "results")
+    assert summary.statuses == {"ok": 1}
+    row = read_results(tmp_path / "results").iloc[0]
+    from bench.models.builtin import build_builtin
+
+    config = json.loads((build_builtin("tiny-flux") / "transformer" / "config.json").read_text())
+    assert row["regional"] and row["cell_label"].endswith("compile=default+regional")
+    assert row["compiled_modules"] == config["num_layers"] + config["num_single_layers"]
+    assert row["compile_s"] > 0
+
+
+def test_regional_compilation_of_a_denoiser_without_repeated_blocks_is_refused_before_any_cell(tmp_path):
+    from bench.errors import MatrixError
+    from bench.runner import plan
+    from tests.conftest import matrix_data, write_matrix
+
+    data = matrix_data(name="regional-sd3", axes={"method": ["baseline"], "compile": ["default"], "regional": [True]})
+    data["model"] = {"builtin": "tiny-sd3"}
+    with pytest.raises(MatrixError, match=r"axes\.regional: SD3Transformer2DModel lists no repeated blocks"):
+        plan(load_matrix(write_matrix(tmp_path, data)))
+    assert not (tmp_path / "results").exists()

@@ -13,7 +13,8 @@ from bench.store import SCHEMA, ResultRow, ResultsFolder
 REQUIRED = {
     "schema_version": 1, "matrix_name": "m", "matrix_path": "m.toml", "cell_label": "x", "timestamp_utc": "t",
     "error": None, "method": "baseline", "method_family": "baseline", "method_options": "{}",
-    "dtype": "bf16", "threshold": None, "compile": "off", "fullgraph": None, "inductor": None, "components": None,
+    "dtype": "bf16", "threshold": None, "compile": "off", "fullgraph": None, "inductor": None, "regional": None,
+    "components": None,
     "placement": "device",
     "model_source": "builtin:tiny-flux", "model_revision": None, "pipeline_class": "FluxPipeline", "weights": "synthetic",
     "prompt_index": 0, "prompt": "p", "seed": 0, "height": 64, "width": 64, "num_inference_steps": 2,

@@ -45,6 +45,7 @@ def resolve_model(matrix) -> ResolvedModel:
     }
     model = ResolvedModel(name, folder, revision, source.weights_label, index["_class_name"], components)
     _check_components(matrix, model)
+    _check_regional(matrix, model)
     return model
 
 
@@ -56,6 +57,25 @@ def _check_components(matrix, model: ResolvedModel) -> None:
                 raise MatrixError(
                     matrix.path, "axes.components", f"{model.pipeline_class} has no such component", name, weighted
                 )
+
+
+def _check_regional(matrix, model: ResolvedModel) -> None:
+    """Regional compilation needs a denoiser whose class names its repeated blocks (`_repeated_blocks`)."""
+    if not any(cell.regional for cell in matrix.cells):
+        return
+    import diffusers
+
+    component = model.components.get("transformer") or model.components.get("unet")
+    cls = getattr(diffusers, component.class_name, None) if component else None
+    if not getattr(cls, "_repeated_blocks", None):
+        name = component.class_name if component else model.pipeline_class
+        raise MatrixError(
+            matrix.path,
+            "axes.regional",
+            f"{name} lists no repeated blocks to compile (`_repeated_blocks`, diffusers {diffusers.__version__})",
+            True,
+            [False],
+        )
 
 
 def _download(repo_id: str, revision: str | None) -> tuple[Path, str]:
