@@ -24,7 +24,7 @@ from bench.placement import INDUCTOR_PRESETS
 from bench.prompts import BUILTIN_PROMPTS, PromptFileError, read_prompt_file
 
 SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
-BUILTIN_MODELS = ("tiny-flux", "tiny-sd3", "flux-dev-shape", "sd3-medium-shape")
+BUILTIN_MODELS = ("tiny-flux", "tiny-flux-deep", "tiny-sd3", "flux-dev-shape", "sd3-medium-shape")
 COMPILE_MODES = ("off", "default", "max-autotune", "reduce-overhead", "max-autotune-no-cudagraphs")
 PLACEMENTS = ("device", "device_map", "model_cpu_offload", "sequential_cpu_offload", "group_offload")
 

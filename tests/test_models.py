@@ -63,3 +63,9 @@ def test_full_size_builtins_are_refused_before_any_work_without_a_gpu(name, tmp_
 def test_every_shipped_matrix_is_valid(path):
     matrix = load_matrix(path)
     assert matrix.cells and len({cell.id for cell in matrix.cells}) == len(matrix.cells)
+
+
+def test_every_builtin_the_matrix_accepts_has_a_builder():
+    from bench.matrix import BUILTIN_MODELS
+
+    assert set(BUILTIN_MODELS) == set(builtin.BUILDERS)

@@ -112,13 +112,14 @@ TINY_VAE = {
 TINY_T5 = {"d_model": WIDTH, "d_ff": 2 * WIDTH, "d_kv": 16, "num_heads": 4, "num_layers": 2}
 
 
-def _build_tiny_flux(folder: Path) -> None:
+def _build_tiny_flux(folder: Path, blocks: tuple[int, int] = (1, 1)) -> None:
+    """The tiny FLUX pipeline; `blocks` = (double-stream, single-stream) transformer blocks."""
     _flux_pipeline(
         folder,
         transformer_config={
-            "patch_size": 1, "in_channels": 64, "num_layers": 1, "num_single_layers": 1, "attention_head_dim": 32,
-            "num_attention_heads": 2, "joint_attention_dim": WIDTH, "pooled_projection_dim": WIDTH,
-            "axes_dims_rope": (8, 12, 12), "guidance_embeds": True,
+            "patch_size": 1, "in_channels": 64, "num_layers": blocks[0], "num_single_layers": blocks[1],
+            "attention_head_dim": 32, "num_attention_heads": 2, "joint_attention_dim": WIDTH,
+            "pooled_projection_dim": WIDTH, "axes_dims_rope": (8, 12, 12), "guidance_embeds": True,
         },
         clip_config={"vocab_size": len(byte_level_vocab()), "hidden_size": WIDTH, "intermediate_size": 2 * WIDTH,
                      "num_hidden_layers": 2, "num_attention_heads": 2, "projection_dim": WIDTH},
@@ -247,6 +248,10 @@ def _build_sd3_medium_shape(folder: Path) -> None:
 
 BUILDERS = {
     "tiny-flux": _build_tiny_flux,
+    # FLUX.1-dev's depth at the tiny width: what compiling costs per block, on any CPU
+    "tiny-flux-deep": functools.partial(
+        _build_tiny_flux, blocks=(FLUX_DEV_TRANSFORMER["num_layers"], FLUX_DEV_TRANSFORMER["num_single_layers"])
+    ),
     "tiny-sd3": _build_tiny_sd3,
     "flux-dev-shape": _build_flux_dev_shape,
     "sd3-medium-shape": _build_sd3_medium_shape,
