@@ -53,6 +53,11 @@ class Cell:
         return Cell(**{**self.__dict__, "id": digest})
 
     @property
+    def compile_variant(self) -> str:
+        """The compile axes in one word, e.g. `off` or `default+inductor=torchao+regional`."""
+        return compile_variant(self.compile, self.fullgraph, self.inductor, self.regional)
+
+    @property
     def label(self) -> str:
         """A short human-readable name, e.g. `torchao[int8wo] bf16 compile=default`."""
         options = ",".join(_option_text(k, v) for k, v in self.options.items())
@@ -60,12 +65,7 @@ class Cell:
         if self.threshold is not None:
             parts.append(f"threshold={self.threshold:g}")
         if self.compile != "off":
-            parts.append(
-                f"compile={self.compile}"
-                + ("+fullgraph" if self.fullgraph else "")
-                + (f"+inductor={self.inductor}" if self.inductor else "")
-                + ("+regional" if self.regional else "")
-            )
+            parts.append(f"compile={self.compile_variant}")
         if self.components is not None and self.components != ("transformer",):
             parts.append("+".join(self.components))
         if self.placement != "device":
@@ -80,6 +80,23 @@ class Cell:
     def from_axes(cls, data: dict[str, Any], cell_id: str) -> Cell:
         components = data.get("components")
         return cls(**{**data, "components": tuple(components) if components is not None else None, "id": cell_id})
+
+
+def compile_variant(mode: str, fullgraph: Any, inductor: Any, regional: Any) -> str:
+    """`mode` with the settings that vary a compiled cell appended (missing values, as in older rows, add nothing)."""
+    if mode == "off":
+        return mode
+    return (
+        mode
+        + ("+fullgraph" if _flag(fullgraph) else "")
+        + (f"+inductor={inductor}" if isinstance(inductor, str) else "")
+        + ("+regional" if _flag(regional) else "")
+    )
+
+
+def _flag(value: Any) -> bool:
+    """A boolean axis value, also from a results table: missing (None, NaN) is false."""
+    return bool(value) and bool(value == value)
 
 
 def _option_text(name: str, value: Any) -> str:

@@ -42,10 +42,7 @@ def print_plan(ready) -> None:
             escape(", ".join(f"{k}={v}" for k, v in cell.options.items())),
             cell.dtype,
             _or_dash(cell.threshold),
-            cell.compile
-            + ("+fullgraph" if cell.fullgraph else "")
-            + (f"+inductor={cell.inductor}" if cell.inductor else "")
-            + ("+regional" if cell.regional else ""),
+            cell.compile_variant,
             "+".join(cell.components) if cell.components else "-",
             cell.placement,
             here,

@@ -271,3 +271,25 @@ def test_report_renders_in_a_real_browser_with_no_broken_image(report, tmp_path)
     assert 'data-broken-images="0"' in dom
     assert dom.split('id="summary"')[1].split("</table>")[0].count("<tr>") == 4
     assert shot.stat().st_size > 10_000
+
+
+def test_compile_plot_has_a_bar_per_compile_variant_of_the_same_method():
+    from bench.report.plots import compile_comparison
+
+    cells = pd.DataFrame(
+        {
+            "method": "baseline", "method_options": "{}", "dtype": "bf16",
+            "compile": ["off", "default", "default", "default"],
+            "fullgraph": [None, False, False, False],
+            "inductor": [None, None, None, "torchao"],
+            "regional": [None, None, True, None],
+            "e2e_latency_median_s": [1.0, 0.8, 0.85, 0.7],
+            "cell_label": ["baseline bf16", "baseline bf16 compile=default", "baseline bf16 compile=default+regional",
+                           "baseline bf16 compile=default+inductor=torchao"],
+        }
+    )  # fmt: skip
+    plot = compile_comparison(cells)
+    legend = [text.get_text() for text in plot.figure.axes[0].get_legend().get_texts()]
+    assert sorted(legend) == ["default", "default+inductor=torchao", "default+regional", "off"]
+    bars = sorted(round(patch.get_width(), 2) for patch in plot.figure.axes[0].patches)
+    assert bars == [0.7, 0.8, 0.85, 1.0]

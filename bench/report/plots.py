@@ -18,6 +18,8 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 
+from bench.cells import compile_variant  # noqa: E402
+
 FAMILY_COLOURS = {
     "baseline": "#333333",
     "bitsandbytes": "#1f77b4",
@@ -163,11 +165,15 @@ def threshold_sweep(cells: pd.DataFrame) -> Plot:
 def compile_comparison(cells: pd.DataFrame) -> Plot:
     title = "torch.compile on/off"
     key = cells["method"] + " " + cells["method_options"] + " " + cells["dtype"]
-    modes = cells.assign(key=key)
-    groups = modes.groupby("key").filter(lambda g: g["compile"].nunique() > 1)
+    variant = [
+        compile_variant(*values)
+        for values in zip(cells["compile"], cells["fullgraph"], cells["inductor"], cells["regional"], strict=True)
+    ]
+    modes = cells.assign(key=key, variant=variant)
+    groups = modes.groupby("key").filter(lambda g: g["variant"].nunique() > 1)
     if groups.empty:
         return Plot(title, reason="needs the same method with compile off and on")
-    pivot = groups.pivot_table(index="key", columns="compile", values="e2e_latency_median_s", aggfunc="first")
+    pivot = groups.pivot_table(index="key", columns="variant", values="e2e_latency_median_s", aggfunc="first")
     figure, ax = plt.subplots(figsize=(7, 0.5 * len(pivot) + 1.8), dpi=100)
     pivot.plot.barh(ax=ax)
     labels = [groups.loc[groups["key"] == k, "cell_label"].iloc[0].split(" compile=")[0] for k in pivot.index]
