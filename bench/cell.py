@@ -292,7 +292,7 @@ def _generate(pipe: Any, spec: CellSpec, result: CellResult, clock: Any, fault: 
     compiled = spec.cell.get("compile", "off") != "off"
     _phase("warm-up" + (f" (torch.compile mode={spec.cell['compile']} compiles here)" if compiled else ""))
     warmups = []
-    with _compile_time_limit(spec.compile_timeout_s if compiled else None, spec, result):
+    with _compile_time_limit(spec.compile_timeout_s, spec, result):
         for _ in range(gen["warmup"]):
             start = clock.now()
             generate(gen["prompts"][0], gen["seeds"][0])

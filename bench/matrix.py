@@ -27,6 +27,7 @@ SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
 BUILTIN_MODELS = ("tiny-flux", "tiny-flux-deep", "tiny-sd3", "flux-dev-shape", "sd3-medium-shape")
 COMPILE_MODES = ("off", "default", "max-autotune", "reduce-overhead", "max-autotune-no-cudagraphs")
 PLACEMENTS = ("device", "device_map", "model_cpu_offload", "sequential_cpu_offload", "group_offload")
+Seconds = typing.Annotated[float, Field(gt=0, le=7 * 24 * 3600)]
 
 
 class _Strict(BaseModel):
@@ -109,23 +110,39 @@ class RunSettings(_Strict):
     """How cells are run: the device and the per-cell wall-clock limit."""
 
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    timeout_s: float = Field(default=3600, gt=0, le=7 * 24 * 3600)
+    timeout_s: Seconds = 3600
     # Compilation's own limit: a compiled cell whose warm-up (where torch.compile compiles) runs past it ends as
     # a `timeout` row with its load and quantize times; Inductor's cache keeps the kernels already built.
-    compile_timeout_s: float | None = Field(default=None, gt=0, le=7 * 24 * 3600)
+    # One number for every compile mode, or one per mode ({ default = 600, max-autotune = 1200 }; a mode
+    # not listed has only the cell's limit).
+    compile_timeout_s: dict[Literal[COMPILE_MODES[1:]], Seconds] | None = None  # type: ignore[valid-type]
     # Cap each cell's CUDA memory (torch.cuda.set_per_process_memory_fraction) to see what fits a smaller GPU.
     gpu_memory_limit_gib: float | None = Field(default=None, gt=0, le=4096)
     # Opt-in: reload pickled checkpoints that quantbench itself wrote with torch.load(weights_only=False).
     trust_pickled_checkpoints: bool = False
 
+    @field_validator("compile_timeout_s", mode="before")
+    @classmethod
+    def _one_limit_for_every_mode(cls, value: Any) -> Any:
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            return dict.fromkeys(COMPILE_MODES[1:], value)
+        if value is not None and not isinstance(value, dict):
+            raise ValueError("expected seconds, or a table of seconds by compile mode")
+        return value
+
     @model_validator(mode="after")
     def _compile_limit_within_cell_limit(self) -> RunSettings:
-        if self.compile_timeout_s is not None and self.compile_timeout_s >= self.timeout_s:
-            raise ValueError(
-                f"compile_timeout_s ({self.compile_timeout_s:g}) must be less than timeout_s ({self.timeout_s:g}),"
-                " the limit of the whole cell"
-            )
+        for mode, seconds in (self.compile_timeout_s or {}).items():
+            if seconds >= self.timeout_s:
+                raise ValueError(
+                    f"compile_timeout_s ({seconds:g} s for {mode}) must be less than timeout_s ({self.timeout_s:g}),"
+                    " the limit of the whole cell"
+                )
         return self
+
+    def compile_limit_s(self, mode: str) -> float | None:
+        """Compilation's own limit for a cell compiled in `mode`; None when not compiled or not limited."""
+        return (self.compile_timeout_s or {}).get(mode)
 
 
 class Axes(_Strict):
@@ -309,7 +326,7 @@ def _matrix_error(path: Path, error: ValidationError, prefix: str | None = None)
     With `prefix`, the error is about a rule's single-value axis: the key is `prefix.<axis>`.
     """
     first = error.errors()[0]
-    loc = [str(part) for part in first["loc"]]
+    loc = [str(part) for part in first["loc"] if part != "[key]"]  # pydantic's marker for a bad table key
     key = f"{prefix}.{loc[0]}" if prefix else ".".join(loc)
     message = first["msg"].removeprefix("Value error, ")
     allowed: list[str] | None = None

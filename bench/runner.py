@@ -172,7 +172,7 @@ def _job(ready: Plan, cell: Cell, generation: dict[str, Any] | None = None) -> C
         generation=generation or ready.matrix.generation.model_dump(),
         device=ready.device,
         gpu_memory_limit_gib=run.gpu_memory_limit_gib,
-        compile_timeout_s=run.compile_timeout_s,
+        compile_timeout_s=run.compile_limit_s(cell.compile),
         trust_pickled_checkpoints=run.trust_pickled_checkpoints,
     )
     return CellJob.for_spec(spec, run.timeout_s)

@@ -155,7 +155,17 @@ def test_cell_id_ignores_the_order_of_option_keys(tmp_path):
         (
             {"run": {"timeout_s": 600, "compile_timeout_s": 900}},
             "run",
-            ["compile_timeout_s (900) must be less than timeout_s (600)"],
+            ["compile_timeout_s (900 s for default) must be less than timeout_s (600)"],
+        ),
+        (
+            {"run": {"timeout_s": 600, "compile_timeout_s": {"default": 300, "max-autotune": 900}}},
+            "run",
+            ["compile_timeout_s (900 s for max-autotune) must be less than timeout_s (600)"],
+        ),
+        (
+            {"run": {"compile_timeout_s": {"autotune": 300}}},
+            "run.compile_timeout_s.autotune",
+            ["not an allowed value", "allowed: default, max-autotune, reduce-overhead, max-autotune-no-cudagraphs"],
         ),
     ],
 )
@@ -216,3 +226,13 @@ def test_the_regional_axis_varies_compiled_cells_only_and_keeps_whole_model_ids(
     assert len(load_matrix(path, select=["regional=true"]).cells) == 1
     with pytest.raises(MatrixError, match=r"axes\.regional"):
         load_matrix(make_matrix(axes={"method": ["baseline"], "regional": ["blocks"]}))
+
+
+def test_compile_limit_is_one_number_for_every_mode_or_one_per_mode():
+    from bench.matrix import RunSettings
+
+    every = RunSettings(timeout_s=1500, compile_timeout_s=420)
+    assert [every.compile_limit_s(m) for m in ("off", "default", "max-autotune")] == [None, 420, 420]
+    per_mode = RunSettings(timeout_s=1500, compile_timeout_s={"default": 600, "max-autotune": 1200})
+    assert [per_mode.compile_limit_s(m) for m in ("default", "max-autotune", "reduce-overhead")] == [600, 1200, None]
+    assert RunSettings().compile_limit_s("default") is None
