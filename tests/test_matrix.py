@@ -236,3 +236,22 @@ def test_compile_limit_is_one_number_for_every_mode_or_one_per_mode():
     per_mode = RunSettings(timeout_s=1500, compile_timeout_s={"default": 600, "max-autotune": 1200})
     assert [per_mode.compile_limit_s(m) for m in ("default", "max-autotune", "reduce-overhead")] == [600, 1200, None]
     assert RunSettings().compile_limit_s("default") is None
+
+
+def test_select_keeps_a_subset_with_the_full_matrix_ids(make_matrix):
+    path = make_matrix(
+        axes={"method": ["baseline", "torchao", "gguf"], "compile": ["off", "default"]},
+        method={"torchao": {"quant_type": ["int8wo", "float8wo"]}, "gguf": {"quant_type": ["Q8_0", "Q4_0"]}},
+    )
+    full = {cell.label: cell.id for cell in load_matrix(path).cells}
+    eager = load_matrix(path, select=["compile=off"]).cells
+    assert len(eager) == len(full) / 2 and all(full[cell.label] == cell.id for cell in eager)
+    across_methods = load_matrix(path, select=["compile=default", 'quant_type=["int8wo","Q8_0"]']).cells
+    assert sorted(cell.label for cell in across_methods) == [
+        "gguf[Q8_0] bf16 compile=default",
+        "torchao[int8wo] bf16 compile=default",
+    ]
+    with pytest.raises(MatrixError, match=r"--select\.quant: unknown rule key"):
+        load_matrix(path, select=["quant=int8wo"])
+    with pytest.raises(MatrixError, match=r"--select: no cell matches"):
+        load_matrix(path, select=["quant_type=Q2_K"])
