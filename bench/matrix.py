@@ -27,7 +27,8 @@ SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
 BUILTIN_MODELS = ("tiny-flux", "tiny-flux-deep", "tiny-sd3", "flux-dev-shape", "sd3-medium-shape")
 COMPILE_MODES = ("off", "default", "max-autotune", "reduce-overhead", "max-autotune-no-cudagraphs")
 PLACEMENTS = ("device", "device_map", "model_cpu_offload", "sequential_cpu_offload", "group_offload")
-Seconds = typing.Annotated[float, Field(gt=0, le=7 * 24 * 3600)]
+MAX_SECONDS = 7 * 24 * 3600
+Seconds = typing.Annotated[float, Field(gt=0, le=MAX_SECONDS)]
 
 
 class _Strict(BaseModel):
@@ -125,6 +126,8 @@ class RunSettings(_Strict):
     @classmethod
     def _one_limit_for_every_mode(cls, value: Any) -> Any:
         if isinstance(value, int | float) and not isinstance(value, bool):
+            if not 0 < value <= MAX_SECONDS:
+                raise ValueError("expected seconds, more than 0 and at most a week")
             return dict.fromkeys(COMPILE_MODES[1:], value)
         if value is not None and not isinstance(value, dict):
             raise ValueError("expected seconds, or a table of seconds by compile mode")

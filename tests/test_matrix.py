@@ -162,6 +162,7 @@ def test_cell_id_ignores_the_order_of_option_keys(tmp_path):
             "run",
             ["compile_timeout_s (900 s for max-autotune) must be less than timeout_s (600)"],
         ),
+        ({"run": {"compile_timeout_s": -5}}, "run.compile_timeout_s", ["more than 0", "(got -5)"]),
         (
             {"run": {"compile_timeout_s": {"autotune": 300}}},
             "run.compile_timeout_s.autotune",
