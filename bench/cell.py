@@ -166,11 +166,12 @@ def run_cell(spec: CellSpec, result: CellResult) -> None:
     from bench.measure import Clock, cpu_peak_rss_bytes, gpu_memory, reset_gpu_peak, tensor_bytes
     from bench.methods import method_class
     from bench.methods.base import Component
-    from bench.placement import compile_denoiser, denoiser, load_kwargs, place
+    from bench.placement import compile_denoiser, denoiser, inductor_settings, load_kwargs, place
 
     m = result.measurements
     m["import_s"] = time.perf_counter() - PROCESS_START
     m["cpu_threads"] = torch.get_num_threads()  # CPU-side quantizing on load (torchao) scales with it
+    inductor_at_start = inductor_settings()  # before quantizing: torchao's configs change them
     _phase(f"imports: {m['import_s']:.1f} s")
     fault = _fault(spec)
     cell = Cell.from_axes(spec.cell, spec.cell_id)
@@ -227,7 +228,9 @@ def run_cell(spec: CellSpec, result: CellResult) -> None:
     model = denoiser(pipe)
     m["transformer_footprint_bytes"] = int(model.get_memory_footprint())
     m["transformer_tensor_bytes"] = tensor_bytes(model)
-    compiled = compile_denoiser(pipe, cell.compile, bool(cell.fullgraph), cell.inductor, bool(cell.regional))
+    compiled = compile_denoiser(
+        pipe, cell.compile, bool(cell.fullgraph), cell.inductor, bool(cell.regional), inductor_at_start
+    )
     if compiled is not None:
         m["inductor_settings"] = json.dumps(compiled.inductor_changes, sort_keys=True, default=str)
         m["compiled_modules"] = compiled.modules

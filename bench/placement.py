@@ -38,10 +38,12 @@ def denoiser(pipe: Any) -> Any:
     return getattr(pipe, "transformer", None) or pipe.unet
 
 
-# Inductor settings a compiled cell can start from (the `inductor` axis): "default" changes nothing;
-# "torchao" is torchao's recommended_inductor_config_setter() (coordinate-descent tuning, int8 mm fused with
-# its scale); "diffusers" the flags of diffusers' guide to faster text-to-image inference.
-INDUCTOR_PRESETS = ("default", "torchao", "diffusers")
+# Inductor settings a compiled cell compiles with (the `inductor` axis): "default" leaves them as loading left
+# them (torchao's quantize configs apply torchao's recommended settings themselves, as users get); "stock"
+# restores them to how the cell process started, undoing what libraries changed; "torchao" is torchao's
+# recommended_inductor_config_setter() (coordinate-descent tuning, int8 mm fused with its scale); "diffusers"
+# the flags of diffusers' guide to faster text-to-image inference.
+INDUCTOR_PRESETS = ("default", "stock", "torchao", "diffusers")
 DIFFUSERS_INDUCTOR_FLAGS = {
     "conv_1x1_as_mm": True,
     "coordinate_descent_tuning": True,
@@ -52,37 +54,61 @@ DIFFUSERS_INDUCTOR_FLAGS = {
 
 @dataclass(frozen=True)
 class CompiledDenoiser:
-    """How a cell's denoiser was compiled: the Inductor settings its preset changed, and how many modules
-    went to `torch.compile` (1 for the whole denoiser, one per repeated block for regional compilation)."""
+    """How a cell's denoiser was compiled: the Inductor settings it compiled with that differ from the
+    process start (what libraries and the preset changed), and how many modules went to `torch.compile`
+    (1 for the whole denoiser, one per repeated block for regional compilation)."""
 
     inductor_changes: dict[str, Any]
     modules: int
 
 
+def inductor_settings() -> dict[str, Any]:
+    """A copy of Inductor's settings as they are now."""
+    import torch._inductor.config as inductor
+
+    return inductor.get_config_copy()
+
+
+def inductor_changes(since: dict[str, Any]) -> dict[str, Any]:
+    """The Inductor settings that differ now from the copy `since`."""
+    return {key: value for key, value in inductor_settings().items() if since.get(key) != value}
+
+
+def restore_inductor_settings(copy: dict[str, Any]) -> None:
+    """Put back the Inductor settings of `copy` that were changed since."""
+    import torch._inductor.config as inductor
+
+    for key in inductor_changes(copy):
+        setattr(inductor, key, copy[key])
+
+
 def compile_denoiser(
-    pipe: Any, mode: str, fullgraph: bool, inductor: str | None = None, regional: bool = False
+    pipe: Any, mode: str, fullgraph: bool, inductor: str | None, regional: bool, at_start: dict[str, Any]
 ) -> CompiledDenoiser | None:
     """`torch.compile` the denoiser in place (compilation itself happens at the first call), with Inductor
-    set up as the `inductor` preset says; `regional` compiles only its repeated blocks, as diffusers'
-    `compile_repeated_blocks()` does. None when `mode` is off.
+    set up as the `inductor` preset says (`at_start`: the settings when the process started);
+    `regional` compiles only its repeated blocks, as diffusers' `compile_repeated_blocks()` does. None when
+    `mode` is off.
     """
     if mode == "off":
         return None
+    _apply_inductor_preset(inductor or "default", at_start)
+    changes = inductor_changes(at_start)
     model = denoiser(pipe)
-    changed = _apply_inductor_preset(inductor or "default")
     if not regional:
         model.compile(mode=mode, fullgraph=fullgraph)
-        return CompiledDenoiser(changed, 1)
+        return CompiledDenoiser(changes, 1)
     model.compile_repeated_blocks(mode=mode, fullgraph=fullgraph)
     blocks = set(model._repeated_blocks)
-    return CompiledDenoiser(changed, sum(type(module).__name__ in blocks for module in model.modules()))
+    return CompiledDenoiser(changes, sum(type(module).__name__ in blocks for module in model.modules()))
 
 
-def _apply_inductor_preset(name: str) -> dict[str, Any]:
+def _apply_inductor_preset(name: str, at_start: dict[str, Any]) -> None:
     import torch._inductor.config as inductor
 
-    before = inductor.get_config_copy()
-    if name == "torchao":
+    if name == "stock":
+        restore_inductor_settings(at_start)
+    elif name == "torchao":
         from torchao.quantization.utils import recommended_inductor_config_setter
 
         recommended_inductor_config_setter()
@@ -91,5 +117,3 @@ def _apply_inductor_preset(name: str) -> dict[str, Any]:
             setattr(inductor, flag, value)
     elif name != "default":
         raise ValueError(f"unknown inductor preset {name!r}")
-    after = inductor.get_config_copy()
-    return {key: value for key, value in after.items() if before.get(key) != value}

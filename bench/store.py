@@ -83,7 +83,8 @@ class ResultRow:
     quantize_s: float | None = None
     load_s: float | None = None
     warmup_s: float | None = None
-    inductor_settings: str | None = None  # compiled cells: JSON of the Inductor settings the preset changed
+    inductor_settings: str | None = None  # compiled cells: JSON of the Inductor settings that differ from the
+    # process start when compiling: what the libraries (torchao's quantize configs) and the preset changed
     compiled_modules: int | None = None  # compiled cells: modules handed to torch.compile (1, or each repeated block)
     compile_s: float | None = None  # compiled cells: the first warm-up generation minus the median timed one
     e2e_latency_median_s: float | None = None

@@ -287,3 +287,22 @@ def test_regional_compilation_of_a_denoiser_without_repeated_blocks_is_refused_b
     with pytest.raises(MatrixError, match=r"axes\.regional: SD3Transformer2DModel lists no repeated blocks"):
         plan(load_matrix(write_matrix(tmp_path, data)))
     assert not (tmp_path / "results").exists()
+
+
+def test_torchao_changes_inductor_settings_itself_and_the_stock_preset_undoes_it(tmp_path, quantbench_cache):
+    import json
+
+    from tests.conftest import matrix_data, write_matrix
+
+    data = matrix_data(
+        name="stock",
+        generation={"prompts": ["a red apple"], "num_inference_steps": 2, "repeats": 1},
+        axes={"method": ["torchao"], "compile": ["default"], "inductor": ["default", "stock"]},
+        drift={"enabled": False},
+    )
+    summary = run_matrix(load_matrix(write_matrix(tmp_path, data)), tmp_path / "results")
+    assert summary.statuses == {"ok": 2}
+    rows = read_results(tmp_path / "results").set_index("cell_label")
+    as_loaded = json.loads(rows.loc["torchao[int8wo] bf16 compile=default", "inductor_settings"])
+    assert as_loaded["coordinate_descent_tuning"] is True, "torchao's quantize config turned it on while loading"
+    assert json.loads(rows.loc["torchao[int8wo] bf16 compile=default+inductor=stock", "inductor_settings"]) == {}

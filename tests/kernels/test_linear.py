@@ -13,6 +13,7 @@ import pytest
 from bench.kernels.layers import LAYER_METHODS, SHRINK, build_layer, reference_linear, relative_l2, weight_bytes
 from bench.kernels.peaks import best_seconds
 from bench.methods.base import MethodUnavailable
+from bench.placement import inductor_changes, inductor_settings, restore_inductor_settings
 from tests.kernels.conftest import device, peaks, shapes, token_counts
 
 pytestmark = pytest.mark.kernels
@@ -26,15 +27,24 @@ CASES = [
 ]
 
 
+STOCK_INDUCTOR = inductor_settings()  # before any torchao quantize_ changes them
+
+
 @functools.cache
 def layers(method: str, shape: str):
-    """The bf16 reference and the method's layer for `shape`, built once for all token counts."""
+    """The bf16 reference, the method's layer for `shape` (built once for all token counts), and the
+    Inductor settings building it changed (torchao's configs apply torchao's recommended ones), which only
+    this method's compiled cases get, as its users do."""
     in_features, out_features = shapes()[shape]
     reference = reference_linear(in_features, out_features, device())
     try:
-        return reference, build_layer(method, reference, device())
+        layer = build_layer(method, reference, device())
     except MethodUnavailable as unavailable:
-        return reference, unavailable
+        return reference, unavailable, {}
+    finally:
+        changed = inductor_changes(STOCK_INDUCTOR)
+        restore_inductor_settings(STOCK_INDUCTOR)
+    return reference, layer, changed
 
 
 @pytest.mark.parametrize("tokens", list(token_counts()))
@@ -45,7 +55,8 @@ def test_quantized_linear(benchmark, method, compiled, shape, tokens):
 
     if compiled and device() == "cpu" and (shape, tokens) != (FIRST_SHAPE, FIRST_TOKENS):
         pytest.skip("CPU suite: compiled layers run at one shape only (Inductor takes seconds per case on a CPU)")
-    reference, layer = layers(method, shape)
+    reference, layer, inductor = layers(method, shape)
+    assert not inductor_changes(STOCK_INDUCTOR), "no method's Inductor settings leak into another's case"
     if isinstance(layer, MethodUnavailable):
         pytest.skip(f"{layer.status}: {layer.reason}")
     spec, in_features, out_features = LAYER_METHODS[method], reference.in_features, reference.out_features
@@ -66,7 +77,8 @@ def test_quantized_linear(benchmark, method, compiled, shape, tokens):
 
     with torch.inference_mode():
         expected = reference(x)
-    output = run()
+    with torch._inductor.config.patch(inductor):  # compiled at this first call
+        output = run()
     error = relative_l2(output, expected)
     stored = weight_bytes(layer)
 
@@ -101,6 +113,7 @@ def test_quantized_linear(benchmark, method, compiled, shape, tokens):
         share_of_peak_tflops=flops / seconds / 1e12 / peak.matmul_tflops,
         share_of_peak_bandwidth=moved / seconds / 1e9 / peak.bandwidth_gbps,
         rel_l2_vs_bf16=error,
+        inductor_changes=inductor if compiled else None,
         gguf_path=_gguf_path() if method.startswith("gguf") else None,
     )
 
