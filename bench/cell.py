@@ -171,10 +171,11 @@ def run_cell(spec: CellSpec, result: CellResult) -> None:
     m = result.measurements
     m["import_s"] = time.perf_counter() - PROCESS_START
     m["cpu_threads"] = torch.get_num_threads()  # CPU-side quantizing on load (torchao) scales with it
-    inductor_at_start = inductor_settings()  # before quantizing: torchao's configs change them
     _phase(f"imports: {m['import_s']:.1f} s")
     fault = _fault(spec)
     cell = Cell.from_axes(spec.cell, spec.cell_id)
+    # before quantizing, which changes them (torchao's configs); only compiled cells need it
+    inductor_at_start = inductor_settings() if cell.compile != "off" else {}
     cuda = spec.device == "cuda"
     clock = Clock(cuda)
     torch.manual_seed(0)

@@ -30,7 +30,7 @@ class Cell:
     threshold: float | None = None
     compile: str = "off"
     fullgraph: bool | None = None
-    inductor: str | None = None  # None: not compiled, or Inductor's own defaults
+    inductor: str | None = None  # None: not compiled, or the `default` preset (settings as loading left them)
     regional: bool | None = None  # True: only the denoiser's repeated blocks are compiled; None: all of it, or none
     components: tuple[str, ...] | None = None
     placement: str = "device"

@@ -58,7 +58,7 @@ class ResultRow:
     threshold: float | None
     compile: str
     fullgraph: bool | None
-    inductor: str | None  # the Inductor preset of a compiled cell; None: Inductor's defaults, or not compiled
+    inductor: str | None  # the Inductor preset of a compiled cell; None: the `default` preset, or not compiled
     regional: bool | None  # True: only the repeated blocks were compiled; None: the whole denoiser, or not compiled
     components: str | None
     placement: str

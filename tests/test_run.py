@@ -235,20 +235,26 @@ def test_a_compiled_cell_reports_compile_time_apart_and_extrapolated_latency_say
     assert f"compile {row['compile_s']:.1f} s" in html
 
 
-def test_an_inductor_preset_is_applied_in_the_compiled_cell_and_recorded(tmp_path, quantbench_cache):
-    import json
-
+def _compiled_run(tmp_path, name: str, axes: dict):
+    """Run compiled tiny-flux cells (one prompt, two steps, no drift); the run's summary and rows."""
     from tests.conftest import matrix_data, write_matrix
 
     data = matrix_data(
-        name="inductor",
+        name=name,
         generation={"prompts": ["a red apple"], "num_inference_steps": 2, "repeats": 1},
-        axes={"method": ["baseline"], "compile": ["default"], "inductor": ["torchao"]},
+        axes={"compile": ["default"], **axes},
         drift={"enabled": False},
     )
     summary = run_matrix(load_matrix(write_matrix(tmp_path, data)), tmp_path / "results")
+    return summary, read_results(tmp_path / "results")
+
+
+def test_an_inductor_preset_is_applied_in_the_compiled_cell_and_recorded(tmp_path, quantbench_cache):
+    import json
+
+    summary, rows = _compiled_run(tmp_path, "inductor", {"method": ["baseline"], "inductor": ["torchao"]})
     assert summary.statuses == {"ok": 1}
-    row = read_results(tmp_path / "results").iloc[0]
+    row = rows.iloc[0]
     assert row["inductor"] == "torchao" and row["cell_label"].endswith("compile=default+inductor=torchao")
     changed = json.loads(row["inductor_settings"])  # read back from torch._inductor.config inside the cell
     assert changed["coordinate_descent_tuning"] is True and changed["force_fuse_int_mm_with_mul"] is True
@@ -258,18 +264,11 @@ def test_an_inductor_preset_is_applied_in_the_compiled_cell_and_recorded(tmp_pat
 def test_regional_compilation_compiles_each_repeated_block_of_the_denoiser(tmp_path, quantbench_cache):
     import json
 
-    from tests.conftest import matrix_data, write_matrix
-
-    data = matrix_data(
-        name="regional",
-        generation={"prompts": ["a red apple"], "num_inference_steps": 2, "repeats": 1},
-        axes={"method": ["baseline"], "compile": ["default"], "regional": [True]},
-        drift={"enabled": False},
-    )
-    summary = run_matrix(load_matrix(write_matrix(tmp_path, data)), tmp_path / "results")
-    assert summary.statuses == {"ok": 1}
-    row = read_results(tmp_path / "results").iloc[0]
     from bench.models.builtin import build_builtin
+
+    summary, rows = _compiled_run(tmp_path, "regional", {"method": ["baseline"], "regional": [True]})
+    assert summary.statuses == {"ok": 1}
+    row = rows.iloc[0]
 
     config = json.loads((build_builtin("tiny-flux") / "transformer" / "config.json").read_text())
     assert row["regional"] and row["cell_label"].endswith("compile=default+regional")
@@ -292,17 +291,9 @@ def test_regional_compilation_of_a_denoiser_without_repeated_blocks_is_refused_b
 def test_torchao_changes_inductor_settings_itself_and_the_stock_preset_undoes_it(tmp_path, quantbench_cache):
     import json
 
-    from tests.conftest import matrix_data, write_matrix
-
-    data = matrix_data(
-        name="stock",
-        generation={"prompts": ["a red apple"], "num_inference_steps": 2, "repeats": 1},
-        axes={"method": ["torchao"], "compile": ["default"], "inductor": ["default", "stock"]},
-        drift={"enabled": False},
-    )
-    summary = run_matrix(load_matrix(write_matrix(tmp_path, data)), tmp_path / "results")
+    summary, rows = _compiled_run(tmp_path, "stock", {"method": ["torchao"], "inductor": ["default", "stock"]})
     assert summary.statuses == {"ok": 2}
-    rows = read_results(tmp_path / "results").set_index("cell_label")
+    rows = rows.set_index("cell_label")
     as_loaded = json.loads(rows.loc["torchao[int8wo] bf16 compile=default", "inductor_settings"])
     assert as_loaded["coordinate_descent_tuning"] is True, "torchao's quantize config turned it on while loading"
     assert json.loads(rows.loc["torchao[int8wo] bf16 compile=default+inductor=stock", "inductor_settings"]) == {}
