@@ -493,8 +493,19 @@ def _matches(path: Path, rule: dict[str, Any], cell: Cell, key: str) -> bool:
     """Whether `cell` matches an include/exclude rule: every key equal to (or one of) the rule's values."""
     if not rule:
         raise MatrixError(path, key, "empty rule")
-    values = {**cell.options, **cell.axes(), "inductor": cell.inductor or "default", "regional": bool(cell.regional)}
+    values = {
+        **_option_defaults(method_class(cell.method).Options),
+        **cell.options,
+        **cell.axes(),
+        "inductor": cell.inductor or "default",
+        "regional": bool(cell.regional),
+    }
     return all(values.get(name) in _candidates(name, wanted) for name, wanted in rule.items())
+
+
+def _option_defaults(model: type[MethodOptions]) -> dict[str, Any]:
+    """The options a cell leaves at their defaults (its `options` hold only the others)."""
+    return {name: field.default for name, field in model.model_fields.items() if not field.is_required()}
 
 
 def _candidates(name: str, wanted: Any) -> list[Any]:

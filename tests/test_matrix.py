@@ -252,6 +252,12 @@ def test_select_keeps_a_subset_with_the_full_matrix_ids(make_matrix):
         "gguf[Q8_0] bf16 compile=default",
         "torchao[int8wo] bf16 compile=default",
     ]
+    serialized = make_matrix(
+        axes={"method": ["torchao"]}, method={"torchao": {"quant_type": "int8wo", "serialize": [False, True]}}
+    )
+    assert [c.options for c in load_matrix(serialized, select=["serialize=false"]).cells] == [
+        {"quant_type": "int8wo"}
+    ], "an option left at its default is selected by that default"
     with pytest.raises(MatrixError, match=r"--select\.quant: unknown rule key"):
         load_matrix(path, select=["quant=int8wo"])
     with pytest.raises(MatrixError, match=r"--select: no cell matches"):
