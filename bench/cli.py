@@ -93,7 +93,12 @@ def _dispatch(args: argparse.Namespace) -> int:
         if args.verb == "plan":
             from bench.runner import plan
 
-            console.print_plan(plan(matrix))
+            try:
+                ready = plan(matrix)
+            except UserError:  # a model or device this machine lacks: the cells are still worth seeing
+                console.print_cells(matrix)
+                raise
+            console.print_plan(ready)
             return 0
         from bench.executors import make_executor
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 from rich.console import Console
@@ -30,12 +31,29 @@ GIB = 1024**3
 def print_plan(ready) -> None:
     """The expanded cells with their axes and what will happen to each here."""
     matrix = ready.matrix
-    table = Table(title=f"{matrix.name}: {len(matrix.cells)} cells, model {ready.model.source}, device {ready.device}")
+
+    def here(cell: Cell) -> str:
+        verdict = ready.verdicts[cell.id]
+        return "run" if verdict.status == "run" else f"[{STATUS_STYLE[verdict.status]}]{verdict.status}"
+
+    title = f"{matrix.name}: {len(matrix.cells)} cells, model {ready.model.source}, device {ready.device}"
+    _print_cells(matrix, title, here)
+    for cell in matrix.cells:
+        verdict = ready.verdicts[cell.id]
+        if verdict.status != "run":
+            console.print(f"{cell.id} {verdict.status}: {escape(verdict.reason)}", soft_wrap=True)
+
+
+def print_cells(matrix: Matrix) -> None:
+    """The expanded cells with their axes, for a matrix that cannot run on this machine (the caller says why)."""
+    _print_cells(matrix, f"{matrix.name}: {len(matrix.cells)} cells, none can run here", lambda cell: "-")
+
+
+def _print_cells(matrix: Matrix, title: str, here: Callable[[Cell], str]) -> None:
+    table = Table(title=title)
     for column in ("cell id", "method", "options", "dtype", "threshold", "compile", "components", "placement", "here"):
         table.add_column(column)
     for cell in matrix.cells:
-        verdict = ready.verdicts[cell.id]
-        here = "run" if verdict.status == "run" else f"[{STATUS_STYLE[verdict.status]}]{verdict.status}"
         table.add_row(
             cell.id,
             cell.method,
@@ -45,13 +63,9 @@ def print_plan(ready) -> None:
             cell.compile_variant,
             "+".join(cell.components) if cell.components else "-",
             cell.placement,
-            here,
+            here(cell),
         )
     console.print(table)
-    for cell in matrix.cells:
-        verdict = ready.verdicts[cell.id]
-        if verdict.status != "run":
-            console.print(f"{cell.id} {verdict.status}: {escape(verdict.reason)}", soft_wrap=True)
 
 
 def run_with_progress(matrix: Matrix, results_dir: Path, force: bool, executor: Executor) -> int:

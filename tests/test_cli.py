@@ -82,6 +82,20 @@ def test_plan_lists_every_cell_with_what_happens_here(make_matrix, tmp_path):
     assert not (tmp_path / "results").exists(), "plan runs nothing and writes nothing"
 
 
+def test_plan_lists_the_cells_of_a_matrix_this_machine_cannot_run(make_matrix, tmp_path):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("needs a machine without CUDA: the matrix asks for a CUDA device")
+    path = make_matrix(axes={"method": ["baseline", "torchao"], "compile": ["off", "default"]}, run={"device": "cuda"})
+    done = quantbench("plan", str(path), cwd=tmp_path)
+    from bench.matrix import load_matrix
+
+    assert all(cell.id in done.stdout for cell in load_matrix(path).cells), "a GPU run can be planned on a laptop"
+    assert "none can run here" in done.stdout
+    assert done.returncode == 2 and "run.device: 'cuda' asked for, but torch sees no CUDA device" in done.stderr
+
+
 @pytest.mark.parametrize(
     ("args", "fragment"),
     [
