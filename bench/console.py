@@ -8,7 +8,15 @@ from pathlib import Path
 
 from rich.console import Console
 from rich.markup import escape
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TaskID,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
 from rich.table import Table
 
 from bench.cells import Cell
@@ -79,19 +87,40 @@ def run_with_progress(matrix: Matrix, results_dir: Path, force: bool, executor: 
         TimeElapsedColumn(),
         TextColumn("ETA"),
         TimeRemainingColumn(),
+        TextColumn("{task.fields[running]}"),
     )
     with Progress(*columns, console=console) as progress:
-        task = progress.add_task(f"{matrix.name} ({executor.name}, {executor.slots} at a time)", total=None)
-
-        def on_cell_done(cell: Cell, status: str, done: int, total: int) -> None:
-            progress.update(task, total=total, completed=done)
-            progress.console.print(f"[{STATUS_STYLE[status]}]{status:>11}[/] {cell.id} {escape(cell.label)}")
-
-        summary = run_matrix(matrix, results_dir, force, on_cell_done, executor)
+        task = progress.add_task(f"{matrix.name} ({executor.name}, {executor.slots} at a time)", total=None, running="")
+        summary = run_matrix(matrix, results_dir, force, _ProgressBar(progress, task), executor)
     if summary.already_done:
         console.print(f"{summary.already_done} cells already completed in {results_dir} (use --force to rerun them)")
     print_summary(results_dir)
     return 0
+
+
+class _ProgressBar:
+    """The run's progress on the terminal: cells done of those to do, the cells running now, a line per result."""
+
+    def __init__(self, progress: Progress, task: TaskID) -> None:
+        self.progress, self.task = progress, task
+        self.running: list[str] = []
+
+    def planned(self, todo: int) -> None:
+        self.progress.update(self.task, total=todo)
+
+    def cell_started(self, cell: Cell) -> None:
+        self.running.append(cell.label)
+        self._show_running()
+
+    def cell_done(self, cell: Cell, status: str) -> None:
+        if cell.label in self.running:  # cells recorded without running (skipped, unsupported) never started
+            self.running.remove(cell.label)
+        self.progress.advance(self.task)
+        self._show_running()
+        self.progress.console.print(f"[{STATUS_STYLE[status]}]{status:>11}[/] {cell.id} {escape(cell.label)}")
+
+    def _show_running(self) -> None:
+        self.progress.update(self.task, running=escape("running: " + ", ".join(self.running) if self.running else ""))
 
 
 def print_summary(results_dir: Path) -> None:

@@ -10,11 +10,10 @@ from __future__ import annotations
 import json
 import subprocess
 from collections import Counter, deque
-from collections.abc import Callable
 from concurrent.futures import FIRST_COMPLETED, Future, wait
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from bench.baseline import Reference, ReferenceCache, reference_key
 from bench.capability import Verdict, check_cell
@@ -55,6 +54,19 @@ class Plan:
     verdicts: dict[str, Verdict]
 
 
+class RunProgress(Protocol):
+    """What a run reports as it goes (the terminal's progress bar listens)."""
+
+    def planned(self, todo: int) -> None:
+        """`todo` cells will run or be recorded (the others are already done)."""
+
+    def cell_started(self, cell: Cell) -> None:
+        """`cell` was handed to the executor."""
+
+    def cell_done(self, cell: Cell, status: str) -> None:
+        """`cell`'s rows are written, with `status` the worst of them."""
+
+
 def plan(matrix: Matrix, machine: Machine | None = None) -> Plan:
     """Resolve the model and check every cell against `machine` (default: this one's accelerator);
     UserError before any work starts."""
@@ -72,7 +84,7 @@ def run_matrix(
     matrix: Matrix,
     results_dir: Path,
     force: bool = False,
-    on_cell_done: Callable[[Cell, str, int, int], None] | None = None,
+    progress: RunProgress | None = None,
     executor: Executor | None = None,
 ) -> RunSummary:
     """Run every cell not already completed in `results_dir` (all of them with `force`) on `executor`
@@ -84,6 +96,8 @@ def run_matrix(
         done = set() if force else folder.completed_cell_ids()
         todo = [cell for cell in matrix.cells if cell.id not in done]
         summary.already_done = len(matrix.cells) - len(todo)
+        if progress:
+            progress.planned(len(todo))
         comparison = _Comparison(ready, folder, summary, pool) if matrix.drift.enabled and todo else None
         context = {**_row_context(ready), "executor": pool.name, **(comparison.row_fields() if comparison else {})}
 
@@ -93,8 +107,8 @@ def run_matrix(
             folder.write_cell(cell.id, rows)
             status = worst_status({row.status for row in rows})
             summary.statuses[status] += 1
-            if on_cell_done:
-                on_cell_done(cell, status, sum(summary.statuses.values()), len(todo))
+            if progress:
+                progress.cell_done(cell, status)
 
         waiting = deque()
         for cell in todo:
@@ -109,6 +123,8 @@ def run_matrix(
                 while waiting and len(running) < pool.slots:
                     cell = waiting.popleft()
                     running[submit_with_retry(pool, _job(ready, cell))] = cell
+                    if progress:
+                        progress.cell_started(cell)
                 finished, _ = wait(running, return_when=FIRST_COMPLETED)
                 for future in finished:
                     cell = running.pop(future)

@@ -76,13 +76,31 @@ def test_images_are_saved_per_prompt_and_seed_named_by_cell_id(smoke_run):
     assert pixels.std() > 0, "a real image, not a constant fill"
 
 
+class RecordedProgress:
+    """A `RunProgress` that keeps what it was told."""
+
+    def __init__(self) -> None:
+        self.events: list[tuple] = []
+
+    def planned(self, todo: int) -> None:
+        self.events.append(("planned", todo))
+
+    def cell_started(self, cell) -> None:
+        self.events.append(("started", cell.label))
+
+    def cell_done(self, cell, status: str) -> None:
+        self.events.append(("done", cell.label, status))
+
+
 def test_rerun_skips_completed_cells_without_touching_them(smoke_run):
     matrix, results, _ = smoke_run
     parts = ResultsFolder(results).cells_dir
     before = {p.name: p.stat().st_mtime_ns for p in parts.glob("*.parquet")}
-    summary = run_matrix(matrix, results)
+    progress = RecordedProgress()
+    summary = run_matrix(matrix, results, progress=progress)
     assert summary.already_done == 2
     assert sum(summary.statuses.values()) == 0
+    assert progress.events == [("planned", 0)]
     assert {p.name: p.stat().st_mtime_ns for p in parts.glob("*.parquet")} == before
 
 
@@ -94,9 +112,12 @@ def test_force_reruns_and_the_same_seed_gives_identical_images(tmp_path, quantbe
     run_matrix(matrix, results)
     first = read_results(results)
     pixels = [np.asarray(Image.open(results / p)) for p in first["image_path"]]
-    summary = run_matrix(matrix, results, force=True)
+    progress = RecordedProgress()
+    summary = run_matrix(matrix, results, force=True, progress=progress)
     second = read_results(results)
     assert summary.statuses == {"ok": 1} and summary.already_done == 0
+    cell = matrix.cells[0]
+    assert progress.events == [("planned", 1), ("started", cell.label), ("done", cell.label, "ok")]
     assert (second["timestamp_utc"] >= first["timestamp_utc"]).all()
     for before, path in zip(pixels, second["image_path"]):
         np.testing.assert_array_equal(before, np.asarray(Image.open(results / path)))
