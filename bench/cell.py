@@ -22,9 +22,10 @@ PROCESS_START = time.perf_counter()
 
 # Test-only fault injection, so the failure paths are exercised for real: comma-separated "<kind>" or
 # "<kind>@<cell id prefix>" items, e.g. "oom@3c5a,sigkill@83b8". `kill-worker` kills the process that
-# launched the cell (an executor's worker) on every attempt, `kill-worker-once` on the first attempt only.
+# launched the cell (an executor's worker) on every attempt, `kill-worker-once` on the first attempt only;
+# `recompile` drops the compiled code after the warm-up, so the timed runs compile again.
 FAULT_ENV = "QUANTBENCH_INJECT_FAULT"
-FAULT_KINDS = ("crash", "oom", "sigkill", "hang", "nan", "kill-worker", "kill-worker-once")
+FAULT_KINDS = ("crash", "oom", "sigkill", "hang", "nan", "kill-worker", "kill-worker-once", "recompile")
 
 
 @dataclass
@@ -155,6 +156,8 @@ def _inject(kind: str | None, phase: str) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
     if kind == "hang" and phase == "generate":
         time.sleep(10**6)
+    if kind == "recompile" and phase == "generate":
+        torch._dynamo.reset()
 
 
 def run_cell(spec: CellSpec, result: CellResult) -> None:
@@ -294,6 +297,8 @@ def _generate(pipe: Any, spec: CellSpec, result: CellResult, clock: Any, fault: 
         return pipe(prompt, generator=generator, callback_on_step_end=on_step_end, **call).images[0]
 
     compiled = spec.cell.get("compile", "off") != "off"
+    if compiled:  # a recompile after the warm-up would be timed: the log says why it happened
+        torch._logging.set_logs(recompiles=True)
     _phase("warm-up" + (f" (torch.compile mode={spec.cell['compile']} compiles here)" if compiled else ""))
     warmups = []
     with _compile_time_limit(spec.compile_timeout_s, spec, result):
@@ -304,6 +309,7 @@ def _generate(pipe: Any, spec: CellSpec, result: CellResult, clock: Any, fault: 
     result.measurements["warmup_s"] = sum(warmups)
     _phase(f"warm-up: {result.measurements['warmup_s']:.1f} s")
     _inject(fault, "generate")
+    graphs_before_timing = _graphs_compiled()
 
     images_dir, latents_dir = spec.images_dir, spec.latents_dir
     images_dir.mkdir(parents=True, exist_ok=True)
@@ -323,8 +329,20 @@ def _generate(pipe: Any, spec: CellSpec, result: CellResult, clock: Any, fault: 
             path = _save_png(image, images_dir / f"{stem}.png") if finite else None
             _save_latents(final_latents[0], latents_dir / f"{stem}.safetensors")
             result.samples.append(Sample(prompt_index, seed, e2e, steps, path, finite))
+            _phase(f"timed prompt {prompt_index}, seed {seed}: e2e median {np.median(e2e):.3f} s")
+    if compiled:
+        recompiled = result.measurements["timed_compiles"] = _graphs_compiled() - graphs_before_timing
+        if recompiled:
+            _phase(f"the timed runs compiled {recompiled} more graphs: their latency includes compiling")
     if compiled and warmups:  # compilation happens in the first call, which warmed up on the first prompt and seed
         result.measurements["compile_s"] = max(0.0, warmups[0] - float(np.median(result.samples[0].e2e_latency_s)))
+
+
+def _graphs_compiled() -> int:
+    """How many graphs Dynamo has compiled in this process so far (recompiles included)."""
+    from torch._dynamo.utils import counters
+
+    return counters["stats"]["unique_graphs"]
 
 
 def _save_png(image: Any, path: Path) -> str:

@@ -87,6 +87,8 @@ class ResultRow:
     # process start when compiling: what the libraries (torchao's quantize configs) and the preset changed
     compiled_modules: int | None = None  # compiled cells: modules handed to torch.compile (1, or each repeated block)
     compile_s: float | None = None  # compiled cells: the first warm-up generation minus the median timed one
+    timed_compiles: int | None = None  # compiled cells: graphs compiled during the timed runs (0 unless a guard
+    # failed and Dynamo recompiled, which the latency then includes; the cell's log says why)
     e2e_latency_median_s: float | None = None
     e2e_latency_iqr_s: float | None = None
     step_latency_median_s: float | None = None

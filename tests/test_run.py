@@ -295,6 +295,21 @@ def test_regional_compilation_compiles_each_repeated_block_of_the_denoiser(tmp_p
     assert row["regional"] and row["cell_label"].endswith("compile=default+regional")
     assert row["compiled_modules"] == config["num_layers"] + config["num_single_layers"]
     assert row["compile_s"] > 0
+    assert row["timed_compiles"] == 0, "every block compiled in the warm-up; the timed runs reuse the code"
+
+
+def test_a_recompile_during_the_timed_runs_is_counted_and_logged(tmp_path, monkeypatch, quantbench_cache):
+    monkeypatch.setenv("QUANTBENCH_INJECT_FAULT", "recompile")  # the compiled code is dropped after the warm-up
+    summary, rows = _compiled_run(tmp_path, "recompile", {"method": ["baseline"]})
+    assert summary.statuses == {"ok": 1}
+    row = rows.iloc[0]
+    assert row["timed_compiles"] >= 1
+    log = (tmp_path / "results" / "logs" / f"{row['cell_id']}.log").read_text()
+    assert f"the timed runs compiled {row['timed_compiles']} more graphs" in log
+    from bench.report import write_report
+
+    html = write_report(tmp_path / "results", tmp_path / "report.html").read_text()
+    assert f"timed runs include {row['timed_compiles']} recompiles" in html
 
 
 def test_regional_compilation_of_a_denoiser_without_repeated_blocks_is_refused_before_any_cell(tmp_path):
