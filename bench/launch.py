@@ -7,6 +7,7 @@ as bytes in the `CellOutcome`, and only the driver writes the results folder.
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import signal
 import socket
@@ -18,7 +19,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from bench.cache import inductor_cache_dir
+from bench.cache import cache_dir, inductor_cache_dir
 from bench.cell import FAULT_ENV, CellResult, CellSpec
 
 LOG_TAIL_CHARS = 4000
@@ -56,14 +57,27 @@ class CellOutcome:
 
 
 def cell_environment(extra: dict[str, str] | None = None) -> dict[str, str]:
-    """The environment of a cell subprocess: offline hub, shared compile cache, this package importable."""
+    """The environment of a cell subprocess: offline hub, shared compile cache, bytecode kept, this package
+    importable."""
     env = {**os.environ, **(extra or {})}
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(PACKAGE_ROOT), env.get("PYTHONPATH")]))
     env.setdefault("HF_HUB_OFFLINE", "1")  # cells load local folders only; the driver resolved the model
     env.setdefault("TOKENIZERS_PARALLELISM", "false")
     env["TORCHINDUCTOR_CACHE_DIR"] = (extra or {}).get("TORCHINDUCTOR_CACHE_DIR") or inductor_cache_dir()
+    if env.get("PYTHONDONTWRITEBYTECODE") and installed_without_bytecode():
+        # Container images often set it; each cell, a fresh process, would then compile every module of torch,
+        # diffusers and transformers from source (imports took 23 s instead of 11 s on an H100 host).
+        # Their bytecode goes to quantbench's cache instead, leaving the installed packages untouched.
+        del env["PYTHONDONTWRITEBYTECODE"]
+        env.setdefault("PYTHONPYCACHEPREFIX", str(cache_dir("pycache")))
     env["PYTHONUNBUFFERED"] = "1"
     return env
+
+
+def installed_without_bytecode(package: str = "diffusers") -> bool:
+    """Whether `package` (every cell imports diffusers) was installed without its bytecode (`pip --no-compile`)."""
+    spec = importlib.util.find_spec(package)
+    return bool(spec and spec.origin) and not os.path.exists(importlib.util.cache_from_source(spec.origin))
 
 
 def launch_cell(

@@ -102,3 +102,34 @@ def test_an_inductor_cache_folder_the_user_chose_is_kept(tmp_path, monkeypatch):
     assert cell_environment()["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path / "mine")
     chosen_for_the_cell = {"TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "cell")}
     assert cell_environment(chosen_for_the_cell)["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path / "cell")
+
+
+def test_cells_keep_bytecode_in_quantbench_cache_where_the_environment_forbids_writing_it(tmp_path, monkeypatch):
+    import subprocess
+    import sys
+
+    from bench.launch import cell_environment
+
+    monkeypatch.setenv("QUANTBENCH_CACHE", str(tmp_path / "qb"))
+    monkeypatch.setenv("PYTHONDONTWRITEBYTECODE", "1")  # as container images often set
+    monkeypatch.setattr("bench.launch.installed_without_bytecode", lambda: False)
+    assert "PYTHONPYCACHEPREFIX" not in cell_environment(), "the packages' own bytecode serves"
+    monkeypatch.setattr("bench.launch.installed_without_bytecode", lambda: True)  # pip install --no-compile
+    env = cell_environment()
+    assert "PYTHONDONTWRITEBYTECODE" not in env and env["PYTHONPYCACHEPREFIX"] == str(tmp_path / "qb" / "pycache")
+    subprocess.run([sys.executable, "-c", "import bench.cells"], env=env, check=True, timeout=120)
+    assert list((tmp_path / "qb" / "pycache").rglob("cells*.pyc")), "the cell's imports left their bytecode there"
+
+
+def test_a_package_installed_without_bytecode_is_recognised(tmp_path, monkeypatch):
+    import py_compile
+
+    from bench.launch import installed_without_bytecode
+
+    source = tmp_path / "freshly_unpacked" / "__init__.py"
+    source.parent.mkdir()
+    source.write_text("VALUE = 1\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    assert installed_without_bytecode("freshly_unpacked")
+    py_compile.compile(str(source))  # what pip does on install
+    assert not installed_without_bytecode("freshly_unpacked")
