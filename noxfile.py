@@ -41,13 +41,17 @@ def smoke(session: nox.Session) -> None:
 @nox.session
 def gpu(session: nox.Session) -> None:
     """On a CUDA machine: the reference matrix (`-- --quick`: eager cells only; other arguments go to
-    `quantbench run`, e.g. `--executor local-gpus`), its report, and a comparison with the committed H100
-    reference that fails on a regression."""
+    `quantbench run`, e.g. `--executor local-gpus` or `--max-time 25m`), its report, and a comparison with the
+    committed H100 reference that fails on a regression."""
     install(session)
     quick = ["--select", "compile=off"] if "--quick" in session.posargs else []
     run_args = [arg for arg in session.posargs if arg != "--quick"]
-    session.run("quantbench", "run", "matrices/flux-dev-h100.toml", "--results", "results/nightly", *quick, *run_args)
-    session.run("quantbench", "report", "results/nightly", "-o", "reports/out/nightly.html")
+    try:
+        session.run(
+            "quantbench", "run", "matrices/flux-dev-h100.toml", "--results", "results/nightly", *quick, *run_args
+        )
+    finally:  # a run stopped by --max-time (exit 3) or by a crash still gets its report; the session then fails
+        session.run("quantbench", "report", "results/nightly", "-o", "reports/out/nightly.html")
     session.run(
         "quantbench",
         "compare",

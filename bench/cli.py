@@ -43,6 +43,13 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--gpus", type=_device_list, help="with --executor local-gpus: device ids, e.g. 0,1 (default: all visible)"
     )
+    run.add_argument(
+        "--max-time",
+        type=_duration,
+        metavar="DURATION",
+        help="start no cell after this long and stop the cells still running then (exit code 3; a rerun resumes): "
+        "seconds, or with a unit, e.g. 540, 25m, 1.5h",
+    )
 
     report = verbs.add_parser("report", help="write a self-contained HTML report of a results folder")
     report.add_argument("results", type=Path, help="results folder or Parquet file")
@@ -63,6 +70,18 @@ def _device_list(text: str) -> list[str]:
     if not devices:
         raise argparse.ArgumentTypeError("expected device ids such as 0,1")
     return devices
+
+
+def _duration(text: str) -> float:
+    units = {"s": 1, "m": 60, "h": 3600}
+    number, unit = (text[:-1], units[text[-1]]) if text and text[-1] in units else (text, 1)
+    try:
+        seconds = float(number) * unit
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected seconds or a duration such as 25m or 1.5h, got {text!r}") from None
+    if seconds <= 0:
+        raise argparse.ArgumentTypeError(f"must be more than 0, got {text!r}")
+    return seconds
 
 
 def _interrupt(signum: int, frame: object) -> None:
@@ -104,7 +123,7 @@ def _dispatch(args: argparse.Namespace) -> int:
 
         results_dir = args.results or DEFAULT_RESULTS_ROOT / matrix.name
         executor = make_executor(args.executor, args.address, args.gpus)
-        return console.run_with_progress(matrix, results_dir, args.force, executor)
+        return console.run_with_progress(matrix, results_dir, args.force, executor, args.max_time)
     if args.verb == "report":
         from bench.report import write_report
 

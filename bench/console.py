@@ -76,9 +76,12 @@ def _print_cells(matrix: Matrix, title: str, here: Callable[[Cell], str]) -> Non
     console.print(table)
 
 
-def run_with_progress(matrix: Matrix, results_dir: Path, force: bool, executor: Executor) -> int:
-    """Run the matrix on `executor` with a live progress bar, then print the summary table. Exit code 0."""
-    from bench.runner import run_matrix
+def run_with_progress(
+    matrix: Matrix, results_dir: Path, force: bool, executor: Executor, max_time_s: float | None = None
+) -> int:
+    """Run the matrix on `executor` with a live progress bar, then print the summary table. Exit code 0, or 3
+    when `max_time_s` stopped the run first."""
+    from bench.runner import TimeLimitReached, run_matrix
 
     columns = (
         TextColumn("{task.description}"),
@@ -91,7 +94,13 @@ def run_with_progress(matrix: Matrix, results_dir: Path, force: bool, executor: 
     )
     with Progress(*columns, console=console) as progress:
         task = progress.add_task(f"{matrix.name} ({executor.name}, {executor.slots} at a time)", total=None, running="")
-        summary = run_matrix(matrix, results_dir, force, _ProgressBar(progress, task), executor)
+        try:
+            summary = run_matrix(matrix, results_dir, force, _ProgressBar(progress, task), executor, max_time_s)
+        except TimeLimitReached as stop:
+            progress.stop()
+            print_summary(results_dir)
+            print(f"quantbench: {stop}", file=sys.stderr)
+            return stop.exit_code
     if summary.already_done:
         console.print(f"{summary.already_done} cells already completed in {results_dir} (use --force to rerun them)")
     print_summary(results_dir)

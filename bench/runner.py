@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+import time
 from collections import Counter, deque
 from concurrent.futures import FIRST_COMPLETED, Future, wait
 from dataclasses import dataclass, field
@@ -54,6 +55,19 @@ class Plan:
     verdicts: dict[str, Verdict]
 
 
+class TimeLimitReached(Exception):
+    """The run's time limit passed: the cells still running were stopped and the rest not started; the rows
+    written so far are kept and a rerun resumes. Exit code 3."""
+
+    exit_code = 3
+
+    def __init__(self, limit_s: float, unfinished: int) -> None:
+        self.limit_s, self.unfinished = limit_s, unfinished
+        super().__init__(
+            f"stopped at the time limit of {limit_s:g} s with {unfinished} cells not finished; rerun to resume"
+        )
+
+
 class RunProgress(Protocol):
     """What a run reports as it goes (the terminal's progress bar listens)."""
 
@@ -86,9 +100,15 @@ def run_matrix(
     force: bool = False,
     progress: RunProgress | None = None,
     executor: Executor | None = None,
+    max_time_s: float | None = None,
 ) -> RunSummary:
     """Run every cell not already completed in `results_dir` (all of them with `force`) on `executor`
-    (default: local, one cell after another). Rows are written here, by the driver, as cells finish."""
+    (default: local, one cell after another). Rows are written here, by the driver, as cells finish.
+
+    With `max_time_s`, no cell starts after that many seconds, and cells still running then are stopped
+    (TimeLimitReached): a long matrix split over invocations of a fixed length.
+    """
+    deadline = None if max_time_s is None else time.monotonic() + max_time_s
     folder = ResultsFolder(results_dir)
     summary = RunSummary(results_dir)
     with folder.exclusive(), executor or LocalExecutor() as pool:
@@ -120,12 +140,14 @@ def run_matrix(
         running: dict[Future, Cell] = {}
         try:
             while waiting or running:
-                while waiting and len(running) < pool.slots:
+                while waiting and len(running) < pool.slots and (deadline is None or time.monotonic() < deadline):
                     cell = waiting.popleft()
                     running[submit_with_retry(pool, _job(ready, cell))] = cell
                     if progress:
                         progress.cell_started(cell)
-                finished, _ = wait(running, return_when=FIRST_COMPLETED)
+                finished = wait(running, _seconds_left(deadline), FIRST_COMPLETED).done if running else set()
+                if not finished:
+                    raise TimeLimitReached(max_time_s, len(waiting) + len(running))
                 for future in finished:
                     cell = running.pop(future)
                     record(cell, _collect(future, folder, cell.id))
@@ -136,6 +158,11 @@ def run_matrix(
                     folder.write_interrupted_log(cell.id, future.result().log)
             raise
     return summary
+
+
+def _seconds_left(deadline: float | None) -> float | None:
+    """Seconds until `deadline` (0 once it passed; None, no limit, without one)."""
+    return None if deadline is None else max(0.0, deadline - time.monotonic())
 
 
 def submit_with_retry(pool: Executor, job: CellJob) -> Future[CellOutcome]:

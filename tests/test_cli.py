@@ -102,6 +102,8 @@ def test_plan_lists_the_cells_of_a_matrix_this_machine_cannot_run(make_matrix, t
         (["--executor", "slurm"], "--executor: unknown executor 'slurm'; allowed: local, local-gpus, ray"),
         (["--address", "auto"], "--address is for --executor ray, not 'local'"),
         (["--executor", "local-gpus", "--gpus", ","], "argument --gpus: expected device ids such as 0,1"),
+        (["--max-time", "soon"], "argument --max-time: expected seconds or a duration such as 25m or 1.5h"),
+        (["--max-time", "0"], "argument --max-time: must be more than 0"),
     ],
 )
 def test_bad_executor_options_exit_2_before_any_work(args, fragment, make_matrix, tmp_path):
@@ -109,3 +111,12 @@ def test_bad_executor_options_exit_2_before_any_work(args, fragment, make_matrix
     assert done.returncode == 2
     assert fragment in done.stderr and "Traceback" not in done.stderr
     assert not (tmp_path / "results").exists()
+
+
+def test_a_run_stopped_by_max_time_exits_3_and_resumes_later(make_matrix, tmp_path):
+    path = make_matrix(axes={"method": ["baseline", "torchao"]}, drift={"enabled": False})
+    done = quantbench("run", str(path), "--max-time", "2s", "--results", "out", cwd=tmp_path)
+    assert done.returncode == 3, done.stderr
+    assert "stopped at the time limit of 2 s with 2 cells not finished; rerun to resume" in done.stderr
+    assert not list((tmp_path / "out").glob("cells/*.parquet")), "no cell had time to finish"
+    assert list((tmp_path / "out").glob("logs/*.interrupted.log")), "the stopped cell's log is kept"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import re
 import shlex
 import subprocess
@@ -65,12 +66,14 @@ def test_the_workflow_passes_quantbench_run_only_options_it_has():
     workflow = yaml.safe_load((ROOT / ".github/workflows/nightly-gpu.yml").read_text())
     (command,) = [step["run"] for step in workflow["jobs"]["gpu"]["steps"] if "nox -s gpu" in step.get("run", "")]
     executors = workflow[True]["workflow_dispatch"]["inputs"]["executor"]["options"]
-    for quick in ("'--quick'", "''"):
-        for executor in executors:
-            # the workflow's expressions as GitHub fills them in, then what the nox session hands to `run`
-            filled = re.sub(r"\$\{\{[^}]*'--quick'[^}]*\}\}", quick.strip("'"), command)
-            filled = re.sub(r"\$\{\{ inputs\.executor[^}]*\}\}", executor, filled)
-            posargs = shlex.split(filled.split(" -- ", 1)[1])
-            run_args = [arg for arg in posargs if arg != "--quick"]
-            args = build_parser().parse_args(["run", "matrices/flux-dev-h100.toml", *run_args])
-            assert args.executor == executor
+    assert "max_time" in workflow[True]["workflow_dispatch"]["inputs"]
+    for quick, executor, max_time in itertools.product(("'--quick'", "''"), executors, ("", "25m")):
+        # the workflow's expressions as GitHub fills them in, then what the nox session hands to `run`
+        filled = re.sub(r"\$\{\{[^}]*'--quick'[^}]*\}\}", quick.strip("'"), command)
+        filled = re.sub(r"\$\{\{ inputs\.executor[^}]*\}\}", executor, filled)
+        filled = re.sub(r"\$\{\{ inputs\.max_time.*?\}\}", f"--max-time {max_time}" if max_time else "", filled)
+        assert "${{" not in filled, filled
+        posargs = shlex.split(filled.split(" -- ", 1)[1])
+        run_args = [arg for arg in posargs if arg != "--quick"]
+        args = build_parser().parse_args(["run", "matrices/flux-dev-h100.toml", *run_args])
+        assert args.executor == executor and args.max_time == (1500 if max_time else None)
