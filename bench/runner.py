@@ -64,7 +64,8 @@ class TimeLimitReached(Exception):
     def __init__(self, limit_s: float, unfinished: int) -> None:
         self.limit_s, self.unfinished = limit_s, unfinished
         super().__init__(
-            f"stopped at the time limit of {limit_s:g} s with {unfinished} cells not finished; rerun to resume"
+            f"stopped at the time limit of {limit_s:g} s with {unfinished} cell{'s' * (unfinished != 1)} not finished;"
+            " rerun to resume"
         )
 
 
