@@ -94,5 +94,5 @@ def scaling(session: nox.Session) -> None:
 def lint(session: nox.Session) -> None:
     """ruff lint and format check."""
     session.install("ruff")
-    session.run("ruff", "check", "bench", "tests", "benchmarks", "noxfile.py")
-    session.run("ruff", "format", "--check", "bench", "tests", "benchmarks", "noxfile.py")
+    session.run("ruff", "check", "bench", "tests", "benchmarks", "reports", "noxfile.py")
+    session.run("ruff", "format", "--check", "bench", "tests", "benchmarks", "reports", "noxfile.py")
