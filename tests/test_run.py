@@ -335,7 +335,7 @@ def test_torchao_changes_inductor_settings_itself_and_the_stock_preset_undoes_it
     assert json.loads(rows.loc["torchao[int8wo] bf16 compile=default+inductor=stock", "inductor_settings"]) == {}
 
 
-def test_max_time_stops_running_cells_and_keeps_finished_rows(tmp_path, quantbench_cache):
+def test_max_time_stops_running_cells_and_keeps_finished_rows(tmp_path, monkeypatch, quantbench_cache):
     from bench.runner import TimeLimitReached
     from tests.conftest import matrix_data, write_matrix
 
@@ -344,10 +344,11 @@ def test_max_time_stops_running_cells_and_keeps_finished_rows(tmp_path, quantben
     results = tmp_path / "results"
     run_matrix(load_matrix(write_matrix(tmp_path, data), ["method=baseline"]), results)
     progress = RecordedProgress()
-    with pytest.raises(TimeLimitReached) as stopped:
-        run_matrix(matrix, results, progress=progress, max_time_s=1.0)
-    assert stopped.value.unfinished == 1 and stopped.value.exit_code == 3
     torchao = next(cell for cell in matrix.cells if cell.method == "torchao")
+    monkeypatch.setenv("QUANTBENCH_INJECT_FAULT", f"hang@{torchao.id}")  # it never ends: the limit must stop it
+    with pytest.raises(TimeLimitReached) as stopped:
+        run_matrix(matrix, results, progress=progress, max_time_s=20.0)
+    assert stopped.value.unfinished == 1 and stopped.value.exit_code == 3
     assert progress.events == [("planned", 1), ("started", torchao.label)]
     assert set(read_results(results)["method"]) == {"baseline"}, "the finished cell's rows are kept"
     assert (results / "logs" / f"{torchao.id}.interrupted.log").exists()
