@@ -111,6 +111,13 @@ def compare_runs(old: Path, new: Path, output: Path | None = None) -> int:
     timing = wall_time_comparison(*frames)
     if timing:
         console.print(timing)
+    not_rerun = set(frames[0]["cell_id"]) - set(frames[1]["cell_id"])
+    if not_rerun:  # e.g. a --quick or --select subset, or a run stopped by --max-time
+        many = len(not_rerun) != 1
+        console.print(
+            f"{len(not_rerun)} cell{'s' * many} of {old} {'are' if many else 'is'} not in {new}: not compared",
+            soft_wrap=True,
+        )
     regressed = int((table["regressions"] != "").sum())
     console.print(
         f"{regressed} of {len(table)} cells regressed" if regressed else f"no regression in {len(table)} cells"

@@ -222,7 +222,7 @@ def test_compare_does_not_call_another_gpu_a_regression(smoke_run):
     assert table["note"].str.contains("not compared: ran on NVIDIA H100 80GB HBM3, now on NVIDIA A100").all()
 
 
-def test_compare_cli_exits_1_on_a_regression_and_0_otherwise(smoke_run, tmp_path):
+def test_compare_cli_exits_1_on_a_regression_and_0_otherwise(smoke_run, tmp_path, capsys):
     _, results, _ = smoke_run
     slower = read_results(results)
     # twice as slow and beyond 3 x IQR whatever the noise of this machine's run was
@@ -237,6 +237,11 @@ def test_compare_cli_exits_1_on_a_regression_and_0_otherwise(smoke_run, tmp_path
     from bench.cli import main
 
     assert main(["compare", str(results), str(results)]) == 0
+    assert "not compared" not in capsys.readouterr().out
+    one_cell = slower[slower["cell_id"] == slower["cell_id"].iloc[0]]
+    pq.write_table(pa.Table.from_pandas(one_cell, schema=SCHEMA, preserve_index=False), tmp_path / "one.parquet")
+    assert main(["compare", str(results), str(tmp_path / "one.parquet")]) == 1
+    assert f"1 cell of {results} is not in {tmp_path / 'one.parquet'}: not compared" in capsys.readouterr().out
     assert main(["compare", str(results), str(slower_path), "-o", str(tmp_path / "delta.csv")]) == 1
     assert pd.read_csv(tmp_path / "delta.csv")["regressions"].str.contains("e2e latency").all()
 
