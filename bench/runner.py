@@ -7,12 +7,15 @@ skips finished cells, with any executor.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import subprocess
 import time
 from collections import Counter, deque
+from collections.abc import Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, wait
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -104,61 +107,120 @@ def run_matrix(
     max_time_s: float | None = None,
 ) -> RunSummary:
     """Run every cell not already completed in `results_dir` (all of them with `force`) on `executor`
-    (default: local, one cell after another). Rows are written here, by the driver, as cells finish.
+    (default: local, one cell after another). Rows are written here, by the driver, as cells finish; each
+    invocation adds a line to the folder's `runs.jsonl` (RunRecord).
 
     With `max_time_s`, no cell starts after that many seconds, and cells still running then are stopped
     (TimeLimitReached): a long matrix split over invocations of a fixed length.
     """
-    deadline = None if max_time_s is None else time.monotonic() + max_time_s
+    started = time.monotonic()
+    deadline = None if max_time_s is None else started + max_time_s
     folder = ResultsFolder(results_dir)
     summary = RunSummary(results_dir)
     with folder.exclusive(), executor or LocalExecutor() as pool:
         ready = plan(matrix, pool.machine())
-        done = set() if force else folder.completed_cell_ids()
-        todo = [cell for cell in matrix.cells if cell.id not in done]
-        summary.already_done = len(matrix.cells) - len(todo)
-        if progress:
-            progress.planned(len(todo))
-        comparison = _Comparison(ready, folder, summary, pool) if matrix.drift.enabled and todo else None
-        context = {**_row_context(ready), "executor": pool.name, **(comparison.row_fields() if comparison else {})}
-
-        def record(cell: Cell, result: CellResult) -> None:
-            drift = comparison.score(cell, result) if comparison else None
-            rows = cell_rows(matrix, ready.model, cell, result, context, drift)
-            folder.write_cell(cell.id, rows)
-            status = worst_status({row.status for row in rows})
-            summary.statuses[status] += 1
+        with _recorded_run(folder, pool, started) as run:
+            run.plan_s = time.monotonic() - started
+            done = set() if force else folder.completed_cell_ids()
+            todo = [cell for cell in matrix.cells if cell.id not in done]
+            summary.already_done = len(matrix.cells) - len(todo)
             if progress:
-                progress.cell_done(cell, status)
+                progress.planned(len(todo))
+            with run.timing("reference_s"):
+                comparison = _Comparison(ready, folder, summary, pool) if matrix.drift.enabled and todo else None
+            context = {**_row_context(ready), "executor": pool.name, **(comparison.row_fields() if comparison else {})}
 
-        waiting = deque()
-        for cell in todo:
-            verdict = ready.verdicts[cell.id]
-            if verdict.status == "run":
-                waiting.append(cell)
-            else:
-                record(cell, CellResult(status=verdict.status, error=verdict.reason))
-        running: dict[Future, Cell] = {}
-        try:
-            while waiting or running:
-                while waiting and len(running) < pool.slots and (deadline is None or time.monotonic() < deadline):
-                    cell = waiting.popleft()
-                    running[submit_with_retry(pool, _job(ready, cell))] = cell
-                    if progress:
-                        progress.cell_started(cell)
-                finished = wait(running, _seconds_left(deadline), FIRST_COMPLETED).done if running else set()
-                if not finished:
-                    raise TimeLimitReached(max_time_s, len(waiting) + len(running))
-                for future in finished:
-                    cell = running.pop(future)
-                    record(cell, _collect(future, folder, cell.id))
-        except BaseException:  # interrupted: kill the running cells, keep how far they got
-            pool.shutdown()
-            for future, cell in running.items():
-                if future.done() and future.exception() is None:
-                    folder.write_interrupted_log(cell.id, future.result().log)
-            raise
+            def record(cell: Cell, result: CellResult) -> None:
+                with run.timing("scoring_s"):
+                    drift = comparison.score(cell, result) if comparison else None
+                rows = cell_rows(matrix, ready.model, cell, result, context, drift)
+                folder.write_cell(cell.id, rows)
+                status = worst_status({row.status for row in rows})
+                summary.statuses[status] += 1
+                run.count_cell(result)
+                if progress:
+                    progress.cell_done(cell, status)
+
+            waiting = deque()
+            for cell in todo:
+                verdict = ready.verdicts[cell.id]
+                if verdict.status == "run":
+                    waiting.append(cell)
+                else:
+                    record(cell, CellResult(status=verdict.status, error=verdict.reason))
+            running: dict[Future, Cell] = {}
+            try:
+                while waiting or running:
+                    while waiting and len(running) < pool.slots and (deadline is None or time.monotonic() < deadline):
+                        cell = waiting.popleft()
+                        running[submit_with_retry(pool, _job(ready, cell))] = cell
+                        if progress:
+                            progress.cell_started(cell)
+                    finished = wait(running, _seconds_left(deadline), FIRST_COMPLETED).done if running else set()
+                    if not finished:
+                        raise TimeLimitReached(max_time_s, len(waiting) + len(running))
+                    for future in finished:
+                        cell = running.pop(future)
+                        record(cell, _collect(future, folder, cell.id))
+            except BaseException:  # interrupted: kill the running cells, keep how far they got
+                pool.shutdown()
+                for future, cell in running.items():
+                    if future.done() and future.exception() is None:
+                        folder.write_interrupted_log(cell.id, future.result().log)
+                raise
     return summary
+
+
+@dataclass
+class RunRecord:
+    """One invocation of `run_matrix` on a results folder, a line of its `runs.jsonl`: its wall time and where
+    the driver's own time went, the harness's share outside the cells (the cells' phases are in their rows)."""
+
+    started_utc: str
+    executor: str
+    slots: int
+    wall_s: float = 0.0
+    plan_s: float = 0.0  # resolving the model (building a built-in one the first time), checking every cell
+    reference_s: float = 0.0  # reference images (cached after their first run), loading the drift metrics
+    scoring_s: float = 0.0  # comparing each cell's images with the references
+    cells_run: int = 0
+    cell_s: float = 0.0  # the wall time of the cells' processes, summed
+    ended: str = "done"  # or "time limit", "interrupted", "error: <exception>"
+
+    @contextlib.contextmanager
+    def timing(self, phase: str) -> Iterator[None]:
+        """Add the time spent in the block to `phase`."""
+        start = time.monotonic()
+        try:
+            yield
+        finally:
+            setattr(self, phase, getattr(self, phase) + time.monotonic() - start)
+
+    def count_cell(self, result: CellResult) -> None:
+        wall = result.measurements.get("cell_wall_s")
+        if wall is not None:  # skipped and unsupported cells never ran
+            self.cells_run += 1
+            self.cell_s += wall
+
+
+@contextlib.contextmanager
+def _recorded_run(folder: ResultsFolder, pool: Executor, started: float) -> Iterator[RunRecord]:
+    """The RunRecord of this invocation, appended to the folder's `runs.jsonl` when it ends, however it ends."""
+    run = RunRecord(datetime.now(UTC).isoformat(timespec="seconds"), pool.name, pool.slots)
+    try:
+        yield run
+    except TimeLimitReached:
+        run.ended = "time limit"
+        raise
+    except KeyboardInterrupt:
+        run.ended = "interrupted"
+        raise
+    except BaseException as error:
+        run.ended = f"error: {type(error).__name__}"
+        raise
+    finally:
+        run.wall_s = time.monotonic() - started
+        folder.append_run(asdict(run))
 
 
 def _seconds_left(deadline: float | None) -> float | None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import fcntl
+import json
 import logging
 import os
 import shutil
@@ -27,6 +28,7 @@ from bench.errors import UserError
 
 SCHEMA_VERSION = 1
 STATUSES = ("ok", "failed", "oom", "timeout", "skipped", "unsupported")
+RUNS_FILE = "runs.jsonl"  # one line per `quantbench run` invocation on the folder (runner.RunRecord)
 WORST_FIRST = ("failed", "oom", "timeout", "unsupported", "skipped", "ok")
 
 
@@ -256,6 +258,11 @@ class ResultsFolder:
         spent is not a mystery; the next finished run of the cell removes it."""
         _write_atomically(self.interrupted_log_path(cell_id), log.encode())
 
+    def append_run(self, record: dict[str, Any]) -> None:
+        """Add one invocation's record (see runner.RunRecord) to `runs.jsonl`."""
+        with open(self.root / RUNS_FILE, "a") as handle:
+            handle.write(json.dumps(record, sort_keys=True) + "\n")
+
     def read_parts(self) -> dict[str, pa.Table]:
         """Every readable part file by cell id; unreadable (truncated, foreign) parts are skipped with a warning."""
         parts = {}
@@ -287,6 +294,19 @@ def _write_atomically(target: Path, data: bytes) -> None:
     temporary = target.with_name(f".{target.name}.{os.getpid()}.tmp")
     temporary.write_bytes(data)
     os.replace(temporary, target)
+
+
+def read_runs(path: str | Path) -> list[dict[str, Any]]:
+    """The invocation records of a results folder (`runs.jsonl`), oldest first; [] without any. A line cut
+    short by a crash is skipped."""
+    runs_file = Path(path) / RUNS_FILE
+    if not runs_file.is_file():
+        return []
+    runs = []
+    for line in runs_file.read_text().splitlines():
+        with contextlib.suppress(json.JSONDecodeError):
+            runs.append(json.loads(line))
+    return runs
 
 
 def read_results(path: str | Path) -> Any:

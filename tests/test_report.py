@@ -140,6 +140,12 @@ def test_time_breakdown_accounts_for_every_second_of_the_cells(smoke_run):
     assert '<table id="time-spent">' in html and f"{imports:.1%}" in html
     assert "serialization round trip" not in html, "phases no cell had are left out"
     assert "They ran one at a time" in html and '<span id="busy-wall">' in html
+    from bench.store import read_runs
+
+    runs = read_runs(results)
+    assert '<p id="driver-time">' in html and f"{len(runs)} recorded" in html
+    assert f"{sum(run['wall_s'] for run in runs):.1f} s of wall time" in html
+    assert "driver-time" not in render(frame, results / "elsewhere"), "no runs recorded, no driver line"
 
 
 def _timed_cells(intervals: dict[str, tuple[float, float]]) -> pd.DataFrame:

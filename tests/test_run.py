@@ -27,6 +27,17 @@ def test_smoke_run_writes_one_ok_row_per_cell_prompt_and_seed(smoke_run):
     assert frame.loc[frame.method == "baseline", "quantize_s"].isna().all()
 
 
+def test_each_run_records_its_wall_time_and_the_drivers_own_work(smoke_run):
+    from bench.store import read_runs
+
+    _, results, _ = smoke_run
+    first = read_runs(results)[0]
+    assert first["ended"] == "done" and first["executor"] == "local" and first["cells_run"] == 2
+    driver = first["plan_s"] + first["reference_s"] + first["scoring_s"]
+    assert first["reference_s"] > 0 and first["scoring_s"] > 0, "the smoke run made its references and scored"
+    assert first["cell_s"] > 0 and driver + first["cell_s"] <= first["wall_s"], "the parts fit in the whole"
+
+
 def test_gpu_memory_columns_are_measured_on_gpu_and_null_with_a_reason_on_cpu(smoke_run):
     import torch
 
@@ -352,3 +363,6 @@ def test_max_time_stops_running_cells_and_keeps_finished_rows(tmp_path, monkeypa
     assert progress.events == [("planned", 1), ("started", torchao.label)]
     assert set(read_results(results)["method"]) == {"baseline"}, "the finished cell's rows are kept"
     assert (results / "logs" / f"{torchao.id}.interrupted.log").exists()
+    from bench.store import read_runs
+
+    assert read_runs(results)[-1]["ended"] == "time limit"

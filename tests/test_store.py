@@ -81,3 +81,15 @@ def test_second_run_on_the_same_folder_stops_with_a_clear_message(tmp_path):
         holder.join(30)
     with ResultsFolder(tmp_path).exclusive():  # free again once the first run ends
         assert (tmp_path / ".lock").read_text() == str(os.getpid())
+
+
+def test_run_records_append_and_a_line_cut_short_by_a_crash_is_skipped(tmp_path):
+    from bench.store import RUNS_FILE, read_runs
+
+    folder = ResultsFolder(tmp_path)
+    assert read_runs(tmp_path) == []
+    folder.append_run({"wall_s": 1.5, "ended": "done"})
+    folder.append_run({"wall_s": 2.5, "ended": "time limit"})
+    with open(tmp_path / RUNS_FILE, "a") as handle:
+        handle.write('{"wall_s": 3')  # the driver died mid-write
+    assert [run["ended"] for run in read_runs(tmp_path)] == ["done", "time limit"]

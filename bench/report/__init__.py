@@ -15,7 +15,7 @@ from jinja2 import Environment, PackageLoader, select_autoescape
 from bench.baseline import ReferenceCache
 from bench.errors import UserError
 from bench.report.plots import all_plots, colour, roofline
-from bench.store import read_results
+from bench.store import read_results, read_runs
 from bench.summary import cell_summary, device_label, run_times, time_breakdown
 
 THUMBNAIL_PX = 256
@@ -74,12 +74,13 @@ def render(frame: pd.DataFrame, root: Path, kernels: dict[str, Any] | None = Non
         metric_notes=_metric_notes(frame),
         gpu_memory_notes=sorted(set(frame["gpu_memory_note"].dropna())),
         kernels=kernels,
-        time_spent=_time_spent(frame),
+        time_spent=_time_spent(frame, read_runs(root)),
     )
 
 
-def _time_spent(frame: pd.DataFrame) -> dict[str, Any] | None:
-    """The phases of the cells' wall time, for the "Where the time went" table; None when no cell ran."""
+def _time_spent(frame: pd.DataFrame, runs: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """The phases of the cells' wall time, for the "Where the time went" table, and the driver's own work
+    from the `runs` recorded; None when no cell ran."""
     together = run_times(frame)
     if together is None:
         return None
@@ -95,6 +96,19 @@ def _time_spent(frame: pd.DataFrame) -> dict[str, Any] | None:
         "cell_seconds": f"{together.cell_s:.1f}",
         "busy": f"{together.busy_s:.1f}",
         "most_at_once": together.most_at_once,
+        "driver": _driver_time(runs) if runs else None,
+    }
+
+
+def _driver_time(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """The driver's work over the recorded invocations: the harness's share outside the cell processes."""
+    total = {key: sum(run.get(key, 0.0) for run in runs) for key in ("wall_s", "plan_s", "reference_s", "scoring_s")}
+    own = total["plan_s"] + total["reference_s"] + total["scoring_s"]
+    return {
+        "invocations": len(runs),
+        **{key: f"{seconds:.1f}" for key, seconds in total.items()},
+        "share": f"{own / total['wall_s']:.1%}" if total["wall_s"] > 0 else "n/a",
+        "stopped": sum(run.get("ended") != "done" for run in runs),
     }
 
 
