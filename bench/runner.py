@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import subprocess
 import time
 from collections import Counter, deque
@@ -34,6 +35,7 @@ from bench.models import ResolvedModel, resolve_model
 from bench.rows import cell_rows
 from bench.store import ResultsFolder, worst_status
 
+log = logging.getLogger(__name__)
 MAX_ATTEMPTS = 2  # a cell whose worker is lost is retried once, then recorded as failed
 
 
@@ -220,7 +222,10 @@ def _recorded_run(folder: ResultsFolder, pool: Executor, started: float) -> Iter
         raise
     finally:
         run.wall_s = time.monotonic() - started
-        folder.append_run(asdict(run))
+        try:
+            folder.append_run(asdict(run))
+        except OSError as error:  # e.g. a full disk: the rows are what matters; do not mask how the run ended
+            log.warning("could not record this run in %s: %s", folder.root, error)
 
 
 def _seconds_left(deadline: float | None) -> float | None:
