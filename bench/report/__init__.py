@@ -176,8 +176,6 @@ def _number(value: Any, fmt: str) -> str | None:
 
 
 def _summary_row(cell: pd.Series) -> dict[str, Any]:
-    timed_compiles = cell["timed_compiles"]
-
     def gib(column: str) -> str | None:
         return _number(cell[column] / 1024**3 if cell[column] is not None else None, "{:.2f}")
 
@@ -202,7 +200,7 @@ def _summary_row(cell: pd.Series) -> dict[str, Any]:
         "e2e_extrapolated": _number(cell["e2e_latency_extrapolated_s"], "{:.2f}"),
         "extrapolated_to_steps": _number(cell["extrapolated_to_steps"], "{:.0f}"),
         "compile": _number(cell["compile_s"], "{:.1f}"),
-        "timed_compiles": _number(timed_compiles, "{:.0f}") if pd.notna(timed_compiles) and timed_compiles else None,
+        "timed_compiles": _number(cell["timed_compiles"] or None, "{:.0f}"),  # 0 recompiles: nothing to flag
         "speedup": _number(cell["speedup"], "{:.2f}×"),
         "memory_saving": _number(cell["memory_saving"] * 100, "{:.1f} %"),
         "drift": drift,
