@@ -151,11 +151,13 @@ def run_matrix(
                 else:
                     record(cell, CellResult(status=verdict.status, error=verdict.reason))
             running: dict[Future, Cell] = {}
+            started_at: dict[str, float] = {}
             try:
                 while waiting or running:
                     while waiting and len(running) < pool.slots and (deadline is None or time.monotonic() < deadline):
                         cell = waiting.popleft()
                         running[submit_with_retry(pool, _job(ready, cell))] = cell
+                        started_at[cell.id] = time.monotonic()
                         if progress:
                             progress.cell_started(cell)
                     finished = wait(running, _seconds_left(deadline), FIRST_COMPLETED).done if running else set()
@@ -167,8 +169,12 @@ def run_matrix(
             except BaseException:  # interrupted: kill the running cells, keep how far they got
                 pool.shutdown()
                 for future, cell in running.items():
+                    run.unfinished.append(
+                        {"cell_id": cell.id, "cell_label": cell.label, "ran_s": time.monotonic() - started_at[cell.id]}
+                    )
                     if future.done() and future.exception() is None:
                         folder.write_interrupted_log(cell.id, future.result().log)
+                run.not_started = len(waiting)
                 raise
     return summary
 
@@ -188,6 +194,8 @@ class RunRecord:
     cells_run: int = 0
     cell_s: float = 0.0  # the wall time of the cells' processes, summed
     ended: str = "done"  # or "time limit", "interrupted", "error: <exception>"
+    unfinished: list[dict[str, Any]] = field(default_factory=list)  # cells stopped while running: id, label, ran_s
+    not_started: int = 0  # cells left waiting when the run stopped
 
     @contextlib.contextmanager
     def timing(self, phase: str) -> Iterator[None]:

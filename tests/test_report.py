@@ -148,6 +148,25 @@ def test_time_breakdown_accounts_for_every_second_of_the_cells(smoke_run):
     assert "driver-time" not in render(frame, results / "elsewhere"), "no runs recorded, no driver line"
 
 
+def test_unfinished_cells_add_up_their_tries_and_leave_out_cells_finished_since(tmp_path):
+    from bench.report import _unfinished_cells
+
+    runs = [
+        {"ended": "time limit", "unfinished": [{"cell_id": "a", "cell_label": "A compile=default", "ran_s": 100.4}]},
+        {"ended": "done"},  # recorded before runs listed their unfinished cells
+        {"ended": "interrupted", "unfinished": [
+            {"cell_id": "a", "cell_label": "A compile=default", "ran_s": 50.0},
+            {"cell_id": "b", "cell_label": "B", "ran_s": 5.0},
+        ]},
+    ]  # fmt: skip
+    (tmp_path / "logs").mkdir()
+    (tmp_path / "logs" / "a.interrupted.log").write_text("warm-up")
+    [cell] = _unfinished_cells(runs, {"b"}, tmp_path)
+    assert cell == {"id": "a", "label": "A compile=default", "ran_s": "150", "tries": 2, "ended": "interrupted",
+                    "log": "logs/a.interrupted.log"}  # fmt: skip
+    assert _unfinished_cells(runs, {"a", "b"}, tmp_path) == []
+
+
 def _timed_cells(intervals: dict[str, tuple[float, float]]) -> pd.DataFrame:
     """Rows of cells that ran from start to end (seconds after 12:00:00), finish times rounded to the second
     as the driver writes them."""

@@ -363,6 +363,14 @@ def test_max_time_stops_running_cells_and_keeps_finished_rows(tmp_path, monkeypa
     assert progress.events == [("planned", 1), ("started", torchao.label)]
     assert set(read_results(results)["method"]) == {"baseline"}, "the finished cell's rows are kept"
     assert (results / "logs" / f"{torchao.id}.interrupted.log").exists()
+    from bench.report import render
     from bench.store import read_runs
 
-    assert read_runs(results)[-1]["ended"] == "time limit"
+    record = read_runs(results)[-1]
+    assert record["ended"] == "time limit" and record["not_started"] == 0
+    [stopped] = record["unfinished"]
+    assert (stopped["cell_id"], stopped["cell_label"]) == (torchao.id, torchao.label)
+    assert 0 < stopped["ran_s"] <= record["wall_s"]
+    html = render(read_results(results), results)
+    assert '<table id="unfinished">' in html and "Every cell finished" not in html
+    assert torchao.label in html and f"logs/{torchao.id}.interrupted.log" in html

@@ -71,6 +71,7 @@ def render(frame: pd.DataFrame, root: Path, kernels: dict[str, Any] | None = Non
         drift_headers=[label for _, label in DRIFT_COLUMNS],
         image_grid=_image_grid(frame, cells, root),
         not_run=[cell for _, cell in cells.iterrows() if cell["status"] != "ok"],
+        unfinished=_unfinished_cells(read_runs(root), set(frame["cell_id"]), root),
         metric_notes=_metric_notes(frame),
         gpu_memory_notes=sorted(set(frame["gpu_memory_note"].dropna())),
         kernels=kernels,
@@ -110,6 +111,23 @@ def _driver_time(runs: list[dict[str, Any]]) -> dict[str, Any]:
         "share": f"{own / total['wall_s']:.1%}" if total["wall_s"] > 0 else "n/a",
         "stopped": sum(run.get("ended") != "done" for run in runs),
     }
+
+
+def _unfinished_cells(runs: list[dict[str, Any]], with_rows: set[str], root: Path) -> list[dict[str, Any]]:
+    """Cells that recorded runs stopped while they ran (a time limit, Ctrl-C) and that have no row yet: how
+    long they ran over how many tries, how the last try ended, and the log it left."""
+    cells: dict[str, dict[str, Any]] = {}
+    for run in runs:
+        for stopped in run.get("unfinished", []):
+            cell = cells.setdefault(stopped["cell_id"], {"id": stopped["cell_id"], "ran_s": 0.0, "tries": 0})
+            cell.update(label=stopped["cell_label"], ended=run.get("ended", "?"))
+            cell["ran_s"] += stopped["ran_s"]
+            cell["tries"] += 1
+    for cell in cells.values():
+        log_path = root / "logs" / f"{cell['id']}.interrupted.log"
+        cell["log"] = log_path.relative_to(root).as_posix() if log_path.is_file() else None
+        cell["ran_s"] = f"{cell['ran_s']:.0f}"
+    return [cell for cell_id, cell in cells.items() if cell_id not in with_rows]
 
 
 def _kernel_section(path: Path) -> dict[str, Any]:
