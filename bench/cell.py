@@ -272,6 +272,8 @@ def _generate(pipe: Any, spec: CellSpec, result: CellResult, clock: Any, fault: 
     import numpy as np
     import torch
 
+    from bench.heartbeat import CompileCounts, heartbeat
+
     gen = spec.generation
     call = {
         "height": gen["height"],
@@ -301,7 +303,7 @@ def _generate(pipe: Any, spec: CellSpec, result: CellResult, clock: Any, fault: 
         torch._logging.set_logs(recompiles=True)
     _phase("warm-up" + (f" (torch.compile mode={spec.cell['compile']} compiles here)" if compiled else ""))
     warmups = []
-    with _compile_time_limit(spec.compile_timeout_s, spec, result):
+    with _compile_time_limit(spec.compile_timeout_s, spec, result), heartbeat("warm-up", _phase, compiling=compiled):
         for _ in range(gen["warmup"]):
             start = clock.now()
             generate(gen["prompts"][0], gen["seeds"][0])
@@ -309,7 +311,7 @@ def _generate(pipe: Any, spec: CellSpec, result: CellResult, clock: Any, fault: 
     result.measurements["warmup_s"] = sum(warmups)
     _phase(f"warm-up: {result.measurements['warmup_s']:.1f} s")
     _inject(fault, "generate")
-    graphs_before_timing = _graphs_compiled()
+    graphs_before_timing = CompileCounts.now().graphs
 
     images_dir, latents_dir = spec.images_dir, spec.latents_dir
     images_dir.mkdir(parents=True, exist_ok=True)
@@ -317,11 +319,12 @@ def _generate(pipe: Any, spec: CellSpec, result: CellResult, clock: Any, fault: 
     for prompt_index, prompt in enumerate(gen["prompts"]):
         for seed in gen["seeds"]:
             e2e, steps = [], []
-            for _ in range(gen["repeats"]):
-                start = clock.now()
-                image = generate(prompt, seed)
-                e2e.append(clock.now() - start)
-                steps.extend(np.diff(step_ends).tolist())
+            with heartbeat(f"timed prompt {prompt_index}, seed {seed}", _phase, compiling=compiled):
+                for _ in range(gen["repeats"]):
+                    start = clock.now()
+                    image = generate(prompt, seed)
+                    e2e.append(clock.now() - start)
+                    steps.extend(np.diff(step_ends).tolist())
             if fault == "nan":
                 image = np.full_like(image, np.nan)
             finite = bool(np.isfinite(image).all())
@@ -331,18 +334,11 @@ def _generate(pipe: Any, spec: CellSpec, result: CellResult, clock: Any, fault: 
             result.samples.append(Sample(prompt_index, seed, e2e, steps, path, finite))
             _phase(f"timed prompt {prompt_index}, seed {seed}: e2e median {np.median(e2e):.3f} s")
     if compiled:
-        recompiled = result.measurements["timed_compiles"] = _graphs_compiled() - graphs_before_timing
+        recompiled = result.measurements["timed_compiles"] = CompileCounts.now().graphs - graphs_before_timing
         if recompiled:
             _phase(f"the timed runs compiled {recompiled} more graphs: their latency includes compiling")
     if compiled and warmups:  # compilation happens in the first call, which warmed up on the first prompt and seed
         result.measurements["compile_s"] = max(0.0, warmups[0] - float(np.median(result.samples[0].e2e_latency_s)))
-
-
-def _graphs_compiled() -> int:
-    """How many graphs Dynamo has compiled in this process so far (recompiles included)."""
-    from torch._dynamo.utils import counters
-
-    return counters["stats"]["unique_graphs"]
 
 
 def _save_png(image: Any, path: Path) -> str:

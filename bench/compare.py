@@ -24,6 +24,10 @@ class Thresholds:
 
 
 MEMORY_COLUMNS = ("peak_reserved_bytes", "resident_reserved_bytes", "transformer_tensor_bytes")
+COMPARISON_COLUMNS = (
+    "cell_id", "cell", "old_status", "new_status", "note",
+    *(f"{column}_change" for column in MEMORY_COLUMNS), "e2e_latency_change", "regressions",
+)  # fmt: skip
 
 
 def compare_frames(old: pd.DataFrame, new: pd.DataFrame, thresholds: Thresholds = Thresholds()) -> pd.DataFrame:
@@ -64,7 +68,7 @@ def compare_frames(old: pd.DataFrame, new: pd.DataFrame, thresholds: Thresholds 
             regressions.append(f"drift gate now fails: {after['gate_failures']}")
         record["regressions"] = "; ".join(regressions)
         records.append(record)
-    return pd.DataFrame.from_records(records)
+    return pd.DataFrame.from_records(records, columns=COMPARISON_COLUMNS)
 
 
 def _relative(before: float, after: float) -> float | None:
@@ -88,6 +92,8 @@ def compare_runs(old: Path, new: Path, output: Path | None = None) -> int:
     table = compare_frames(*frames)
     if table.empty:
         raise UserError(f"{old} and {new} share no cell ids: nothing to compare")
+    if (table["note"] != "").all():  # a reference from another GPU model: no verdict either way
+        raise UserError(f"{old} and {new} ran on different devices ({table['note'].iloc[0]}): nothing to compare")
     if output:
         table.to_csv(output, index=False)
     view = Table(title=f"{old} -> {new}")

@@ -238,13 +238,28 @@ def test_cells_from_different_gpus_are_summarised_apart(smoke_run, tmp_path):
     assert all(body.count("<tr>") == 1 + 2 for _, body in tables)  # header + baseline + torchao on each GPU
 
 
-def test_compare_does_not_call_another_gpu_a_regression(smoke_run):
+def test_compare_does_not_call_another_gpu_a_regression(smoke_run, tmp_path, capsys):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from bench.cli import main
+    from bench.store import SCHEMA
+
     _, results, _ = smoke_run
     old = read_results(results).assign(gpu_name="NVIDIA H100 80GB HBM3")
     new = old.assign(gpu_name="NVIDIA A100-SXM4-80GB", e2e_latency_median_s=old["e2e_latency_median_s"] * 3)
     table = compare_frames(old, new)
     assert (table["regressions"] == "").all()
     assert table["note"].str.contains("not compared: ran on NVIDIA H100 80GB HBM3, now on NVIDIA A100").all()
+    paths = {}
+    moved = old.assign(gpu_name=new["gpu_name"].where(old["method"] != "baseline", old["gpu_name"]))
+    for name, frame in {"h100": old, "a100": new, "moved": moved}.items():
+        paths[name] = str(tmp_path / f"{name}.parquet")
+        pq.write_table(pa.Table.from_pandas(frame, schema=SCHEMA, preserve_index=False), paths[name])
+    assert main(["compare", paths["h100"], paths["a100"]]) == 2, "no cell compared: no verdict, not a pass"
+    assert "ran on different devices (not compared: ran on NVIDIA H100" in capsys.readouterr().err
+    assert main(["compare", paths["h100"], paths["moved"]]) == 0, "the baseline, on the same GPU, is compared"
+    assert "not compared: ran on" in capsys.readouterr().out
 
 
 def test_compare_cli_exits_1_on_a_regression_and_0_otherwise(smoke_run, tmp_path, capsys):

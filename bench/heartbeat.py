@@ -1,0 +1,67 @@
+"""A cell's heartbeat: during long phases (compiling, above all), a log line every minute with how long the
+phase has run and what torch.compile has done so far, so a live log, or one a time limit cut short, shows
+whether compilation was still moving and on what (new graphs, Triton kernels, Inductor's tuning)."""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+HEARTBEAT_S = 60.0
+
+
+@dataclass(frozen=True)
+class CompileCounts:
+    """What torch.compile has done in this process so far, from torch's own counters."""
+
+    graphs: int  # graphs Dynamo captured and handed to the backend, recompiles included
+    graphs_from_cache: int  # of those, found in Inductor's FX graph cache
+    triton_kernels: int  # Triton kernels Inductor asked to compile (none on the CPU, which builds C++)
+    coordinate_descent_benchmarks: int  # kernel configurations timed by coordinate-descent tuning
+    autotuned_ops: int  # matmuls and convolutions whose implementation was picked by benchmarking
+
+    @classmethod
+    def now(cls) -> CompileCounts:
+        from torch._dynamo.utils import counters
+
+        inductor = counters["inductor"]
+        return cls(
+            graphs=counters["stats"]["unique_graphs"],
+            graphs_from_cache=inductor["fxgraph_cache_hit"],
+            triton_kernels=inductor["async_compile_cache_miss"],
+            coordinate_descent_benchmarks=inductor["coordesc_tuning_bench"],
+            autotuned_ops=inductor["select_algorithm_autotune"],
+        )
+
+    def describe(self) -> str:
+        return (
+            f"{self.graphs} graphs ({self.graphs_from_cache} from the FX graph cache), "
+            f"{self.triton_kernels} Triton kernels, {self.coordinate_descent_benchmarks} coordinate-descent "
+            f"benchmarks, {self.autotuned_ops} autotuned ops"
+        )
+
+
+@contextlib.contextmanager
+def heartbeat(
+    phase: str, say: Callable[[str], None], every_s: float = HEARTBEAT_S, compiling: bool = True
+) -> Iterator[None]:
+    """While the block runs, `say` every `every_s` seconds that `phase` is still running and for how long,
+    with torch.compile's progress (CompileCounts) when `compiling`."""
+    stop = threading.Event()
+    start = time.monotonic()
+
+    def beat() -> None:
+        while not stop.wait(every_s):
+            line = f"{phase}: still running, {time.monotonic() - start:.0f} s in"
+            say(f"{line}; torch.compile so far: {CompileCounts.now().describe()}" if compiling else line)
+
+    thread = threading.Thread(target=beat, name=f"heartbeat: {phase}", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()

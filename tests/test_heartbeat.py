@@ -1,0 +1,28 @@
+import time
+
+import torch
+
+from bench.heartbeat import CompileCounts, heartbeat
+
+
+def test_heartbeat_reports_compile_progress_while_the_block_runs_and_stops_after():
+    lines: list[str] = []
+    before = CompileCounts.now()  # the counters are per process: other tests may have compiled already
+    compiled = torch.compile(lambda x: torch.sin(x) * 2 + 1)
+    with heartbeat("warm-up", lines.append, every_s=0.05):
+        compiled(torch.randn(8))
+        time.sleep(0.3)  # a few beats after compilation finished
+    assert CompileCounts.now().graphs == before.graphs + 1
+    assert lines and all(line.startswith("warm-up: still running, ") for line in lines)
+    assert f"torch.compile so far: {before.graphs + 1} graphs (" in lines[-1]
+    beats = len(lines)
+    time.sleep(0.2)
+    assert len(lines) == beats, "no beat after the block ended"
+
+
+def test_heartbeat_of_an_eager_phase_only_says_how_long():
+    lines: list[str] = []
+    with heartbeat("timed prompt 0, seed 0", lines.append, every_s=0.05, compiling=False):
+        time.sleep(0.2)
+    assert lines and all(line.startswith("timed prompt 0, seed 0: still running, ") for line in lines)
+    assert not any("torch.compile" in line for line in lines)
