@@ -5,12 +5,15 @@ whether compilation was still moving and on what (new graphs, Triton kernels, In
 from __future__ import annotations
 
 import contextlib
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 HEARTBEAT_S = 60.0
+# where the cell's main thread is, named by the innermost frame from one of these packages
+LIBRARIES = ("torch", "triton", "torchao", "bitsandbytes", "diffusers", "transformers", "accelerate", "gguf", "optimum")
 
 
 @dataclass(frozen=True)
@@ -38,7 +41,7 @@ class CompileCounts:
 
     def describe(self) -> str:
         return (
-            f"{self.graphs} graphs ({self.graphs_from_cache} from the FX graph cache), "
+            f"{self.graphs} graphs compiled ({self.graphs_from_cache} from the FX graph cache), "
             f"{self.triton_kernels} Triton kernels, {self.coordinate_descent_benchmarks} coordinate-descent "
             f"benchmarks, {self.autotuned_ops} autotuned ops"
         )
@@ -52,10 +55,13 @@ def heartbeat(
     with torch.compile's progress (CompileCounts) when `compiling`."""
     stop = threading.Event()
     start = time.monotonic()
+    worker = threading.get_ident()
 
     def beat() -> None:
         while not stop.wait(every_s):
             line = f"{phase}: still running, {time.monotonic() - start:.0f} s in"
+            if where := library_frame(worker):
+                line += f", now in {where}"
             say(f"{line}; torch.compile so far: {CompileCounts.now().describe()}" if compiling else line)
 
     thread = threading.Thread(target=beat, name=f"heartbeat: {phase}", daemon=True)
@@ -65,3 +71,16 @@ def heartbeat(
     finally:
         stop.set()
         thread.join()
+
+
+def library_frame(thread_id: int) -> str | None:
+    """Where thread `thread_id` is now, as `package/module.py:function` of its innermost frame in one of
+    LIBRARIES (e.g. `torch/_inductor/codecache.py:compile_file`); None outside them."""
+    frame = sys._current_frames().get(thread_id)
+    while frame is not None:
+        path = frame.f_code.co_filename
+        start = max(path.rfind(f"/{library}/") for library in LIBRARIES)
+        if start != -1:
+            return f"{path[start + 1 :]}:{frame.f_code.co_name}"
+        frame = frame.f_back
+    return None

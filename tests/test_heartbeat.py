@@ -14,7 +14,9 @@ def test_heartbeat_reports_compile_progress_while_the_block_runs_and_stops_after
         time.sleep(0.3)  # a few beats after compilation finished
     assert CompileCounts.now().graphs == before.graphs + 1
     assert lines and all(line.startswith("warm-up: still running, ") for line in lines)
-    assert f"torch.compile so far: {before.graphs + 1} graphs (" in lines[-1]
+    assert f"torch.compile so far: {before.graphs + 1} graphs compiled (" in lines[-1]
+    assert any(", now in torch/" in line for line in lines), "a beat while compiling says where in torch"
+    assert ", now in" not in lines[-1], "the last beats came while this test (no library) slept"
     beats = len(lines)
     time.sleep(0.2)
     assert len(lines) == beats, "no beat after the block ended"
