@@ -165,6 +165,10 @@ def test_unfinished_cells_add_up_their_tries_and_leave_out_cells_finished_since(
     assert cell == {"id": "a", "label": "A compile=default", "ran_s": "150", "tries": 2, "ended": "interrupted",
                     "log": "logs/a.interrupted.log"}  # fmt: skip
     assert _unfinished_cells(runs, {"a", "b"}, tmp_path) == []
+    (tmp_path / "logs" / "c.interrupted.log").write_text("warm-up")  # left by a run that did not record it
+    assert _unfinished_cells(runs, {"a", "b"}, tmp_path) == [
+        {"id": "c", "label": "", "ran_s": "?", "tries": 0, "ended": "not recorded", "log": "logs/c.interrupted.log"}
+    ]
 
 
 def _timed_cells(intervals: dict[str, tuple[float, float]]) -> pd.DataFrame:

@@ -115,8 +115,12 @@ def _driver_time(runs: list[dict[str, Any]]) -> dict[str, Any]:
 
 def _unfinished_cells(runs: list[dict[str, Any]], with_rows: set[str], root: Path) -> list[dict[str, Any]]:
     """Cells that recorded runs stopped while they ran (a time limit, Ctrl-C) and that have no row yet: how
-    long they ran over how many tries, how the last try ended, and the log it left."""
+    long they ran over how many tries, how the last try ended, and the log it left. A log so stopped that
+    no recorded run names (runs recorded before they listed their unfinished cells) is listed by its id."""
     cells: dict[str, dict[str, Any]] = {}
+    for log_path in sorted(root.glob("logs/*.interrupted.log")):
+        cell_id = log_path.name.removesuffix(".interrupted.log")
+        cells[cell_id] = {"id": cell_id, "label": "", "ran_s": 0.0, "tries": 0, "ended": "not recorded"}
     for run in runs:
         for stopped in run.get("unfinished", []):
             cell = cells.setdefault(stopped["cell_id"], {"id": stopped["cell_id"], "ran_s": 0.0, "tries": 0})
@@ -126,7 +130,7 @@ def _unfinished_cells(runs: list[dict[str, Any]], with_rows: set[str], root: Pat
     for cell in cells.values():
         log_path = root / "logs" / f"{cell['id']}.interrupted.log"
         cell["log"] = log_path.relative_to(root).as_posix() if log_path.is_file() else None
-        cell["ran_s"] = f"{cell['ran_s']:.0f}"
+        cell["ran_s"] = f"{cell['ran_s']:.0f}" if cell["tries"] else "?"
     return [cell for cell_id, cell in cells.items() if cell_id not in with_rows]
 
 
