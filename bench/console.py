@@ -22,7 +22,7 @@ from rich.table import Table
 from bench.cells import Cell
 from bench.executors import Executor
 from bench.matrix import Matrix
-from bench.store import read_results
+from bench.store import read_results, read_runs
 
 console = Console(highlight=False, width=None if sys.stdout.isatty() else 160)
 STATUS_STYLE = {
@@ -99,6 +99,12 @@ def run_with_progress(
         except TimeLimitReached as stop:
             progress.stop()
             print_summary(results_dir)
+            for cell in read_runs(results_dir)[-1].get("unfinished", []):
+                console.print(
+                    f"stopped after {cell['ran_s']:.0f} s: {escape(cell['cell_label'])} ({cell['cell_id']}); "
+                    f"its log so far: {results_dir / 'logs' / (cell['cell_id'] + '.interrupted.log')}",
+                    soft_wrap=True,
+                )
             print(f"quantbench: {stop}", file=sys.stderr)
             return stop.exit_code
     if summary.already_done:

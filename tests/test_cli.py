@@ -122,3 +122,5 @@ def test_a_run_stopped_by_max_time_exits_3_and_keeps_the_stopped_cells_log(make_
     assert not list((tmp_path / "out").glob("cells/*.parquet"))
     (log,) = (tmp_path / "out").glob("logs/*.interrupted.log")
     assert "[quantbench] imports" in log.read_text(), "the log says how far the stopped cell got"
+    cell_id = log.name.removesuffix(".interrupted.log")
+    assert f"baseline bf16 ({cell_id}); its log so far: out/logs/{log.name}" in done.stdout
