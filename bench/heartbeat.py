@@ -20,7 +20,7 @@ LIBRARIES = ("torch", "triton", "torchao", "bitsandbytes", "diffusers", "transfo
 class CompileCounts:
     """What torch.compile has done in this process so far, from torch's own counters."""
 
-    graphs: int  # graphs Dynamo captured and handed to the backend, recompiles included
+    graphs: int  # graphs compiled, counted once done (a graph still compiling is not in it), recompiles included
     graphs_from_cache: int  # of those, found in Inductor's FX graph cache
     triton_kernels: int  # Triton kernels Inductor asked to compile (none on the CPU, which builds C++)
     coordinate_descent_benchmarks: int  # kernel configurations timed by coordinate-descent tuning
