@@ -25,3 +25,25 @@ def test_a_real_cuda_oom_becomes_an_oom_row_and_the_run_goes_on(tmp_path, quantb
     assert summary.statuses == {"oom": 2}
     assert rows["error"].str.contains("OutOfMemoryError").all()
     assert not rows["error"].str.contains("Injected").any(), "a real allocator OOM, not the fault switch"
+
+
+def test_heartbeat_counts_triton_kernels_and_inductor_tuning_on_a_gpu():
+    import torch._inductor.config as inductor_config
+
+    from bench.heartbeat import CompileCounts
+
+    before = CompileCounts.now()
+    layers = torch.nn.Sequential(torch.nn.Linear(1024, 4096), torch.nn.GELU(), torch.nn.Linear(4096, 1024))
+    layers = layers.cuda().bfloat16()
+    inputs = torch.randn(64, 1024, device="cuda").bfloat16()
+    # as run by hand on an H100 (2 Triton kernels, 8 coordinate-descent benchmarks, 2 autotuned matmuls):
+    # coordinate-descent tuning as torchao's configs turn it on, then max-autotune's matmul selection
+    with inductor_config.patch(coordinate_descent_tuning=True):
+        torch.compile(layers)(inputs)
+        torch.compile(layers, mode="max-autotune-no-cudagraphs")(inputs + 1)
+    torch.cuda.synchronize()
+    after = CompileCounts.now()
+    assert after.graphs == before.graphs + 2
+    assert after.triton_kernels > before.triton_kernels
+    assert after.coordinate_descent_benchmarks > before.coordinate_descent_benchmarks
+    assert after.autotuned_ops > before.autotuned_ops
