@@ -27,6 +27,11 @@ def build_parser() -> argparse.ArgumentParser:
     plan = verbs.add_parser("plan", help="list the cells a matrix expands into, and which will run here")
     plan.add_argument("matrix", type=Path, help="matrix file (TOML)")
     plan.add_argument("--select", action="append", default=[], metavar="KEY=VALUE", help=SELECT_HELP)
+    plan.add_argument(
+        "--results",
+        type=Path,
+        help="also show each cell's status in this results folder (default: results/<matrix name>/)",
+    )
 
     run = verbs.add_parser("run", help="run a matrix; finished cells are skipped unless --force")
     run.add_argument("matrix", type=Path, help="matrix file (TOML)")
@@ -109,19 +114,19 @@ def _dispatch(args: argparse.Namespace) -> int:
         from bench.matrix import load_matrix
 
         matrix = load_matrix(args.matrix, args.select)
+        results_dir = args.results or DEFAULT_RESULTS_ROOT / matrix.name
         if args.verb == "plan":
             from bench.runner import plan
 
             try:
                 ready = plan(matrix)
             except UserError:  # a model or device this machine lacks: the cells are still worth seeing
-                console.print_cells(matrix)
+                console.print_cells(matrix, results_dir)
                 raise
-            console.print_plan(ready)
+            console.print_plan(ready, results_dir)
             return 0
         from bench.executors import make_executor
 
-        results_dir = args.results or DEFAULT_RESULTS_ROOT / matrix.name
         executor = make_executor(args.executor, args.address, args.gpus)
         return console.run_with_progress(matrix, results_dir, args.force, executor, args.max_time)
     if args.verb == "report":

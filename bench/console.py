@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 
@@ -22,7 +23,7 @@ from rich.table import Table
 from bench.cells import Cell
 from bench.executors import Executor
 from bench.matrix import Matrix
-from bench.store import read_results, read_runs
+from bench.store import WORST_FIRST, ResultsFolder, read_results, read_runs
 
 console = Console(highlight=False, width=None if sys.stdout.isatty() else 160)
 STATUS_STYLE = {
@@ -36,8 +37,8 @@ STATUS_STYLE = {
 GIB = 1024**3
 
 
-def print_plan(ready) -> None:
-    """The expanded cells with their axes and what will happen to each here."""
+def print_plan(ready, results_dir: Path) -> None:
+    """The expanded cells with their axes, what will happen to each here, and their status in `results_dir`."""
     matrix = ready.matrix
 
     def here(cell: Cell) -> str:
@@ -45,23 +46,30 @@ def print_plan(ready) -> None:
         return "run" if verdict.status == "run" else f"[{STATUS_STYLE[verdict.status]}]{verdict.status}"
 
     title = f"{matrix.name}: {len(matrix.cells)} cells, model {ready.model.source}, device {ready.device}"
-    _print_cells(matrix, title, here)
+    _print_cells(matrix, title, here, results_dir)
     for cell in matrix.cells:
         verdict = ready.verdicts[cell.id]
         if verdict.status != "run":
             console.print(f"{cell.id} {verdict.status}: {escape(verdict.reason)}", soft_wrap=True)
 
 
-def print_cells(matrix: Matrix) -> None:
-    """The expanded cells with their axes, for a matrix that cannot run on this machine (the caller says why)."""
-    _print_cells(matrix, f"{matrix.name}: {len(matrix.cells)} cells, none can run here", lambda cell: "-")
+def print_cells(matrix: Matrix, results_dir: Path) -> None:
+    """The expanded cells with their axes and their status in `results_dir`, for a matrix that cannot run on
+    this machine (the caller says why)."""
+    _print_cells(matrix, f"{matrix.name}: {len(matrix.cells)} cells, none can run here", lambda cell: "-", results_dir)
 
 
-def _print_cells(matrix: Matrix, title: str, here: Callable[[Cell], str]) -> None:
+def _print_cells(matrix: Matrix, title: str, here: Callable[[Cell], str], results_dir: Path) -> None:
+    """The cells table; with a "results" column and a count by status when `results_dir` holds any of them."""
+    known = ResultsFolder(results_dir).cell_statuses()
+    statuses = {cell.id: known.get(cell.id, "not run") for cell in matrix.cells}
     table = Table(title=title)
-    for column in ("cell id", "method", "options", "dtype", "threshold", "compile", "components", "placement", "here"):
+    columns = ["cell id", "method", "options", "dtype", "threshold", "compile", "components", "placement", "here"]
+    shown = set(statuses.values()) != {"not run"}
+    for column in columns + (["results"] if shown else []):
         table.add_column(column)
     for cell in matrix.cells:
+        status = statuses[cell.id]
         table.add_row(
             cell.id,
             cell.method,
@@ -72,8 +80,19 @@ def _print_cells(matrix: Matrix, title: str, here: Callable[[Cell], str]) -> Non
             "+".join(cell.components) if cell.components else "-",
             cell.placement,
             here(cell),
+            *([f"[{STATUS_STYLE.get(status, 'dim')}]{status}"] if shown else []),
         )
     console.print(table)
+    if shown:
+        counts = Counter(statuses.values())
+        to_run = len(matrix.cells) - counts["ok"]
+        order = ("ok", *WORST_FIRST[:-1], "stopped", "not run")
+        console.print(
+            f"in {results_dir}: "
+            + ", ".join(f"{counts[status]} {status}" for status in order if counts[status])
+            + f"; a run there would run the {to_run} that are not ok",
+            soft_wrap=True,
+        )
 
 
 def run_with_progress(

@@ -275,14 +275,21 @@ class ResultsFolder:
             parts[path.stem] = table
         return parts
 
+    def cell_statuses(self) -> dict[str, str]:
+        """Each cell this folder knows of: the worst status of its rows, or `stopped` for a cell a run stopped
+        while it ran (an interrupted log) and that has no row."""
+        statuses = {
+            cell_id: worst_status(set(table.column("status").to_pylist()))
+            for cell_id, table in self.read_parts().items()
+            if table.num_rows
+        }
+        for log_path in self.logs_dir.glob("*.interrupted.log"):
+            statuses.setdefault(log_path.name.removesuffix(".interrupted.log"), "stopped")
+        return statuses
+
     def completed_cell_ids(self) -> set[str]:
         """Cells whose every row has status ok: a resumed run skips these."""
-        done = set()
-        for cell_id, table in self.read_parts().items():
-            statuses = set(table.column("status").to_pylist())
-            if table.num_rows and statuses == {"ok"}:
-                done.add(cell_id)
-        return done
+        return {cell_id for cell_id, status in self.cell_statuses().items() if status == "ok"}
 
     def read_table(self) -> pa.Table:
         """All rows of the folder as one table (empty, with the schema, when there are none)."""

@@ -92,8 +92,29 @@ def test_plan_lists_the_cells_of_a_matrix_this_machine_cannot_run(make_matrix, t
     from bench.matrix import load_matrix
 
     assert all(cell.id in done.stdout for cell in load_matrix(path).cells), "a GPU run can be planned on a laptop"
-    assert "none can run here" in done.stdout
+    assert "none can run here" in done.stdout and "not run" not in done.stdout, "no results: no results column"
     assert done.returncode == 2 and "run.device: 'cuda' asked for, but torch sees no CUDA device" in done.stderr
+
+
+def test_plan_shows_each_cells_status_in_a_results_folder(make_matrix, tmp_path):
+    from bench.matrix import load_matrix
+    from bench.store import ResultsFolder
+    from tests.test_store import row
+
+    path = make_matrix(axes={"method": ["baseline", "torchao"], "compile": ["off", "default"]})
+    first, second, third, _ = (cell.id for cell in load_matrix(path).cells)
+    folder = ResultsFolder(tmp_path / "gpu-run")  # e.g. rows brought back from a GPU machine
+    folder.create()
+    folder.write_cell(first, [row(first)])
+    folder.write_cell(second, [row(second, "timeout")])
+    folder.write_interrupted_log(third, "warm-up")
+    done = quantbench("plan", str(path), "--results", "gpu-run", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    lines = {line.split()[1]: line for line in done.stdout.splitlines() if line.startswith("│ ")}
+    assert [lines[cell].split("│")[-2].strip() for cell in (first, second, third)] == ["ok", "timeout", "stopped"]
+    assert "in gpu-run: 1 ok, 1 timeout, 1 stopped, 1 not run; a run there would run the 3 that are not ok" in (
+        " ".join(done.stdout.split())
+    )
 
 
 @pytest.mark.parametrize(

@@ -38,6 +38,17 @@ def test_part_files_round_trip_with_the_declared_schema(tmp_path):
     assert not list(folder.cells_dir.glob(".*tmp")), "no temporary file is left behind"
 
 
+def test_cell_statuses_give_each_cell_its_worst_row_and_stopped_cells_without_rows(tmp_path):
+    folder = ResultsFolder(tmp_path)
+    folder.create()
+    folder.write_cell("aaa", [row("aaa")])
+    folder.write_cell("bbb", [row("bbb"), row("bbb", "oom")])
+    folder.write_interrupted_log("ccc", "warm-up")
+    folder.write_interrupted_log("aaa", "an earlier try")  # stopped once, finished since: its row decides
+    assert folder.cell_statuses() == {"aaa": "ok", "bbb": "oom", "ccc": "stopped"}
+    assert folder.completed_cell_ids() == {"aaa"}
+
+
 def test_truncated_part_is_not_read_as_valid_and_its_cell_counts_as_not_done(tmp_path):
     folder = ResultsFolder(tmp_path)
     folder.create()
