@@ -310,6 +310,10 @@ def _generate(pipe: Any, spec: CellSpec, result: CellResult, clock: Any, fault: 
             warmups.append(clock.now() - start)
     result.measurements["warmup_s"] = sum(warmups)
     _phase(f"warm-up: {result.measurements['warmup_s']:.1f} s")
+    if compiled:
+        counts = CompileCounts.now()
+        result.measurements["compile_counts"] = json.dumps(asdict(counts))
+        _phase(f"torch.compile: {counts.describe()}")
     _inject(fault, "generate")
     graphs_before_timing = CompileCounts.now().graphs
 

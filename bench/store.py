@@ -91,6 +91,8 @@ class ResultRow:
     compile_s: float | None = None  # compiled cells: the first warm-up generation minus the median timed one
     timed_compiles: int | None = None  # compiled cells: graphs compiled during the timed runs (0 unless a guard
     # failed and Dynamo recompiled, which the latency then includes; the cell's log says why)
+    compile_counts: str | None = None  # compiled cells: JSON of what compiling did by the end of the warm-up
+    # (heartbeat.CompileCounts: graphs, from the FX graph cache, Triton kernels, coordinate-descent benchmarks, autotuned ops)
     e2e_latency_median_s: float | None = None
     e2e_latency_iqr_s: float | None = None
     step_latency_median_s: float | None = None

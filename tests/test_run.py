@@ -307,6 +307,10 @@ def test_regional_compilation_compiles_each_repeated_block_of_the_denoiser(tmp_p
     assert row["compiled_modules"] == config["num_layers"] + config["num_single_layers"]
     assert row["compile_s"] > 0
     assert row["timed_compiles"] == 0, "every block compiled in the warm-up; the timed runs reuse the code"
+    counts = json.loads(row["compile_counts"])
+    assert counts["graphs"] == 2, "one graph per block class (FLUX's double- and single-stream blocks)"
+    log = (tmp_path / "results" / "logs" / f"{row['cell_id']}.log").read_text()
+    assert f"[quantbench] torch.compile: {counts['graphs']} graphs compiled" in log
 
 
 def test_a_recompile_during_the_timed_runs_is_counted_and_logged(tmp_path, monkeypatch, quantbench_cache):
