@@ -18,6 +18,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from bench.heartbeat import CompileCounts, heartbeat  # standard library only (torch is imported in the cell)
+
 PROCESS_START = time.perf_counter()
 
 # Test-only fault injection, so the failure paths are exercised for real: comma-separated "<kind>" or
@@ -206,11 +208,13 @@ def run_cell(spec: CellSpec, result: CellResult) -> None:
         _phase("quantize: inside the pipeline's from_pretrained (PipelineQuantizationConfig)")
     elif cell.components:
         start = clock.now()
-        prepared = {name: method.prepare_component(components[name], cell) for name in cell.components}
+        with heartbeat("prepare", _phase, compiling=False):
+            prepared = {name: method.prepare_component(components[name], cell) for name in cell.components}
         m["prepare_s"] = clock.now() - start
         _phase(f"prepare: {m['prepare_s']:.1f} s")
         start = clock.now()
-        quantized = {name: method.load_component(component, cell) for name, component in prepared.items()}
+        with heartbeat("quantize", _phase, compiling=False):
+            quantized = {name: method.load_component(component, cell) for name, component in prepared.items()}
         m["quantize_s"] = clock.now() - start
         _phase(f"quantize: {m['quantize_s']:.1f} s")
         if getattr(method.options, "serialize", False):
@@ -219,11 +223,12 @@ def run_cell(spec: CellSpec, result: CellResult) -> None:
         quantized = {}
 
     start = clock.now()
-    pipe = DiffusionPipeline.from_pretrained(
-        spec.model_folder, dtype=cell.torch_dtype, **load_kwargs(cell.placement), **quantized
-    )
-    pipe.set_progress_bar_config(disable=True)
-    place(pipe, cell.placement, spec.device)
+    with heartbeat("load and place", _phase, compiling=False):
+        pipe = DiffusionPipeline.from_pretrained(
+            spec.model_folder, dtype=cell.torch_dtype, **load_kwargs(cell.placement), **quantized
+        )
+        pipe.set_progress_bar_config(disable=True)
+        place(pipe, cell.placement, spec.device)
     m["load_s"] = clock.now() - start
     _phase(f"load and place: {m['load_s']:.1f} s")
     if cuda:
@@ -271,8 +276,6 @@ def _generate(pipe: Any, spec: CellSpec, result: CellResult, clock: Any, fault: 
     """Warm up once (compilation happens here), then time every (prompt, seed) `repeats` times."""
     import numpy as np
     import torch
-
-    from bench.heartbeat import CompileCounts, heartbeat
 
     gen = spec.generation
     call = {

@@ -1,5 +1,5 @@
-"""A cell's heartbeat: during long phases (compiling, above all), a log line every minute with how long the
-phase has run and what torch.compile has done so far, so a live log, or one a time limit cut short, shows
+"""A cell's heartbeat: during its phases (compiling, above all), a log line every minute with how long the
+phase has run, where in the libraries it is, and what torch.compile has done so far, so a live log, or one a time limit cut short, shows
 whether compilation was still moving and on what (new graphs, Triton kernels, Inductor's tuning)."""
 
 from __future__ import annotations
