@@ -14,6 +14,7 @@ from jinja2 import Environment, PackageLoader, select_autoescape
 
 from bench.baseline import ReferenceCache
 from bench.errors import UserError
+from bench.heartbeat import CompileCounts
 from bench.report.plots import all_plots, colour, roofline
 from bench.store import read_results, read_runs
 from bench.summary import cell_summary, device_label, run_times, time_breakdown
@@ -222,6 +223,7 @@ def _summary_row(cell: pd.Series) -> dict[str, Any]:
         "e2e_extrapolated": _number(cell["e2e_latency_extrapolated_s"], "{:.2f}"),
         "extrapolated_to_steps": _number(cell["extrapolated_to_steps"], "{:.0f}"),
         "compile": _number(cell["compile_s"], "{:.1f}"),
+        "compile_work": _compile_work(cell["compile_counts"]),
         "timed_compiles": _number(cell["timed_compiles"] or None, "{:.0f}"),  # 0 recompiles: nothing to flag
         "speedup": _number(cell["speedup"], "{:.2f}×"),
         "memory_saving": _number(cell["memory_saving"] * 100, "{:.1f} %"),
@@ -229,6 +231,13 @@ def _summary_row(cell: pd.Series) -> dict[str, Any]:
         "gate": cell["gate_status"] if isinstance(cell["gate_status"], str) else "–",
         "gate_failures": cell["gate_failures"] if isinstance(cell["gate_failures"], str) else None,
     }
+
+
+def _compile_work(counts_json: Any) -> str | None:
+    """What compiling did (the `compile_counts` column) in words; None for rows without it."""
+    if not isinstance(counts_json, str):
+        return None
+    return CompileCounts(**json.loads(counts_json)).describe()
 
 
 def _figure_png(figure: Any) -> str:
