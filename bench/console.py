@@ -118,10 +118,11 @@ def run_with_progress(
         except TimeLimitReached as stop:
             progress.stop()
             print_summary(results_dir)
+            folder = ResultsFolder(results_dir)
             for cell in read_runs(results_dir)[-1].get("unfinished", []):
                 console.print(
                     f"stopped after {cell['ran_s']:.0f} s: {escape(cell['cell_label'])} ({cell['cell_id']}); "
-                    f"its log so far: {results_dir / 'logs' / (cell['cell_id'] + '.interrupted.log')}",
+                    f"its log so far: {folder.interrupted_log_path(cell['cell_id'])}",
                     soft_wrap=True,
                 )
             print(f"quantbench: {stop}", file=sys.stderr)

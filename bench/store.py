@@ -28,6 +28,7 @@ from bench.errors import UserError
 
 SCHEMA_VERSION = 1
 STATUSES = ("ok", "failed", "oom", "timeout", "skipped", "unsupported")
+INTERRUPTED_LOG_SUFFIX = ".interrupted.log"  # logs/<cell id>.interrupted.log: a cell stopped while running
 RUNS_FILE = "runs.jsonl"  # one line per `quantbench run` invocation on the folder (runner.RunRecord)
 WORST_FIRST = ("failed", "oom", "timeout", "unsupported", "skipped", "ok")
 
@@ -253,7 +254,7 @@ class ResultsFolder:
             ) from None
 
     def interrupted_log_path(self, cell_id: str) -> Path:
-        return self.logs_dir / f"{cell_id}.interrupted.log"
+        return self.logs_dir / f"{cell_id}{INTERRUPTED_LOG_SUFFIX}"
 
     def write_interrupted_log(self, cell_id: str, log: str) -> None:
         """Keep the log of a cell the run was interrupted in (no row: a rerun runs it again), so the time it
@@ -285,9 +286,14 @@ class ResultsFolder:
             for cell_id, table in self.read_parts().items()
             if table.num_rows
         }
-        for log_path in self.logs_dir.glob("*.interrupted.log"):
-            statuses.setdefault(log_path.name.removesuffix(".interrupted.log"), "stopped")
+        for cell_id in self.interrupted_cell_ids():
+            statuses.setdefault(cell_id, "stopped")
         return statuses
+
+    def interrupted_cell_ids(self) -> list[str]:
+        """Cells with an interrupted log (stopped while running, and not finished since), sorted."""
+        logs = self.logs_dir.glob(f"*{INTERRUPTED_LOG_SUFFIX}")
+        return sorted(path.name.removesuffix(INTERRUPTED_LOG_SUFFIX) for path in logs)
 
     def completed_cell_ids(self) -> set[str]:
         """Cells whose every row has status ok: a resumed run skips these."""

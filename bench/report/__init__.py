@@ -16,7 +16,7 @@ from bench.baseline import ReferenceCache
 from bench.errors import UserError
 from bench.heartbeat import CompileCounts
 from bench.report.plots import all_plots, colour, roofline
-from bench.store import read_results, read_runs
+from bench.store import ResultsFolder, read_results, read_runs
 from bench.summary import cell_summary, device_label, run_times, time_breakdown
 
 THUMBNAIL_PX = 256
@@ -55,6 +55,7 @@ def write_report(results: Path, output: Path, kernels: Path | None = None) -> Pa
 
 def render(frame: pd.DataFrame, root: Path, kernels: dict[str, Any] | None = None) -> str:
     cells = cell_summary(frame)
+    runs = read_runs(root)
     environment = Environment(loader=PackageLoader("bench.report"), autoescape=select_autoescape(default=True))
     environment.filters["family_colour"] = colour
     template = environment.get_template("report.html.j2")
@@ -72,11 +73,11 @@ def render(frame: pd.DataFrame, root: Path, kernels: dict[str, Any] | None = Non
         drift_headers=[label for _, label in DRIFT_COLUMNS],
         image_grid=_image_grid(frame, cells, root),
         not_run=[cell for _, cell in cells.iterrows() if cell["status"] != "ok"],
-        unfinished=_unfinished_cells(read_runs(root), set(frame["cell_id"]), root),
+        unfinished=_unfinished_cells(runs, set(frame["cell_id"]), root),
         metric_notes=_metric_notes(frame),
         gpu_memory_notes=sorted(set(frame["gpu_memory_note"].dropna())),
         kernels=kernels,
-        time_spent=_time_spent(frame, read_runs(root)),
+        time_spent=_time_spent(frame, runs),
     )
 
 
@@ -118,10 +119,12 @@ def _unfinished_cells(runs: list[dict[str, Any]], with_rows: set[str], root: Pat
     """Cells that recorded runs stopped while they ran (a time limit, Ctrl-C) and that have no row yet: how
     long they ran over how many tries, how the last try ended, and the log it left. A log so stopped that
     no recorded run names (runs recorded before they listed their unfinished cells) is listed by its id."""
-    cells: dict[str, dict[str, Any]] = {}
-    for log_path in sorted(root.glob("logs/*.interrupted.log")):
-        cell_id = log_path.name.removesuffix(".interrupted.log")
-        cells[cell_id] = {"id": cell_id, "label": "", "ran_s": 0.0, "tries": 0, "ended": "not recorded"}
+    folder = ResultsFolder(root)
+    with_logs = folder.interrupted_cell_ids()
+    cells = {
+        cell_id: {"id": cell_id, "label": "", "ran_s": 0.0, "tries": 0, "ended": "not recorded"}
+        for cell_id in with_logs
+    }
     for run in runs:
         for stopped in run.get("unfinished", []):
             cell = cells.setdefault(stopped["cell_id"], {"id": stopped["cell_id"], "ran_s": 0.0, "tries": 0})
@@ -129,8 +132,8 @@ def _unfinished_cells(runs: list[dict[str, Any]], with_rows: set[str], root: Pat
             cell["ran_s"] += stopped["ran_s"]
             cell["tries"] += 1
     for cell in cells.values():
-        log_path = root / "logs" / f"{cell['id']}.interrupted.log"
-        cell["log"] = log_path.relative_to(root).as_posix() if log_path.is_file() else None
+        log_path = folder.interrupted_log_path(cell["id"])
+        cell["log"] = log_path.relative_to(root).as_posix() if cell["id"] in with_logs else None
         cell["ran_s"] = f"{cell['ran_s']:.0f}" if cell["tries"] else "?"
     return [cell for cell_id, cell in cells.items() if cell_id not in with_rows]
 
