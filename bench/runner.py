@@ -169,11 +169,10 @@ def run_matrix(
             except BaseException:  # interrupted: kill the running cells, keep how far they got
                 pool.shutdown()
                 for future, cell in running.items():
-                    run.unfinished.append(
-                        {"cell_id": cell.id, "cell_label": cell.label, "ran_s": time.monotonic() - started_at[cell.id]}
-                    )
+                    ran_s = time.monotonic() - started_at[cell.id]
+                    run.unfinished.append({"cell_id": cell.id, "cell_label": cell.label, "ran_s": ran_s})
                     if future.done() and future.exception() is None:
-                        folder.write_interrupted_log(cell.id, future.result().log)
+                        folder.write_interrupted_log(cell.id, future.result().log, ran_s)
                 run.not_started = len(waiting)
                 raise
     return summary

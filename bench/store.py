@@ -18,6 +18,7 @@ import os
 import shutil
 import typing
 from collections.abc import Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -256,10 +257,15 @@ class ResultsFolder:
     def interrupted_log_path(self, cell_id: str) -> Path:
         return self.logs_dir / f"{cell_id}{INTERRUPTED_LOG_SUFFIX}"
 
-    def write_interrupted_log(self, cell_id: str, log: str) -> None:
+    def write_interrupted_log(self, cell_id: str, log: str, ran_s: float) -> None:
         """Keep the log of a cell the run was interrupted in (no row: a rerun runs it again), so the time it
-        spent is not a mystery; the next finished run of the cell removes it."""
-        _write_atomically(self.interrupted_log_path(cell_id), log.encode())
+        spent is not a mystery: each stopped try is added after the earlier ones under a header with its length
+        (a compile cut twice shows whether the second try got further); the next finished run removes it."""
+        path = self.interrupted_log_path(cell_id)
+        earlier = path.read_bytes() if path.exists() else b""
+        stopped = datetime.now(UTC).isoformat(timespec="seconds")
+        header = f"===== stopped after {ran_s:.0f} s, at {stopped} =====\n"
+        _write_atomically(path, earlier + header.encode() + log.encode())
 
     def append_run(self, record: dict[str, Any]) -> None:
         """Add one invocation's record (see runner.RunRecord) to `runs.jsonl`."""

@@ -107,7 +107,7 @@ def test_plan_shows_each_cells_status_in_a_results_folder(make_matrix, tmp_path)
     folder.create()
     folder.write_cell(first, [row(first)])
     folder.write_cell(second, [row(second, "timeout")])
-    folder.write_interrupted_log(third, "warm-up")
+    folder.write_interrupted_log(third, "warm-up", ran_s=60)
     done = quantbench("plan", str(path), "--results", "gpu-run", cwd=tmp_path)
     assert done.returncode == 0, done.stderr
     lines = {line.split()[1]: line for line in done.stdout.splitlines() if line.startswith("│ ")}

@@ -370,7 +370,8 @@ def test_max_time_stops_running_cells_and_keeps_finished_rows(tmp_path, monkeypa
     assert stopped.value.unfinished == 1 and stopped.value.exit_code == 3
     assert progress.events == [("planned", 1), ("started", torchao.label)]
     assert set(read_results(results)["method"]) == {"baseline"}, "the finished cell's rows are kept"
-    assert (results / "logs" / f"{torchao.id}.interrupted.log").exists()
+    stopped_log = (results / "logs" / f"{torchao.id}.interrupted.log").read_text()
+    assert stopped_log.startswith("===== stopped after ") and "[quantbench]" in stopped_log
     from bench.report import render
     from bench.store import read_runs
 

@@ -43,10 +43,23 @@ def test_cell_statuses_give_each_cell_its_worst_row_and_stopped_cells_without_ro
     folder.create()
     folder.write_cell("aaa", [row("aaa")])
     folder.write_cell("bbb", [row("bbb"), row("bbb", "oom")])
-    folder.write_interrupted_log("ccc", "warm-up")
-    folder.write_interrupted_log("aaa", "an earlier try")  # stopped once, finished since: its row decides
+    folder.write_interrupted_log("ccc", "warm-up", ran_s=60)
+    folder.write_interrupted_log("aaa", "an earlier try", ran_s=60)  # stopped once, finished since: its row decides
     assert folder.cell_statuses() == {"aaa": "ok", "bbb": "oom", "ccc": "stopped"}
     assert folder.completed_cell_ids() == {"aaa"}
+
+
+def test_a_cell_stopped_twice_keeps_both_tries_logs_until_it_finishes(tmp_path):
+    folder = ResultsFolder(tmp_path)
+    folder.create()
+    folder.write_interrupted_log("aaa", "first try: 1562 Triton kernels\n", ran_s=541.2)
+    folder.write_interrupted_log("aaa", "second try: 1136 Triton kernels\n", ran_s=463)
+    log = folder.interrupted_log_path("aaa").read_text()
+    assert log.index("stopped after 541 s") < log.index("first try") < log.index("stopped after 463 s")
+    assert log.index("stopped after 463 s") < log.index("second try")
+    folder.write_cell_files("aaa", {}, "finished")
+    assert not folder.interrupted_log_path("aaa").exists()
+    assert (folder.logs_dir / "aaa.log").read_text() == "finished"
 
 
 def test_truncated_part_is_not_read_as_valid_and_its_cell_counts_as_not_done(tmp_path):
