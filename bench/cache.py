@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import json
 import os
 import shutil
 import tempfile
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 
@@ -32,6 +34,45 @@ def inductor_cache_dir() -> str:
     if chosen and os.path.abspath(chosen) != os.path.abspath(default_cache_dir()):
         return chosen
     return str(cache_dir("inductor"))
+
+
+@dataclass(frozen=True)
+class InductorCacheContents:
+    """What an Inductor cache folder holds, i.e. what a compile starting now can reuse instead of redoing: a
+    compile time means "cold" only when all of it is zero."""
+
+    fx_graphs: int  # whole compiled graphs (a hit skips the graph's compile entirely)
+    triton_kernels: int  # compiled Triton kernels (Triton's own cache; no compile, but Inductor still lowers)
+    tuned_kernels: int  # kernels whose tuned launch configuration is stored (`.best_config`: coordinate descent)
+    autotuned_op_shapes: int  # matmul/convolution shapes whose benchmarked choice is stored (max-autotune)
+
+    @classmethod
+    def of(cls, folder: Path) -> InductorCacheContents:
+        """Count `folder`'s entries (Inductor's layout: fxgraph/<xx>/<key>/, triton/<device>/<hash>/ unless
+        TRITON_CACHE_DIR points elsewhere, <xx>/<hash>.best_config, cache/<system> as JSON)."""
+        chosen_triton = os.environ.get("TRITON_CACHE_DIR")
+        triton_kernels = Path(chosen_triton).glob("*/") if chosen_triton else folder.glob("triton/*/*/")
+        return cls(
+            fx_graphs=sum(1 for _ in folder.glob("fxgraph/*/*/")),
+            triton_kernels=sum(1 for _ in triton_kernels),
+            tuned_kernels=sum(1 for _ in folder.glob("*/*.best_config")),
+            autotuned_op_shapes=sum(_autotuned_shapes(path) for path in folder.glob("cache/*")),
+        )
+
+    def describe(self) -> str:
+        return (
+            f"{self.fx_graphs} FX graphs, {self.triton_kernels} Triton kernels, {self.tuned_kernels} tuned kernel "
+            f"configurations, {self.autotuned_op_shapes} autotuned op shapes"
+        )
+
+
+def _autotuned_shapes(path: Path) -> int:
+    """Entries of Inductor's local autotune cache file ({"cache": {op: {input shapes: ...}}}); 0 if unreadable."""
+    try:
+        ops = json.loads(path.read_text())["cache"]
+        return sum(len(shapes) for shapes in ops.values())
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return 0
 
 
 @contextlib.contextmanager

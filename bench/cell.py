@@ -18,6 +18,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from bench.cache import InductorCacheContents
 from bench.heartbeat import CompileCounts, heartbeat  # standard library only (torch is imported in the cell)
 
 PROCESS_START = time.perf_counter()
@@ -304,6 +305,11 @@ def _generate(pipe: Any, spec: CellSpec, result: CellResult, clock: Any, fault: 
     compiled = spec.cell.get("compile", "off") != "off"
     if compiled:  # a recompile after the warm-up would be timed: the log says why it happened
         torch._logging.set_logs(recompiles=True)
+        from torch._inductor.runtime.cache_dir_utils import cache_dir as inductor_cache_folder
+
+        cache = InductorCacheContents.of(Path(inductor_cache_folder()))
+        result.measurements["inductor_cache_at_start"] = json.dumps(asdict(cache))
+        _phase(f"Inductor's cache at the start ({inductor_cache_folder()}): {cache.describe()}")
     _phase("warm-up" + (f" (torch.compile mode={spec.cell['compile']} compiles here)" if compiled else ""))
     warmups = []
     with _compile_time_limit(spec.compile_timeout_s, spec, result), heartbeat("warm-up", _phase, compiling=compiled):

@@ -95,6 +95,8 @@ class ResultRow:
     # failed and Dynamo recompiled, which the latency then includes; the cell's log says why)
     compile_counts: str | None = None  # compiled cells: JSON of what compiling did by the end of the warm-up
     # (heartbeat.CompileCounts: graphs, from the FX graph cache, Triton kernels, coordinate-descent benchmarks, autotuned ops)
+    inductor_cache_at_start: str | None = None  # compiled cells: JSON of what Inductor's cache held before the warm-up
+    # (cache.InductorCacheContents: FX graphs, Triton kernels, tuned kernels, autotuned op shapes; all 0 = a cold compile)
     e2e_latency_median_s: float | None = None
     e2e_latency_iqr_s: float | None = None
     step_latency_median_s: float | None = None

@@ -20,7 +20,7 @@ CELL_COLUMNS = (
     "cell_label", "method", "method_family", "method_options", "dtype", "threshold", "compile", "fullgraph", "inductor", "regional",
     "components", "placement", "weights", "gpu_name", "device", "resident_reserved_bytes", "peak_reserved_bytes",
     "peak_allocated_bytes", "dequantized_reserved_bytes", "transformer_footprint_bytes", "transformer_tensor_bytes",
-    "gpu_memory_note", "load_s", "quantize_s", "warmup_s", "compile_s", "timed_compiles", "compile_counts", "prepare_s", "import_s", "cell_wall_s",
+    "gpu_memory_note", "load_s", "quantize_s", "warmup_s", "compile_s", "timed_compiles", "compile_counts", "inductor_cache_at_start", "prepare_s", "import_s", "cell_wall_s",
     "extrapolated_to_steps", "gate_status", "gate_failures",
 )  # fmt: skip
 

@@ -133,3 +133,30 @@ def test_a_package_installed_without_bytecode_is_recognised(tmp_path, monkeypatc
     assert installed_without_bytecode("freshly_unpacked")
     py_compile.compile(str(source))  # what pip does on install
     assert not installed_without_bytecode("freshly_unpacked")
+
+
+def test_inductor_cache_contents_count_what_a_compile_can_reuse(tmp_path, monkeypatch):
+    import json
+
+    from bench.cache import InductorCacheContents
+
+    monkeypatch.delenv("TRITON_CACHE_DIR", raising=False)
+    assert InductorCacheContents.of(tmp_path) == InductorCacheContents(0, 0, 0, 0), "an empty folder is a cold start"
+    for graph in ("ab/fabc/entry", "ab/fabd/entry", "cd/fcde/entry"):  # fxgraph/<xx>/<key>/<entry>
+        (tmp_path / "fxgraph" / graph).mkdir(parents=True)
+    for kernel in ("0/HASH1", "0/HASH2", "1/HASH3"):  # triton/<device>/<hash>/
+        (tmp_path / "triton" / kernel).mkdir(parents=True)
+    (tmp_path / "xy").mkdir()
+    (tmp_path / "xy" / "cxy1.py").write_text("kernel")
+    (tmp_path / "xy" / "cxy1.best_config").write_text("{}")
+    autotuned = {"mm": {"[512, 3072] x [3072, 3072]": {}, "[4096, 3072] x [3072, 3072]": {}}, "scaled_mm": {"s": {}}}
+    (tmp_path / "cache").mkdir()
+    (tmp_path / "cache" / "system-hash").write_text(json.dumps({"system": {}, "cache": autotuned}))
+    (tmp_path / "cache" / "half-written").write_text('{"cache": ')
+    contents = InductorCacheContents.of(tmp_path)
+    assert contents == InductorCacheContents(fx_graphs=3, triton_kernels=3, tuned_kernels=1, autotuned_op_shapes=3)
+    assert contents.describe().startswith("3 FX graphs, 3 Triton kernels, 1 tuned kernel configurations")
+    elsewhere = tmp_path / "own-triton"
+    (elsewhere / "HASH4").mkdir(parents=True)
+    monkeypatch.setenv("TRITON_CACHE_DIR", str(elsewhere))  # Triton's folder chosen apart from Inductor's
+    assert InductorCacheContents.of(tmp_path).triton_kernels == 1

@@ -28,8 +28,13 @@ def test_a_real_cuda_oom_becomes_an_oom_row_and_the_run_goes_on(tmp_path, quantb
 
 
 def test_heartbeat_counts_triton_kernels_and_inductor_tuning_on_a_gpu():
-    import torch._inductor.config as inductor_config
+    from pathlib import Path
 
+    import torch._inductor.config as inductor_config
+    from torch._inductor.runtime.cache_dir_utils import cache_dir
+    from torch._inductor.utils import fresh_cache
+
+    from bench.cache import InductorCacheContents
     from bench.heartbeat import CompileCounts
 
     before = CompileCounts.now()
@@ -38,12 +43,15 @@ def test_heartbeat_counts_triton_kernels_and_inductor_tuning_on_a_gpu():
     inputs = torch.randn(64, 1024, device="cuda").bfloat16()
     # as run by hand on an H100 (2 Triton kernels, 8 coordinate-descent benchmarks, 2 autotuned matmuls):
     # coordinate-descent tuning as torchao's configs turn it on, then max-autotune's matmul selection
-    with inductor_config.patch(coordinate_descent_tuning=True):
+    with fresh_cache(), inductor_config.patch(coordinate_descent_tuning=True):  # an empty cache: all is compiled
         torch.compile(layers)(inputs)
         torch.compile(layers, mode="max-autotune-no-cudagraphs")(inputs + 1)
-    torch.cuda.synchronize()
+        torch.cuda.synchronize()
+        stored = InductorCacheContents.of(Path(cache_dir()))  # what a later process could reuse
     after = CompileCounts.now()
     assert after.graphs == before.graphs + 2
     assert after.triton_kernels > before.triton_kernels
     assert after.coordinate_descent_benchmarks > before.coordinate_descent_benchmarks
     assert after.autotuned_ops > before.autotuned_ops
+    assert stored.fx_graphs >= 2 and stored.triton_kernels > 0, stored
+    assert stored.tuned_kernels > 0 and stored.autotuned_op_shapes >= 1, stored

@@ -311,10 +311,18 @@ def test_regional_compilation_compiles_each_repeated_block_of_the_denoiser(tmp_p
     assert counts["graphs"] == 2, "one graph per block class (FLUX's double- and single-stream blocks)"
     log = (tmp_path / "results" / "logs" / f"{row['cell_id']}.log").read_text()
     assert f"[quantbench] torch.compile: {counts['graphs']} graphs compiled" in log
+    from html import unescape
+
+    from bench.cache import InductorCacheContents
     from bench.report import write_report
 
+    at_start = InductorCacheContents(**json.loads(row["inductor_cache_at_start"]))
+    assert f"[quantbench] Inductor's cache at the start ({quantbench_cache / 'inductor'}): {at_start.describe()}" in log
+    after = InductorCacheContents.of(quantbench_cache / "inductor")
+    assert after.fx_graphs >= at_start.fx_graphs + counts["graphs"] - counts["graphs_from_cache"], "new graphs are kept"
     html = write_report(tmp_path / "results", tmp_path / "report.html").read_text()
     assert f'title="by the end of the warm-up: {counts["graphs"]} graphs compiled (' in html
+    assert f"Inductor's cache at the start: {at_start.describe()}" in unescape(html)
 
 
 def test_a_recompile_during_the_timed_runs_is_counted_and_logged(tmp_path, monkeypatch, quantbench_cache):

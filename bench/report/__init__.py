@@ -13,6 +13,7 @@ import pandas as pd
 from jinja2 import Environment, PackageLoader, select_autoescape
 
 from bench.baseline import ReferenceCache
+from bench.cache import InductorCacheContents
 from bench.errors import UserError
 from bench.heartbeat import CompileCounts
 from bench.report.plots import all_plots, colour, roofline
@@ -226,7 +227,7 @@ def _summary_row(cell: pd.Series) -> dict[str, Any]:
         "e2e_extrapolated": _number(cell["e2e_latency_extrapolated_s"], "{:.2f}"),
         "extrapolated_to_steps": _number(cell["extrapolated_to_steps"], "{:.0f}"),
         "compile": _number(cell["compile_s"], "{:.1f}"),
-        "compile_work": _compile_work(cell["compile_counts"]),
+        "compile_work": _compile_work(cell["compile_counts"], cell["inductor_cache_at_start"]),
         "timed_compiles": _number(cell["timed_compiles"] or None, "{:.0f}"),  # 0 recompiles: nothing to flag
         "speedup": _number(cell["speedup"], "{:.2f}×"),
         "memory_saving": _number(cell["memory_saving"] * 100, "{:.1f} %"),
@@ -236,11 +237,15 @@ def _summary_row(cell: pd.Series) -> dict[str, Any]:
     }
 
 
-def _compile_work(counts_json: Any) -> str | None:
-    """What compiling did (the `compile_counts` column) in words; None for rows without it."""
-    if not isinstance(counts_json, str):
-        return None
-    return CompileCounts(**json.loads(counts_json)).describe()
+def _compile_work(counts_json: Any, cache_json: Any) -> str | None:
+    """What compiling did (`compile_counts`) and what Inductor's cache held before it (`inductor_cache_at_start`,
+    so a short compile time is seen to be a warm one), in words; None for rows without either."""
+    parts = []
+    if isinstance(counts_json, str):
+        parts.append(f"by the end of the warm-up: {CompileCounts(**json.loads(counts_json)).describe()}")
+    if isinstance(cache_json, str):
+        parts.append(f"Inductor's cache at the start: {InductorCacheContents(**json.loads(cache_json)).describe()}")
+    return "; ".join(parts) or None
 
 
 def _figure_png(figure: Any) -> str:
