@@ -160,3 +160,31 @@ def test_inductor_cache_contents_count_what_a_compile_can_reuse(tmp_path, monkey
     (elsewhere / "HASH4").mkdir(parents=True)
     monkeypatch.setenv("TRITON_CACHE_DIR", str(elsewhere))  # Triton's folder chosen apart from Inductor's
     assert InductorCacheContents.of(tmp_path).triton_kernels == 1
+
+
+def test_inductor_cache_contents_read_the_folder_inductor_really_writes():
+    from pathlib import Path
+
+    import torch
+    import torch._inductor.config as inductor_config
+    from torch._inductor.runtime.cache_dir_utils import cache_dir
+    from torch._inductor.utils import fresh_cache
+
+    from bench.cache import InductorCacheContents
+    from bench.heartbeat import CompileCounts
+
+    layers = torch.nn.Sequential(torch.nn.Linear(64, 128), torch.nn.GELU(), torch.nn.Linear(128, 64)).eval()
+    inputs = torch.randn(16, 64)
+    try:
+        with fresh_cache(), torch.no_grad():
+            torch.compile(layers)(inputs)
+            assert InductorCacheContents.of(Path(cache_dir())).fx_graphs == 1
+            before = CompileCounts.now().autotuned_ops
+            # max-autotune's matmul selection, on the CPU (C++ GEMM templates need frozen weights)
+            with inductor_config.patch(freezing=True):
+                torch.compile(layers, mode="max-autotune-no-cudagraphs")(inputs + 1)
+            autotuned = CompileCounts.now().autotuned_ops - before
+            assert autotuned == 2, "both matmuls were benchmarked"
+            assert InductorCacheContents.of(Path(cache_dir())).autotuned_op_shapes == autotuned
+    finally:
+        torch._dynamo.reset()
