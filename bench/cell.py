@@ -307,9 +307,10 @@ def _generate(pipe: Any, spec: CellSpec, result: CellResult, clock: Any, fault: 
         torch._logging.set_logs(recompiles=True)
         from torch._inductor.runtime.cache_dir_utils import cache_dir as inductor_cache_folder
 
-        cache = InductorCacheContents.of(Path(inductor_cache_folder()))
+        folder = inductor_cache_folder()
+        cache = InductorCacheContents.of(Path(folder))
         result.measurements["inductor_cache_at_start"] = json.dumps(asdict(cache))
-        _phase(f"Inductor's cache at the start ({inductor_cache_folder()}): {cache.describe()}")
+        _phase(f"Inductor's cache at the start ({folder}): {cache.describe()}")
     _phase("warm-up" + (f" (torch.compile mode={spec.cell['compile']} compiles here)" if compiled else ""))
     warmups = []
     with _compile_time_limit(spec.compile_timeout_s, spec, result), heartbeat("warm-up", _phase, compiling=compiled):
