@@ -59,6 +59,11 @@ class CellSpec:
     def result_path(self) -> Path:
         return Path(self.output_dir) / "result.json"
 
+    @property
+    def progress_path(self) -> Path:
+        """What the cell has measured so far, rewritten at each phase: a cell killed from outside leaves it."""
+        return Path(self.output_dir) / "progress.json"
+
     def save(self, path: Path) -> None:
         path.write_text(json.dumps(asdict(self)))
 
@@ -131,9 +136,25 @@ def _compile_time_limit(seconds: float | None, spec: CellSpec, result: CellResul
         signal.signal(signal.SIGALRM, previous)
 
 
-def _phase(text: str) -> None:
+PHASE_PREFIX = "[quantbench] "
+
+
+def _say(text: str) -> None:
     """A line in the cell's log, so the log of a cell that was interrupted says where its time went."""
-    print(f"[quantbench] {text}", flush=True)
+    print(f"{PHASE_PREFIX}{text}", flush=True)
+
+
+@dataclass(frozen=True)
+class PhaseLog:
+    """Says that a phase ended, in the log and in the progress file (`CellSpec.progress_path`): a cell killed
+    from outside (its time limit, a signal) still gives its row the phases it finished."""
+
+    spec: CellSpec
+    result: CellResult
+
+    def __call__(self, text: str) -> None:
+        _say(text)
+        self.result.save(self.spec.progress_path)
 
 
 def _fault(spec: CellSpec) -> str | None:
@@ -145,7 +166,7 @@ def _fault(spec: CellSpec) -> str | None:
 
 
 def _inject(kind: str | None, phase: str) -> None:
-    """Make the injected fault happen for real at `phase` ("load" or "generate")."""
+    """Make the injected fault happen for real at `phase` ("load", "generate", or the end of a "timed step")."""
     import torch
 
     if kind in ("kill-worker", "kill-worker-once") and phase == "load":
@@ -157,7 +178,7 @@ def _inject(kind: str | None, phase: str) -> None:
         raise torch.OutOfMemoryError("CUDA out of memory. Injected by QUANTBENCH_INJECT_FAULT=oom")
     if kind == "sigkill" and phase == "generate":
         os.kill(os.getpid(), signal.SIGKILL)
-    if kind == "hang" and phase == "generate":
+    if kind == "hang" and phase == "timed step":
         time.sleep(10**6)
     if kind == "recompile" and phase == "generate":
         torch._dynamo.reset()
@@ -175,9 +196,10 @@ def run_cell(spec: CellSpec, result: CellResult) -> None:
     from bench.placement import compile_denoiser, denoiser, inductor_settings, load_kwargs, place
 
     m = result.measurements
+    phase = PhaseLog(spec, result)
     m["import_s"] = time.perf_counter() - PROCESS_START
     m["cpu_threads"] = torch.get_num_threads()  # CPU-side quantizing on load (torchao) scales with it
-    _phase(f"imports: {m['import_s']:.1f} s")
+    phase(f"imports: {m['import_s']:.1f} s")
     fault = _fault(spec)
     cell = Cell.from_axes(spec.cell, spec.cell_id)
     # before quantizing, which changes them (torchao's configs); only compiled cells need it
@@ -206,32 +228,32 @@ def run_cell(spec: CellSpec, result: CellResult) -> None:
 
         mapping = {name: method.quantization_config(components[name], cell) for name in cell.components}
         quantized = {"quantization_config": PipelineQuantizationConfig(quant_mapping=mapping)}
-        _phase("quantize: inside the pipeline's from_pretrained (PipelineQuantizationConfig)")
+        phase("quantize: inside the pipeline's from_pretrained (PipelineQuantizationConfig)")
     elif cell.components:
         start = clock.now()
-        with heartbeat("prepare", _phase, compiling=False):
+        with heartbeat("prepare", _say, compiling=False):
             prepared = {name: method.prepare_component(components[name], cell) for name in cell.components}
         m["prepare_s"] = clock.now() - start
-        _phase(f"prepare: {m['prepare_s']:.1f} s")
+        phase(f"prepare: {m['prepare_s']:.1f} s")
         start = clock.now()
-        with heartbeat("quantize", _phase, compiling=False):
+        with heartbeat("quantize", _say, compiling=False):
             quantized = {name: method.load_component(component, cell) for name, component in prepared.items()}
         m["quantize_s"] = clock.now() - start
-        _phase(f"quantize: {m['quantize_s']:.1f} s")
+        phase(f"quantize: {m['quantize_s']:.1f} s")
         if getattr(method.options, "serialize", False):
             _round_trip(method, quantized, prepared, cell, spec, m)
     else:
         quantized = {}
 
     start = clock.now()
-    with heartbeat("load and place", _phase, compiling=False):
+    with heartbeat("load and place", _say, compiling=False):
         pipe = DiffusionPipeline.from_pretrained(
             spec.model_folder, dtype=cell.torch_dtype, **load_kwargs(cell.placement), **quantized
         )
         pipe.set_progress_bar_config(disable=True)
         place(pipe, cell.placement, spec.device)
     m["load_s"] = clock.now() - start
-    _phase(f"load and place: {m['load_s']:.1f} s")
+    phase(f"load and place: {m['load_s']:.1f} s")
     if cuda:
         m["resident_reserved_bytes"] = gpu_memory().max_reserved_bytes
     m.update(method.after_load(pipe, cell))
@@ -289,10 +311,18 @@ def _generate(pipe: Any, spec: CellSpec, result: CellResult, clock: Any, fault: 
     }
     step_ends: list[float] = []
     final_latents: list[Any] = []
+    phase = PhaseLog(spec, result)
+
+    def steps_done() -> str:  # read by the heartbeat's thread: where a slow generation is
+        return f"{len(step_ends)} of {gen['num_inference_steps']} denoising steps done"
+
+    timing = False  # set once the warm-up is done
 
     def on_step_end(pipe: Any, step: int, timestep: Any, kwargs: dict[str, Any]) -> dict[str, Any]:
         step_ends.append(clock.now())
         final_latents[:] = [kwargs["latents"]]
+        if timing:
+            _inject(fault, "timed step")
         return kwargs
 
     def generate(prompt: str, seed: int) -> Any:
@@ -310,22 +340,24 @@ def _generate(pipe: Any, spec: CellSpec, result: CellResult, clock: Any, fault: 
         folder = inductor_cache_folder()
         cache = InductorCacheContents.of(Path(folder))
         result.measurements["inductor_cache_at_start"] = json.dumps(asdict(cache))
-        _phase(f"Inductor's cache at the start ({folder}): {cache.describe()}")
-    _phase("warm-up" + (f" (torch.compile mode={spec.cell['compile']} compiles here)" if compiled else ""))
+        phase(f"Inductor's cache at the start ({folder}): {cache.describe()}")
+    phase("warm-up" + (f" (torch.compile mode={spec.cell['compile']} compiles here)" if compiled else ""))
     warmups = []
-    with _compile_time_limit(spec.compile_timeout_s, spec, result), heartbeat("warm-up", _phase, compiling=compiled):
+    warm_up_beat = heartbeat("warm-up", _say, compiling=compiled, detail=steps_done)
+    with _compile_time_limit(spec.compile_timeout_s, spec, result), warm_up_beat:
         for _ in range(gen["warmup"]):
             start = clock.now()
             generate(gen["prompts"][0], gen["seeds"][0])
             warmups.append(clock.now() - start)
     result.measurements["warmup_s"] = sum(warmups)
-    _phase(f"warm-up: {result.measurements['warmup_s']:.1f} s")
+    phase(f"warm-up: {result.measurements['warmup_s']:.1f} s")
     if compiled:
         counts = CompileCounts.now()
         result.measurements["compile_counts"] = json.dumps(asdict(counts))
-        _phase(f"torch.compile: {counts.describe()}")
+        phase(f"torch.compile: {counts.describe()}")
     _inject(fault, "generate")
     graphs_before_timing = CompileCounts.now().graphs
+    timing = True
 
     images_dir, latents_dir = spec.images_dir, spec.latents_dir
     images_dir.mkdir(parents=True, exist_ok=True)
@@ -333,7 +365,11 @@ def _generate(pipe: Any, spec: CellSpec, result: CellResult, clock: Any, fault: 
     for prompt_index, prompt in enumerate(gen["prompts"]):
         for seed in gen["seeds"]:
             e2e, steps = [], []
-            with heartbeat(f"timed prompt {prompt_index}, seed {seed}", _phase, compiling=compiled):
+
+            def run_and_steps(e2e: list[float] = e2e) -> str:
+                return f"run {len(e2e) + 1} of {gen['repeats']}, {steps_done()}"
+
+            with heartbeat(f"timed prompt {prompt_index}, seed {seed}", _say, compiling=compiled, detail=run_and_steps):
                 for _ in range(gen["repeats"]):
                     start = clock.now()
                     image = generate(prompt, seed)
@@ -346,11 +382,11 @@ def _generate(pipe: Any, spec: CellSpec, result: CellResult, clock: Any, fault: 
             path = _save_png(image, images_dir / f"{stem}.png") if finite else None
             _save_latents(final_latents[0], latents_dir / f"{stem}.safetensors")
             result.samples.append(Sample(prompt_index, seed, e2e, steps, path, finite))
-            _phase(f"timed prompt {prompt_index}, seed {seed}: e2e median {np.median(e2e):.3f} s")
+            phase(f"timed prompt {prompt_index}, seed {seed}: e2e median {np.median(e2e):.3f} s")
     if compiled:
         recompiled = result.measurements["timed_compiles"] = CompileCounts.now().graphs - graphs_before_timing
         if recompiled:
-            _phase(f"the timed runs compiled {recompiled} more graphs: their latency includes compiling")
+            phase(f"the timed runs compiled {recompiled} more graphs: their latency includes compiling")
     if compiled and warmups:  # compilation happens in the first call, which warmed up on the first prompt and seed
         result.measurements["compile_s"] = max(0.0, warmups[0] - float(np.median(result.samples[0].e2e_latency_s)))
 

@@ -5,13 +5,14 @@ whether compilation was still moving and on what (new graphs, Triton kernels, In
 from __future__ import annotations
 
 import contextlib
+import os
 import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
-HEARTBEAT_S = 60.0
+HEARTBEAT_S = float(os.environ.get("QUANTBENCH_HEARTBEAT_S", 60))
 # where the cell's main thread is, named by the innermost frame from one of these packages
 LIBRARIES = ("torch", "triton", "torchao", "bitsandbytes", "diffusers", "transformers", "accelerate", "gguf", "optimum")
 
@@ -49,10 +50,15 @@ class CompileCounts:
 
 @contextlib.contextmanager
 def heartbeat(
-    phase: str, say: Callable[[str], None], every_s: float = HEARTBEAT_S, compiling: bool = True
+    phase: str,
+    say: Callable[[str], None],
+    every_s: float = HEARTBEAT_S,
+    compiling: bool = True,
+    detail: Callable[[], str] | None = None,
 ) -> Iterator[None]:
     """While the block runs, `say` every `every_s` seconds that `phase` is still running and for how long,
-    with torch.compile's progress (CompileCounts) when `compiling`."""
+    with `detail()` (e.g. the denoising steps done) and torch.compile's progress (CompileCounts) when
+    `compiling`."""
     stop = threading.Event()
     start = time.monotonic()
     worker = threading.get_ident()
@@ -60,6 +66,8 @@ def heartbeat(
     def beat() -> None:
         while not stop.wait(every_s):
             line = f"{phase}: still running, {time.monotonic() - start:.0f} s in"
+            if detail:
+                line += f" ({detail()})"
             if where := library_frame(worker):
                 line += f", now in {where}"
             say(f"{line}; torch.compile so far: {CompileCounts.now().describe()}" if compiling else line)

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from bench.cache import cache_dir, inductor_cache_dir
-from bench.cell import FAULT_ENV, CellResult, CellSpec
+from bench.cell import FAULT_ENV, PHASE_PREFIX, CellResult, CellSpec
 
 LOG_TAIL_CHARS = 4000
 PACKAGE_ROOT = Path(__file__).resolve().parent.parent
@@ -119,26 +119,36 @@ def launch_cell(
                 os.killpg(process.pid, signal.SIGKILL)
                 raise
         wall_s = time.perf_counter() - start
-        if returncode is None:
-            result = CellResult(
-                status="timeout", error=f"the cell ran past run.timeout_s = {job.timeout_s:g} s and was killed"
-            )
-        elif spec.result_path.exists():
-            result = CellResult.load(spec.result_path)
-        else:
-            how = f"signal {signal.Signals(-returncode).name}" if returncode < 0 else f"exit code {returncode}"
-            result = CellResult(status="failed", error=f"the cell process died ({how}) before reporting a result")
         log_text = log_path.read_text(errors="replace")
+        if returncode is not None and spec.result_path.exists():
+            result = CellResult.load(spec.result_path)
+        else:  # killed from outside: the row keeps the phases the cell finished, the error says where it was
+            if returncode is None:
+                status, error = "timeout", f"the cell ran past run.timeout_s = {job.timeout_s:g} s and was killed"
+            else:
+                how = f"signal {signal.Signals(-returncode).name}" if returncode < 0 else f"exit code {returncode}"
+                status, error = "failed", f"the cell process died ({how}) before reporting a result"
+            if where := last_phase_line(log_text):
+                error += f"; the last line of its log: {where}"
+            progress = CellResult.load(spec.progress_path).measurements if spec.progress_path.exists() else {}
+            result = CellResult(status=status, error=error, measurements=progress)
         result.measurements["cell_wall_s"] = wall_s
         result.measurements["log_tail"] = log_text[-LOG_TAIL_CHARS:]
         files = {
             str(path.relative_to(output)): path.read_bytes()
             for path in sorted(output.rglob("*"))
-            if path.is_file() and path != spec.result_path and not path.name.endswith(".tmp")
+            if path.is_file() and path not in (spec.result_path, spec.progress_path) and not path.name.endswith(".tmp")
         }
     return CellOutcome(
         result, files, log_text, socket.gethostname(), cell_env.get("CUDA_VISIBLE_DEVICES"), spec.attempt
     )
+
+
+def last_phase_line(log_text: str) -> str | None:
+    """The cell's last `[quantbench]` line (a phase that ended, or a heartbeat naming the one running), without
+    torch.compile's counts; None if it wrote none."""
+    lines = [line for line in log_text.splitlines() if line.startswith(PHASE_PREFIX)]
+    return lines[-1].removeprefix(PHASE_PREFIX).split("; torch.compile so far")[0] if lines else None
 
 
 def _die_with_parent() -> None:

@@ -49,6 +49,7 @@ def faulty_run(tmp_path_factory, quantbench_cache):
     }
     mp = pytest.MonkeyPatch()
     mp.setenv("QUANTBENCH_INJECT_FAULT", ",".join(f"{kind}@{cells[label].id}" for label, kind in faults.items()))
+    mp.setenv("QUANTBENCH_HEARTBEAT_S", "2")  # the hanging cell's log says where it hangs before it is killed
     summary = run_matrix(matrix, folder / "results")
     mp.undo()
     return matrix, folder / "results", summary
@@ -72,6 +73,22 @@ def test_every_fault_becomes_a_row_with_its_status_and_the_run_goes_on(faulty_ru
     assert status == "failed" and "died (signal SIGKILL) before reporting a result" in error
     status, error = status_of(results, cells["torchao[int2wo_intx] bf16"])
     assert status == "timeout" and "run.timeout_s = 45" in error
+
+
+def test_a_cell_killed_from_outside_keeps_the_phases_it_finished_and_says_where_it_was(faulty_run):
+    matrix, results, _ = faulty_run
+    cells = cells_by_label(matrix)
+    frame = read_results(results)
+    hung = frame[frame["cell_id"] == cells["torchao[int2wo_intx] bf16"].id].iloc[0]
+    assert hung["load_s"] > 0 and hung["quantize_s"] > 0 and hung["warmup_s"] > 0
+    assert hung["transformer_tensor_bytes"] > 0
+    assert "the last line of its log: timed prompt 0, seed 0: still running, " in hung["error"]
+    assert "(run 1 of 1, 1 of 2 denoising steps done)" in hung["error"], "it hung after the first timed step"
+    killed = frame[frame["cell_id"] == cells["torchao[float8wo] bf16"].id].iloc[0]
+    assert killed["load_s"] > 0 and killed["warmup_s"] > 0
+    assert killed["error"].endswith(
+        "before reporting a result; the last line of its log: " + (f"warm-up: {killed['warmup_s']:.1f} s")
+    )
 
 
 def test_nan_image_is_flagged_and_its_metrics_are_null_with_the_reason(faulty_run):

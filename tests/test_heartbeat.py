@@ -28,3 +28,16 @@ def test_heartbeat_of_an_eager_phase_only_says_how_long():
         time.sleep(0.2)
     assert lines and all(line.startswith("timed prompt 0, seed 0: still running, ") for line in lines)
     assert not any("torch.compile" in line for line in lines)
+
+
+def test_heartbeat_adds_the_phase_detail_read_at_each_beat():
+    lines: list[str] = []
+    steps = []
+    with heartbeat(
+        "timed prompt 0, seed 0", lines.append, every_s=0.05, compiling=False, detail=lambda: f"{len(steps)} steps done"
+    ):
+        for _ in range(3):
+            time.sleep(0.12)
+            steps.append(1)
+    assert all(" s in (" in line and line.endswith(" steps done)") for line in lines)
+    assert lines[0].endswith("(0 steps done)") and lines[-1] != lines[0], "each beat reads the detail anew"
