@@ -115,17 +115,22 @@ def cells_that_ran(frame: pd.DataFrame) -> pd.DataFrame:
 
 def time_breakdown(frame: pd.DataFrame) -> pd.DataFrame:
     """Where the cells' wall time went, summed over every cell that ran: one row per phase (seconds and
-    share of the cells' wall time), the rest of each cell process last (interpreter start, saving images and
-    latents, measuring, exit: the harness's own cost inside the cell)."""
+    share of the cells' wall time), then the rest of the cell processes that timed their generations
+    (interpreter start, saving images and latents, measuring, exit: the harness's own cost inside the cell),
+    and last the rest of those that did not (the phase each was in when it failed or was killed)."""
     ran = frame[frame["cell_wall_s"].notna()]
     cells = cells_that_ran(frame)
     timed = (ran["e2e_latency_median_s"] * ran["repeats"]).groupby(ran["cell_id"], sort=False).sum()
-    totals = {column: float(cells[column].fillna(0).sum()) for column, _ in TIME_PHASES if column != "timed_s"}
-    totals["timed_s"] = float(timed.sum())
-    wall = float(cells["cell_wall_s"].sum())
-    records = [{"phase": label, "seconds": totals[column]} for column, label in TIME_PHASES]
+    phases = cells[[column for column, _ in TIME_PHASES if column != "timed_s"]].fillna(0)
+    phases["timed_s"] = timed.reindex(cells.index, fill_value=0.0)
+    rest = cells["cell_wall_s"] - phases.sum(axis=1)
+    finished = ran["e2e_latency_median_s"].notna().groupby(ran["cell_id"], sort=False).any()
+    records = [{"phase": label, "seconds": float(phases[column].sum())} for column, label in TIME_PHASES]
     records.append({"phase": "rest of the cell process (interpreter start, saving outputs, exit)",
-                    "seconds": wall - sum(totals.values())})  # fmt: skip
+                    "seconds": float(rest[finished].sum())})  # fmt: skip
+    records.append({"phase": "rest of the cells that timed nothing (the phase each was in when it failed or was killed)",
+                    "seconds": float(rest[~finished].sum())})  # fmt: skip
+    wall = float(cells["cell_wall_s"].sum())
     breakdown = pd.DataFrame.from_records(records)
     breakdown["share"] = breakdown["seconds"] / wall if wall > 0 else np.nan
     return breakdown

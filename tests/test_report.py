@@ -148,6 +148,24 @@ def test_time_breakdown_accounts_for_every_second_of_the_cells(smoke_run):
     assert "driver-time" not in render(frame, results / "elsewhere"), "no runs recorded, no driver line"
 
 
+def test_time_breakdown_puts_the_unfinished_phase_of_a_killed_cell_apart_from_the_harness_rest():
+    from bench.summary import TIME_PHASES, time_breakdown
+
+    phases = {column: float("nan") for column, _ in TIME_PHASES if column != "timed_s"}
+    finished = {**phases, "cell_id": "a", "cell_wall_s": 30.0, "import_s": 5.0, "warmup_s": 10.0,
+                "e2e_latency_median_s": 4.0, "repeats": 2}  # fmt: skip
+    # killed at its time limit during the timed runs: its row keeps the phases it finished
+    killed = {**phases, "cell_id": "b", "cell_wall_s": 1500.0, "import_s": 7.0, "warmup_s": 1066.0,
+              "e2e_latency_median_s": float("nan"), "repeats": 2}  # fmt: skip
+    breakdown = time_breakdown(pd.DataFrame([finished, killed])).set_index("phase")["seconds"]
+    assert breakdown["warm-up generations (torch.compile compiles here)"] == 1076.0
+    assert breakdown["timed generations (median x repeats per prompt and seed)"] == 8.0
+    assert breakdown["rest of the cell process (interpreter start, saving outputs, exit)"] == 30.0 - 5 - 10 - 8
+    unfinished = "rest of the cells that timed nothing (the phase each was in when it failed or was killed)"
+    assert breakdown[unfinished] == 1500.0 - 7 - 1066
+    assert breakdown.sum() == 1530.0
+
+
 def test_unfinished_cells_add_up_their_tries_and_leave_out_cells_finished_since(tmp_path):
     from bench.report import _unfinished_cells
 
