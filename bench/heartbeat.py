@@ -12,7 +12,8 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
-HEARTBEAT_S = float(os.environ.get("QUANTBENCH_HEARTBEAT_S", 60))
+HEARTBEAT_ENV = "QUANTBENCH_HEARTBEAT_S"  # seconds between two lines; a driver setting every worker's cells see
+HEARTBEAT_S = float(os.environ.get(HEARTBEAT_ENV, 60))
 # where the cell's main thread is, named by the innermost frame from one of these packages
 LIBRARIES = ("torch", "triton", "torchao", "bitsandbytes", "diffusers", "transformers", "accelerate", "gguf", "optimum")
 

@@ -21,10 +21,11 @@ from pathlib import Path
 
 from bench.cache import cache_dir, inductor_cache_dir
 from bench.cell import FAULT_ENV, PHASE_PREFIX, CellResult, CellSpec
+from bench.heartbeat import HEARTBEAT_ENV
 
 LOG_TAIL_CHARS = 4000
 PACKAGE_ROOT = Path(__file__).resolve().parent.parent
-FORWARDED_ENV = (FAULT_ENV,)  # driver settings a cell must see on any worker
+FORWARDED_ENV = (FAULT_ENV, HEARTBEAT_ENV)  # driver settings a cell must see on any worker
 
 
 @dataclass(frozen=True)

@@ -30,6 +30,13 @@ def _job(index: int) -> CellJob:
     return CellJob(spec, timeout_s=60)
 
 
+def test_a_job_carries_the_drivers_fault_and_heartbeat_settings_to_any_worker(monkeypatch):
+    monkeypatch.setenv("QUANTBENCH_HEARTBEAT_S", "5")
+    monkeypatch.delenv("QUANTBENCH_INJECT_FAULT", raising=False)
+    job = CellJob.for_spec(_job(0).spec, timeout_s=60)
+    assert job.env == {"QUANTBENCH_HEARTBEAT_S": "5"}
+
+
 def test_local_gpus_runs_one_cell_per_device_at_a_time(monkeypatch):
     intervals: list[tuple[str, float, float]] = []
     threads: set[str | None] = set()
