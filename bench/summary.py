@@ -96,16 +96,26 @@ def _against_baseline(summary: pd.DataFrame) -> pd.DataFrame:
     return summary
 
 
+# (column, the phase as a cell's log names it, what it covers)
 TIME_PHASES = (
-    ("import_s", "process start to imports done"),
-    ("prepare_s", "preparing (writing GGUF files, pre-quantized checkpoints; cached after the first time)"),
-    ("quantize_s", "loading the quantized components (quantizing happens here)"),
-    ("serialize_save_s", "serialization round trip: save"),
-    ("serialize_reload_s", "serialization round trip: reload"),
-    ("load_s", "loading the rest of the pipeline and placing it"),
-    ("warmup_s", "warm-up generations (torch.compile compiles here)"),
-    ("timed_s", "timed generations (median x repeats per prompt and seed)"),
+    ("import_s", "imports", "process start to imports done"),
+    ("prepare_s", "prepare", "preparing (writing GGUF files, pre-quantized checkpoints; cached after the first time)"),
+    ("quantize_s", "quantize", "loading the quantized components (quantizing happens here)"),
+    ("serialize_save_s", "save", "serialization round trip: save"),
+    ("serialize_reload_s", "reload", "serialization round trip: reload"),
+    ("load_s", "load and place", "loading the rest of the pipeline and placing it"),
+    ("warmup_s", "warm-up", "warm-up generations (torch.compile compiles here)"),
+    ("timed_s", "timed runs", "timed generations (median x repeats per prompt and seed)"),
 )
+
+
+def phases_run(cell: pd.Series) -> str:
+    """How long a cell's process ran and the phases it recorded, e.g. `ran 1500 s: imports 7.1 s, quantize
+    23.8 s, load and place 3.2 s, warm-up 1065.8 s`; "" for a cell that did not run."""
+    if pd.isna(cell.get("cell_wall_s")):
+        return ""
+    done = [f"{name} {cell[column]:.1f} s" for column, name, _ in TIME_PHASES if pd.notna(cell.get(column))]
+    return f"ran {cell['cell_wall_s']:.0f} s" + (f": {', '.join(done)}" if done else "")
 
 
 def cells_that_ran(frame: pd.DataFrame) -> pd.DataFrame:
@@ -121,11 +131,11 @@ def time_breakdown(frame: pd.DataFrame) -> pd.DataFrame:
     ran = frame[frame["cell_wall_s"].notna()]
     cells = cells_that_ran(frame)
     timed = (ran["e2e_latency_median_s"] * ran["repeats"]).groupby(ran["cell_id"], sort=False).sum()
-    phases = cells[[column for column, _ in TIME_PHASES if column != "timed_s"]].fillna(0)
+    phases = cells[[column for column, _, _ in TIME_PHASES if column != "timed_s"]].fillna(0)
     phases["timed_s"] = timed.reindex(cells.index, fill_value=0.0)
     rest = cells["cell_wall_s"] - phases.sum(axis=1)
     finished = ran["e2e_latency_median_s"].notna().groupby(ran["cell_id"], sort=False).any()
-    records = [{"phase": label, "seconds": float(phases[column].sum())} for column, label in TIME_PHASES]
+    records = [{"phase": label, "seconds": float(phases[column].sum())} for column, _, label in TIME_PHASES]
     records.append({"phase": "rest of the cell process (interpreter start, saving outputs, exit)",
                     "seconds": float(rest[finished].sum())})  # fmt: skip
     records.append({"phase": "rest of the cells that timed nothing (the phase each was in when it failed or was killed)",

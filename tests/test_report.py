@@ -54,6 +54,16 @@ def test_report_has_a_summary_row_per_cell_and_lists_the_failure(report):
     assert summary.count("<tr>") == 1 + 3  # header + 3 cells
     not_run = html.split('id="not-run"')[1].split("</table>")[0]
     assert "RuntimeError: boom in the cell" in not_run and "status-failed" in not_run
+    assert re.search(r"ran \d+ s: imports \d+\.\d s, .*load and place \d+\.\d s, warm-up \d+\.\d s", not_run)
+
+
+def test_phases_run_says_how_long_a_cell_ran_and_what_it_finished():
+    from bench.summary import phases_run
+
+    killed = pd.Series({"cell_wall_s": 1500.25, "import_s": 7.06, "quantize_s": 23.8, "warmup_s": 1065.8})
+    assert phases_run(killed) == "ran 1500 s: imports 7.1 s, quantize 23.8 s, warm-up 1065.8 s"
+    assert phases_run(pd.Series({"cell_wall_s": 3.0, "import_s": None})) == "ran 3 s"
+    assert phases_run(pd.Series({"cell_wall_s": None})) == "", "a cell that never ran (e.g. unsupported)"
 
 
 def test_missing_metrics_show_as_missing_with_a_reason_never_zero(report):
@@ -151,7 +161,7 @@ def test_time_breakdown_accounts_for_every_second_of_the_cells(smoke_run):
 def test_time_breakdown_puts_the_unfinished_phase_of_a_killed_cell_apart_from_the_harness_rest():
     from bench.summary import TIME_PHASES, time_breakdown
 
-    phases = {column: float("nan") for column, _ in TIME_PHASES if column != "timed_s"}
+    phases = {column: float("nan") for column, _, _ in TIME_PHASES if column != "timed_s"}
     finished = {**phases, "cell_id": "a", "cell_wall_s": 30.0, "import_s": 5.0, "warmup_s": 10.0,
                 "e2e_latency_median_s": 4.0, "repeats": 2}  # fmt: skip
     # killed at its time limit during the timed runs: its row keeps the phases it finished

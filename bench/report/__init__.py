@@ -18,7 +18,7 @@ from bench.errors import UserError
 from bench.heartbeat import CompileCounts
 from bench.report.plots import all_plots, colour, roofline
 from bench.store import ResultsFolder, read_results, read_runs
-from bench.summary import cell_summary, device_label, run_times, time_breakdown
+from bench.summary import cell_summary, device_label, phases_run, run_times, time_breakdown
 
 THUMBNAIL_PX = 256
 ENVIRONMENT_COLUMNS = (
@@ -73,7 +73,7 @@ def render(frame: pd.DataFrame, root: Path, kernels: dict[str, Any] | None = Non
         gpu_groups=_gpu_groups(cells),
         drift_headers=[label for _, label in DRIFT_COLUMNS],
         image_grid=_image_grid(frame, cells, root),
-        not_run=[cell for _, cell in cells.iterrows() if cell["status"] != "ok"],
+        not_run=[{**cell.to_dict(), "ran": phases_run(cell)} for _, cell in cells.iterrows() if cell["status"] != "ok"],
         unfinished=_unfinished_cells(runs, set(frame["cell_id"]), root),
         metric_notes=_metric_notes(frame),
         gpu_memory_notes=sorted(set(frame["gpu_memory_note"].dropna())),
