@@ -139,6 +139,12 @@ def _unfinished_cells(runs: list[dict[str, Any]], with_rows: set[str], root: Pat
     return [cell for cell_id, cell in cells.items() if cell_id not in with_rows]
 
 
+def _kernel_mode(case: pd.Series) -> str:
+    """How a layer case ran: eager, compiled, or a compiled variant (`mode`; runs before it had none)."""
+    mode = case.get("mode")
+    return mode if isinstance(mode, str) else ("compiled" if case["compiled"] else "eager")
+
+
 def _kernel_section(path: Path) -> dict[str, Any]:
     """The roofline and one table row per layer case of a kernel benchmark JSON."""
     from bench.kernels.results import read_kernel_results
@@ -150,7 +156,7 @@ def _kernel_section(path: Path) -> dict[str, Any]:
         {
             "method": case["method"],
             "family": case["family"],
-            "compiled": "compiled" if case["compiled"] else "eager",
+            "compiled": _kernel_mode(case),
             "shape": case["shape"],
             "tokens": int(case["tokens"]),
             "median_us": f"{case['median_s'] * 1e6:.1f}",

@@ -19,11 +19,16 @@ from tests.kernels.conftest import device, peaks, shapes, token_counts
 pytestmark = pytest.mark.kernels
 ROUNDS = {"cuda": 30, "cpu": 5}
 FIRST_SHAPE, FIRST_TOKENS = next(iter(shapes())), next(iter(token_counts()))
+# Inductor's weight-only-int8 pattern rewrites `F.linear(x, w.to(bf16)) * scale`, torchao int8wo's forward, into
+# `aten._weight_int8pack_mm` on CPU and CUDA; with its pattern matcher off the layer compiles to a plain matmul.
+# The pair shows what that rewrite costs at FLUX's token counts.
+WITHOUT_PATTERN_MATCHER = ("torchao_int8wo",)
+MODES = {"eager": None, "compiled": {}, "compiled-no-pattern-matcher": {"pattern_matcher": False}}
 CASES = [
-    (method, compiled)
+    (method, mode)
     for method, spec in LAYER_METHODS.items()
-    for compiled in (False, True)
-    if compiled <= spec.compiles
+    for mode, patch in MODES.items()
+    if patch is None or (spec.compiles and (patch == {} or method in WITHOUT_PATTERN_MATCHER))
 ]
 
 
@@ -49,10 +54,12 @@ def layers(method: str, shape: str):
 
 @pytest.mark.parametrize("tokens", list(token_counts()))
 @pytest.mark.parametrize("shape", list(shapes()))
-@pytest.mark.parametrize(("method", "compiled"), CASES, ids=[f"{m}-{'compiled' if c else 'eager'}" for m, c in CASES])
-def test_quantized_linear(benchmark, method, compiled, shape, tokens):
+@pytest.mark.parametrize(("method", "mode"), CASES, ids=[f"{m}-{mode}" for m, mode in CASES])
+def test_quantized_linear(benchmark, method, mode, shape, tokens):
     import torch
+    from torch._dynamo.utils import counters
 
+    compiled = MODES[mode] is not None
     if compiled and device() == "cpu" and (shape, tokens) != (FIRST_SHAPE, FIRST_TOKENS):
         pytest.skip("CPU suite: compiled layers run at one shape only (Inductor takes seconds per case on a CPU)")
     reference, layer, inductor = layers(method, shape)
@@ -77,8 +84,10 @@ def test_quantized_linear(benchmark, method, compiled, shape, tokens):
 
     with torch.inference_mode():
         expected = reference(x)
-    with torch._inductor.config.patch(inductor):  # compiled at this first call
+    rewrites_before = counters["inductor"]["woq_matcher_count"]
+    with torch._inductor.config.patch({**inductor, **(MODES[mode] or {})}):  # compiled at this first call
         output = run()
+    woq_rewrites = counters["inductor"]["woq_matcher_count"] - rewrites_before
     error = relative_l2(output, expected)
     stored = weight_bytes(layer)
 
@@ -99,6 +108,8 @@ def test_quantized_linear(benchmark, method, compiled, shape, tokens):
         method=method,
         family=spec.family,
         compiled=compiled,
+        mode=mode,
+        woq_rewrites=woq_rewrites if compiled else None,
         shape=shape,
         in_features=in_features,
         out_features=out_features,
@@ -113,7 +124,7 @@ def test_quantized_linear(benchmark, method, compiled, shape, tokens):
         share_of_peak_tflops=flops / seconds / 1e12 / peak.matmul_tflops,
         share_of_peak_bandwidth=moved / seconds / 1e9 / peak.bandwidth_gbps,
         rel_l2_vs_bf16=error,
-        inductor_changes=inductor if compiled else None,
+        inductor_changes={**inductor, **MODES[mode]} if compiled else None,
         gguf_path=_gguf_path() if method.startswith("gguf") else None,
     )
 
@@ -125,6 +136,26 @@ def _gguf_path() -> str:
 
     fused = utils.ops is not None and device() == "cuda"
     return "fused CUDA kernel" if fused else "dequantize + matmul (diffusers forward_native)"
+
+
+def test_inductor_rewrites_torchao_int8wo_into_weight_int8pack_mm_unless_its_pattern_matcher_is_off():
+    """Why the compiled int8wo layer has a case with the pattern matcher off: the rewrite is Inductor's, and
+    that switch is what stops it (the same FX pattern matches CUDA tensors)."""
+    import torch
+    from torch._dynamo.utils import counters
+
+    _, layer, inductor = layers("torchao_int8wo", FIRST_SHAPE)
+    if isinstance(layer, MethodUnavailable):
+        pytest.skip(f"{layer.status}: {layer.reason}")
+    x = torch.randn(token_counts()[FIRST_TOKENS], layer.in_features, device=device(), dtype=torch.bfloat16)
+    rewrites = {}
+    for mode in ("compiled", "compiled-no-pattern-matcher"):
+        torch._dynamo.reset()
+        before = counters["inductor"]["woq_matcher_count"]
+        with torch.inference_mode(), torch._inductor.config.patch({**inductor, **MODES[mode]}):
+            torch.compile(layer)(x)
+        rewrites[mode] = counters["inductor"]["woq_matcher_count"] - before
+    assert rewrites == {"compiled": 1, "compiled-no-pattern-matcher": 0}
 
 
 def test_measured_peaks_are_plausible():
