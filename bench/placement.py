@@ -42,8 +42,10 @@ def denoiser(pipe: Any) -> Any:
 # them (torchao's quantize configs apply torchao's recommended settings themselves, as users get); "stock"
 # restores them to how the cell process started, undoing what libraries changed; "torchao" is torchao's
 # recommended_inductor_config_setter() (coordinate-descent tuning, int8 mm fused with its scale); "diffusers"
-# the flags of diffusers' guide to faster text-to-image inference.
-INDUCTOR_PRESETS = ("default", "stock", "torchao", "diffusers")
+# the flags of diffusers' guide to faster text-to-image inference; "no-pattern-matcher" is "default" with
+# Inductor's pattern matcher off, which stops its rewrite of torchao int8wo's linears into
+# aten._weight_int8pack_mm (and every other pattern rewrite: a diagnostic, not a recipe).
+INDUCTOR_PRESETS = ("default", "stock", "torchao", "diffusers", "no-pattern-matcher")
 DIFFUSERS_INDUCTOR_FLAGS = {
     "conv_1x1_as_mm": True,
     "coordinate_descent_tuning": True,
@@ -115,5 +117,7 @@ def _apply_inductor_preset(name: str, at_start: dict[str, Any]) -> None:
     elif name == "diffusers":
         for flag, value in DIFFUSERS_INDUCTOR_FLAGS.items():
             setattr(inductor, flag, value)
+    elif name == "no-pattern-matcher":
+        inductor.pattern_matcher = False
     elif name != "default":
         raise ValueError(f"unknown inductor preset {name!r}")

@@ -351,15 +351,22 @@ def test_regional_compilation_of_a_denoiser_without_repeated_blocks_is_refused_b
     assert not (tmp_path / "results").exists()
 
 
-def test_torchao_changes_inductor_settings_itself_and_the_stock_preset_undoes_it(tmp_path, quantbench_cache):
+def test_torchao_changes_inductor_settings_itself_stock_undoes_it_and_no_pattern_matcher_turns_only_patterns_off(
+    tmp_path, quantbench_cache
+):
     import json
 
-    summary, rows = _compiled_run(tmp_path, "stock", {"method": ["torchao"], "inductor": ["default", "stock"]})
-    assert summary.statuses == {"ok": 2}
+    axes = {"method": ["torchao"], "inductor": ["default", "stock", "no-pattern-matcher"]}
+    summary, rows = _compiled_run(tmp_path, "stock", axes)
+    assert summary.statuses == {"ok": 3}
     rows = rows.set_index("cell_label")
     as_loaded = json.loads(rows.loc["torchao[int8wo] bf16 compile=default", "inductor_settings"])
     assert as_loaded["coordinate_descent_tuning"] is True, "torchao's quantize config turned it on while loading"
     assert json.loads(rows.loc["torchao[int8wo] bf16 compile=default+inductor=stock", "inductor_settings"]) == {}
+    without_patterns = json.loads(
+        rows.loc["torchao[int8wo] bf16 compile=default+inductor=no-pattern-matcher", "inductor_settings"]
+    )
+    assert without_patterns == {**as_loaded, "pattern_matcher": False}
 
 
 def test_max_time_stops_running_cells_and_keeps_finished_rows(tmp_path, monkeypatch, quantbench_cache):
