@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 HEARTBEAT_ENV = "QUANTBENCH_HEARTBEAT_S"  # seconds between two lines; a driver setting every worker's cells see
 HEARTBEAT_S = float(os.environ.get(HEARTBEAT_ENV, 60))
+COMPILE_PROGRESS = "; torch.compile so far: "  # what a compiling phase's beat adds after where the cell is
 # where the cell's main thread is, named by the innermost frame from one of these packages
 LIBRARIES = ("torch", "triton", "torchao", "bitsandbytes", "diffusers", "transformers", "accelerate", "gguf", "optimum")
 
@@ -71,7 +72,7 @@ def heartbeat(
                 line += f" ({detail()})"
             if where := library_frame(worker):
                 line += f", now in {where}"
-            say(f"{line}; torch.compile so far: {CompileCounts.now().describe()}" if compiling else line)
+            say(f"{line}{COMPILE_PROGRESS}{CompileCounts.now().describe()}" if compiling else line)
 
     thread = threading.Thread(target=beat, name=f"heartbeat: {phase}", daemon=True)
     thread.start()

@@ -21,7 +21,7 @@ from pathlib import Path
 
 from bench.cache import cache_dir, inductor_cache_dir
 from bench.cell import FAULT_ENV, PHASE_PREFIX, CellResult, CellSpec
-from bench.heartbeat import HEARTBEAT_ENV
+from bench.heartbeat import COMPILE_PROGRESS, HEARTBEAT_ENV
 
 LOG_TAIL_CHARS = 4000
 PACKAGE_ROOT = Path(__file__).resolve().parent.parent
@@ -149,7 +149,7 @@ def last_phase_line(log_text: str) -> str | None:
     """The cell's last `[quantbench]` line (a phase that ended, or a heartbeat naming the one running), without
     torch.compile's counts; None if it wrote none."""
     lines = [line for line in log_text.splitlines() if line.startswith(PHASE_PREFIX)]
-    return lines[-1].removeprefix(PHASE_PREFIX).split("; torch.compile so far")[0] if lines else None
+    return lines[-1].removeprefix(PHASE_PREFIX).split(COMPILE_PROGRESS)[0] if lines else None
 
 
 def _die_with_parent() -> None:

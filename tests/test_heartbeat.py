@@ -41,3 +41,17 @@ def test_heartbeat_adds_the_phase_detail_read_at_each_beat():
             steps.append(1)
     assert all(" s in (" in line and line.endswith(" steps done)") for line in lines)
     assert lines[0].endswith("(0 steps done)") and lines[-1] != lines[0], "each beat reads the detail anew"
+
+
+def test_a_killed_cells_error_quotes_its_last_beat_without_the_compile_counts():
+    from bench.cell import PHASE_PREFIX
+    from bench.launch import last_phase_line
+
+    lines: list[str] = []
+    with heartbeat("warm-up", lines.append, every_s=0.05, detail=lambda: "1 of 4 denoising steps done"):
+        time.sleep(0.12)
+    log = "a library's own output\n" + "\n".join(PHASE_PREFIX + line for line in lines) + "\nTraceback (most recent"
+    last = last_phase_line(log)
+    assert last.startswith("warm-up: still running, ") and "(1 of 4 denoising steps done)" in last
+    assert "torch.compile" not in last and "graphs compiled" not in last
+    assert last_phase_line("no phase line at all") is None
