@@ -5,7 +5,9 @@ import torch
 from bench.heartbeat import CompileCounts, heartbeat
 
 
-def test_heartbeat_reports_compile_progress_while_the_block_runs_and_stops_after():
+def test_heartbeat_reports_compile_progress_while_the_block_runs_and_stops_after(monkeypatch, tmp_path):
+    # an empty Inductor cache: a compile found on disk (an earlier run's) can end before the first beat
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))
     lines: list[str] = []
     before = CompileCounts.now()  # the counters are per process: other tests may have compiled already
     compiled = torch.compile(lambda x: torch.sin(x) * 2 + 1)
