@@ -44,8 +44,10 @@ def denoiser(pipe: Any) -> Any:
 # recommended_inductor_config_setter() (coordinate-descent tuning, int8 mm fused with its scale); "diffusers"
 # the flags of diffusers' guide to faster text-to-image inference; "no-pattern-matcher" is "default" with
 # Inductor's pattern matcher off, which stops its rewrite of torchao int8wo's linears into
-# aten._weight_int8pack_mm (and every other pattern rewrite: a diagnostic, not a recipe).
-INDUCTOR_PRESETS = ("default", "stock", "torchao", "diffusers", "no-pattern-matcher")
+# aten._weight_int8pack_mm (and every other pattern rewrite: a diagnostic, not a recipe);
+# "stock-no-pattern-matcher" is "stock" with it off (the rewrite's cost without torchao's coordinate-descent
+# tuning, which on its own can outlast a compile limit at FLUX size).
+INDUCTOR_PRESETS = ("default", "stock", "torchao", "diffusers", "no-pattern-matcher", "stock-no-pattern-matcher")
 DIFFUSERS_INDUCTOR_FLAGS = {
     "conv_1x1_as_mm": True,
     "coordinate_descent_tuning": True,
@@ -108,7 +110,9 @@ def compile_denoiser(
 def _apply_inductor_preset(name: str, at_start: dict[str, Any]) -> None:
     import torch._inductor.config as inductor
 
-    if name == "stock":
+    if name not in INDUCTOR_PRESETS:
+        raise ValueError(f"unknown inductor preset {name!r}")
+    if name.startswith("stock"):
         restore_inductor_settings(at_start)
     elif name == "torchao":
         from torchao.quantization.utils import recommended_inductor_config_setter
@@ -117,7 +121,5 @@ def _apply_inductor_preset(name: str, at_start: dict[str, Any]) -> None:
     elif name == "diffusers":
         for flag, value in DIFFUSERS_INDUCTOR_FLAGS.items():
             setattr(inductor, flag, value)
-    elif name == "no-pattern-matcher":
+    if name.endswith("no-pattern-matcher"):
         inductor.pattern_matcher = False
-    elif name != "default":
-        raise ValueError(f"unknown inductor preset {name!r}")

@@ -356,9 +356,9 @@ def test_torchao_changes_inductor_settings_itself_stock_undoes_it_and_no_pattern
 ):
     import json
 
-    axes = {"method": ["torchao"], "inductor": ["default", "stock", "no-pattern-matcher"]}
-    summary, rows = _compiled_run(tmp_path, "stock", axes)
-    assert summary.statuses == {"ok": 3}
+    presets = ["default", "stock", "no-pattern-matcher", "stock-no-pattern-matcher"]
+    summary, rows = _compiled_run(tmp_path, "stock", {"method": ["torchao"], "inductor": presets})
+    assert summary.statuses == {"ok": 4}
     rows = rows.set_index("cell_label")
     as_loaded = json.loads(rows.loc["torchao[int8wo] bf16 compile=default", "inductor_settings"])
     assert as_loaded["coordinate_descent_tuning"] is True, "torchao's quantize config turned it on while loading"
@@ -367,6 +367,8 @@ def test_torchao_changes_inductor_settings_itself_stock_undoes_it_and_no_pattern
         rows.loc["torchao[int8wo] bf16 compile=default+inductor=no-pattern-matcher", "inductor_settings"]
     )
     assert without_patterns == {**as_loaded, "pattern_matcher": False}
+    stock_without_patterns = rows.loc["torchao[int8wo] bf16 compile=default+inductor=stock-no-pattern-matcher"]
+    assert json.loads(stock_without_patterns["inductor_settings"]) == {"pattern_matcher": False}
 
 
 def test_max_time_stops_running_cells_and_keeps_finished_rows(tmp_path, monkeypatch, quantbench_cache):
