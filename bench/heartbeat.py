@@ -28,6 +28,10 @@ class CompileCounts:
     triton_kernels: int  # Triton kernels Inductor asked to compile (none on the CPU, which builds C++)
     coordinate_descent_benchmarks: int  # kernel configurations timed by coordinate-descent tuning
     autotuned_ops: int  # matmuls and convolutions whose implementation was picked by benchmarking
+    # int8 weight-only linears (torchao int8wo's `F.linear(x, w.to(bf16)) * scale`) Inductor's pattern matcher
+    # rewrote into aten._weight_int8pack_mm, a kernel far slower than a matmul at thousands of tokens on CUDA
+    # (README, "Layer benchmarks"); 0 in rows written before it was counted
+    int8_weight_only_rewrites: int = 0
 
     @classmethod
     def now(cls) -> CompileCounts:
@@ -40,6 +44,7 @@ class CompileCounts:
             triton_kernels=inductor["async_compile_cache_miss"],
             coordinate_descent_benchmarks=inductor["coordesc_tuning_bench"],
             autotuned_ops=inductor["select_algorithm_autotune"],
+            int8_weight_only_rewrites=inductor["woq_matcher_count"],
         )
 
     def describe(self) -> str:
@@ -47,6 +52,11 @@ class CompileCounts:
             f"{self.graphs} graphs compiled ({self.graphs_from_cache} from the FX graph cache), "
             f"{self.triton_kernels} Triton kernels, {self.coordinate_descent_benchmarks} coordinate-descent "
             f"benchmarks, {self.autotuned_ops} autotuned ops"
+            + (
+                f", {self.int8_weight_only_rewrites} int8 weight-only linears rewritten into aten._weight_int8pack_mm"
+                if self.int8_weight_only_rewrites
+                else ""
+            )
         )
 
 

@@ -94,7 +94,8 @@ class ResultRow:
     timed_compiles: int | None = None  # compiled cells: graphs compiled during the timed runs (0 unless a guard
     # failed and Dynamo recompiled, which the latency then includes; the cell's log says why)
     compile_counts: str | None = None  # compiled cells: JSON of what compiling did by the end of the warm-up
-    # (heartbeat.CompileCounts: graphs, from the FX graph cache, Triton kernels, coordinate-descent benchmarks, autotuned ops)
+    # (heartbeat.CompileCounts: graphs, from the FX graph cache, Triton kernels, coordinate-descent benchmarks, autotuned
+    # ops, int8 weight-only linears rewritten into aten._weight_int8pack_mm)
     inductor_cache_at_start: str | None = None  # compiled cells: JSON of what Inductor's cache held before the warm-up
     # (cache.InductorCacheContents: FX graphs, Triton kernels, tuned kernels, autotuned op shapes; all 0 = a cold compile)
     e2e_latency_median_s: float | None = None

@@ -359,16 +359,18 @@ def test_torchao_changes_inductor_settings_itself_stock_undoes_it_and_no_pattern
     presets = ["default", "stock", "no-pattern-matcher", "stock-no-pattern-matcher"]
     summary, rows = _compiled_run(tmp_path, "stock", {"method": ["torchao"], "inductor": presets})
     assert summary.statuses == {"ok": 4}
-    rows = rows.set_index("cell_label")
-    as_loaded = json.loads(rows.loc["torchao[int8wo] bf16 compile=default", "inductor_settings"])
+    rows = rows.assign(inductor=rows["inductor"].fillna("default")).set_index("inductor")  # default: no value
+    settings = {preset: json.loads(rows.loc[preset, "inductor_settings"]) for preset in presets}
+    as_loaded = settings["default"]
     assert as_loaded["coordinate_descent_tuning"] is True, "torchao's quantize config turned it on while loading"
-    assert json.loads(rows.loc["torchao[int8wo] bf16 compile=default+inductor=stock", "inductor_settings"]) == {}
-    without_patterns = json.loads(
-        rows.loc["torchao[int8wo] bf16 compile=default+inductor=no-pattern-matcher", "inductor_settings"]
-    )
-    assert without_patterns == {**as_loaded, "pattern_matcher": False}
-    stock_without_patterns = rows.loc["torchao[int8wo] bf16 compile=default+inductor=stock-no-pattern-matcher"]
-    assert json.loads(stock_without_patterns["inductor_settings"]) == {"pattern_matcher": False}
+    assert settings["stock"] == {}
+    assert settings["no-pattern-matcher"] == {**as_loaded, "pattern_matcher": False}
+    assert settings["stock-no-pattern-matcher"] == {"pattern_matcher": False}
+    rewrites = {
+        preset: json.loads(rows.loc[preset, "compile_counts"])["int8_weight_only_rewrites"] for preset in presets
+    }
+    assert rewrites["default"] > 0 and rewrites["stock"] > 0, "Inductor rewrote int8wo's linears, patterns on"
+    assert rewrites["no-pattern-matcher"] == rewrites["stock-no-pattern-matcher"] == 0
 
 
 def test_max_time_stops_running_cells_and_keeps_finished_rows(tmp_path, monkeypatch, quantbench_cache):

@@ -10,6 +10,7 @@ import functools
 
 import pytest
 
+from bench.heartbeat import CompileCounts
 from bench.kernels.layers import LAYER_METHODS, SHRINK, build_layer, reference_linear, relative_l2, weight_bytes
 from bench.kernels.peaks import best_seconds
 from bench.methods.base import MethodUnavailable
@@ -57,7 +58,6 @@ def layers(method: str, shape: str):
 @pytest.mark.parametrize(("method", "mode"), CASES, ids=[f"{m}-{mode}" for m, mode in CASES])
 def test_quantized_linear(benchmark, method, mode, shape, tokens):
     import torch
-    from torch._dynamo.utils import counters
 
     compiled = MODES[mode] is not None
     if compiled and device() == "cpu" and (shape, tokens) != (FIRST_SHAPE, FIRST_TOKENS):
@@ -84,10 +84,10 @@ def test_quantized_linear(benchmark, method, mode, shape, tokens):
 
     with torch.inference_mode():
         expected = reference(x)
-    rewrites_before = counters["inductor"]["woq_matcher_count"]
+    rewrites_before = CompileCounts.now().int8_weight_only_rewrites
     with torch._inductor.config.patch({**inductor, **(MODES[mode] or {})}):  # compiled at this first call
         output = run()
-    woq_rewrites = counters["inductor"]["woq_matcher_count"] - rewrites_before
+    woq_rewrites = CompileCounts.now().int8_weight_only_rewrites - rewrites_before
     error = relative_l2(output, expected)
     stored = weight_bytes(layer)
 
@@ -142,7 +142,6 @@ def test_inductor_rewrites_torchao_int8wo_into_weight_int8pack_mm_unless_its_pat
     """Why the compiled int8wo layer has a case with the pattern matcher off: the rewrite is Inductor's, and
     that switch is what stops it (the same FX pattern matches CUDA tensors)."""
     import torch
-    from torch._dynamo.utils import counters
 
     _, layer, inductor = layers("torchao_int8wo", FIRST_SHAPE)
     if isinstance(layer, MethodUnavailable):
@@ -151,10 +150,10 @@ def test_inductor_rewrites_torchao_int8wo_into_weight_int8pack_mm_unless_its_pat
     rewrites = {}
     for mode in ("compiled", "compiled-no-pattern-matcher"):
         torch._dynamo.reset()
-        before = counters["inductor"]["woq_matcher_count"]
+        before = CompileCounts.now().int8_weight_only_rewrites
         with torch.inference_mode(), torch._inductor.config.patch({**inductor, **MODES[mode]}):
             torch.compile(layer)(x)
-        rewrites[mode] = counters["inductor"]["woq_matcher_count"] - before
+        rewrites[mode] = CompileCounts.now().int8_weight_only_rewrites - before
     assert rewrites == {"compiled": 1, "compiled-no-pattern-matcher": 0}
 
 
