@@ -100,7 +100,10 @@ def _flag(value: Any) -> bool:
 
 
 def _option_text(name: str, value: Any) -> str:
-    """An option as shown in labels: its value, or its name for a flag that is on (`dequantize`)."""
+    """An option as shown in labels: its value, its name for a flag that is on (`dequantize`), or its name and
+    items for a list (`llm_int8_skip_modules=proj_out+norm_out`)."""
     if isinstance(value, bool):
         return name if value else f"no {name}"
+    if isinstance(value, list | tuple):
+        return f"{name}={'+'.join(map(str, value))}"
     return str(value)

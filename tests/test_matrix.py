@@ -242,6 +242,20 @@ def test_compile_limit_is_one_number_for_every_mode_or_one_per_mode():
     assert RunSettings().compile_limit_s("default") is None
 
 
+def test_labels_show_option_values_flags_and_lists_by_name(make_matrix):
+    path = make_matrix(
+        axes={"method": ["bnb_8bit", "bnb_4bit"]},
+        method={
+            "bnb_8bit": {"llm_int8_skip_modules": [["proj_out", "norm_out"]]},
+            "bnb_4bit": {"bnb_4bit_quant_type": "fp4", "bnb_4bit_use_double_quant": True},
+        },
+    )
+    assert sorted(cell.label for cell in load_matrix(path).cells) == [
+        "bnb_4bit[fp4,bnb_4bit_use_double_quant] bf16",
+        "bnb_8bit[llm_int8_skip_modules=proj_out+norm_out] bf16 threshold=6",
+    ]
+
+
 def test_select_keeps_a_subset_with_the_full_matrix_ids(make_matrix):
     path = make_matrix(
         axes={"method": ["baseline", "torchao", "gguf"], "compile": ["off", "default"]},
