@@ -119,12 +119,15 @@ def _compile_time_limit(seconds: float | None, spec: CellSpec, result: CellResul
 
     def expire(signum: int, frame: Any) -> None:
         traceback.print_stack(frame)  # the log shows where compilation was
+        counts = CompileCounts.now()  # and the row what it had done by then
         result.status = "timeout"
         result.error = (
-            f"compilation (the warm-up of a compiled cell) ran past run.compile_timeout_s = {seconds:g} s;"
-            " rerun to go on (Inductor's cache keeps the kernels already built) or raise the limit"
+            f"compilation (the warm-up of a compiled cell) ran past run.compile_timeout_s = {seconds:g} s,"
+            f" having done {counts.describe()}; rerun to go on (Inductor's cache keeps the kernels already"
+            " built) or raise the limit"
         )
         result.measurements["warmup_s"] = time.perf_counter() - start
+        result.measurements["compile_counts"] = json.dumps(asdict(counts))
         _finish(spec, result)
 
     previous = signal.signal(signal.SIGALRM, expire)

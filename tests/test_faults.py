@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from bench.errors import UserError
+from bench.heartbeat import CompileCounts
 from bench.matrix import load_matrix
 from bench.runner import run_matrix
 from bench.store import ResultsFolder, read_results
@@ -208,7 +209,9 @@ def test_compilation_past_its_own_limit_is_a_timeout_row_that_keeps_the_earlier_
     summary = run_matrix(matrix, tmp_path / "results")
     assert summary.statuses == {"timeout": 1}
     row = read_results(tmp_path / "results").iloc[0]
-    assert "ran past run.compile_timeout_s = 0.5 s" in row["error"]
+    counts = CompileCounts(**json.loads(row["compile_counts"]))  # what compiling had done when the limit struck
+    assert f"ran past run.compile_timeout_s = 0.5 s, having done {counts.describe()};" in row["error"]
+    assert counts.graphs_from_cache == 0
     assert row["load_s"] > 0 and row["warmup_s"] >= 0.5
     log = (ResultsFolder(tmp_path / "results").logs_dir / f"{row['cell_id']}.log").read_text()
     assert "[quantbench] warm-up (torch.compile mode=default compiles here)" in log
