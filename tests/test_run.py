@@ -371,6 +371,12 @@ def test_torchao_changes_inductor_settings_itself_stock_undoes_it_and_no_pattern
     }
     assert rewrites["default"] > 0 and rewrites["stock"] > 0, "Inductor rewrote int8wo's linears, patterns on"
     assert rewrites["no-pattern-matcher"] == rewrites["stock-no-pattern-matcher"] == 0
+    from bench.report import write_report
+
+    html = write_report(tmp_path / "results", tmp_path / "report.html").read_text()
+    flagged = {count for count in rewrites.values() if count}
+    assert {f"{count} linears rewritten into _weight_int8pack_mm" in html for count in flagged} == {True}
+    assert html.count("linears rewritten into _weight_int8pack_mm</span>") == 2, "the two cells with the rewrite"
 
 
 def test_max_time_stops_running_cells_and_keeps_finished_rows(tmp_path, monkeypatch, quantbench_cache):

@@ -235,12 +235,21 @@ def _summary_row(cell: pd.Series) -> dict[str, Any]:
         "compile": _number(cell["compile_s"], "{:.1f}"),
         "compile_work": _compile_work(cell["compile_counts"], cell["inductor_cache_at_start"]),
         "timed_compiles": _number(cell["timed_compiles"] or None, "{:.0f}"),  # 0 recompiles: nothing to flag
+        "int8pack_rewrites": _int8pack_rewrites(cell["compile_counts"]),
         "speedup": _number(cell["speedup"], "{:.2f}×"),
         "memory_saving": _number(cell["memory_saving"] * 100, "{:.1f} %"),
         "drift": drift,
         "gate": cell["gate_status"] if isinstance(cell["gate_status"], str) else "–",
         "gate_failures": cell["gate_failures"] if isinstance(cell["gate_failures"], str) else None,
     }
+
+
+def _int8pack_rewrites(counts_json: Any) -> int | None:
+    """How many int8 weight-only linears Inductor rewrote into aten._weight_int8pack_mm (CompileCounts); None
+    for none, and for rows without counts."""
+    if not isinstance(counts_json, str):
+        return None
+    return CompileCounts(**json.loads(counts_json)).int8_weight_only_rewrites or None
 
 
 def _compile_work(counts_json: Any, cache_json: Any) -> str | None:
