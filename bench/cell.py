@@ -19,7 +19,11 @@ from pathlib import Path
 from typing import Any
 
 from bench.cache import InductorCacheContents
-from bench.heartbeat import CompileCounts, heartbeat  # standard library only (torch is imported in the cell)
+from bench.heartbeat import (
+    CompileCounts,
+    graph_break_reasons,
+    heartbeat,
+)  # standard library only (torch is imported in the cell)
 
 PROCESS_START = time.perf_counter()
 
@@ -358,6 +362,8 @@ def _generate(pipe: Any, spec: CellSpec, result: CellResult, clock: Any, fault: 
         counts = CompileCounts.now()
         result.measurements["compile_counts"] = json.dumps(asdict(counts))
         phase(f"torch.compile: {counts.describe()}")
+        for reason, count in graph_break_reasons():
+            _say(f"graph break ({count} ×): {reason}")
     _inject(fault, "generate")
     graphs_before_timing = CompileCounts.now().graphs
     timing = True

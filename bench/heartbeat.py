@@ -32,6 +32,9 @@ class CompileCounts:
     # rewrote into aten._weight_int8pack_mm, a kernel far slower than a matmul at thousands of tokens on CUDA
     # (README, "Layer benchmarks"); 0 in rows written before it was counted
     int8_weight_only_rewrites: int = 0
+    # places Dynamo split the code into separate graphs, each a return to Python between compiled parts (why:
+    # `graph_break_reasons`); 0 in rows written before it was counted
+    graph_breaks: int = 0
 
     @classmethod
     def now(cls) -> CompileCounts:
@@ -45,6 +48,7 @@ class CompileCounts:
             coordinate_descent_benchmarks=inductor["coordesc_tuning_bench"],
             autotuned_ops=inductor["select_algorithm_autotune"],
             int8_weight_only_rewrites=inductor["woq_matcher_count"],
+            graph_breaks=sum(counters["graph_break"].values()),
         )
 
     def describe(self) -> str:
@@ -52,12 +56,28 @@ class CompileCounts:
             f"{self.graphs} graphs compiled ({self.graphs_from_cache} from the FX graph cache), "
             f"{self.triton_kernels} Triton kernels, {self.coordinate_descent_benchmarks} coordinate-descent "
             f"benchmarks, {self.autotuned_ops} autotuned ops"
+            + (f", {self.graph_breaks} graph breaks" if self.graph_breaks else "")
             + (
                 f", {self.int8_weight_only_rewrites} int8 weight-only linears rewritten into aten._weight_int8pack_mm"
                 if self.int8_weight_only_rewrites
                 else ""
             )
         )
+
+
+def graph_break_reasons(most: int = 3) -> list[tuple[str, int]]:
+    """Dynamo's commonest reasons for the graph breaks in this process so far, each in one line (its title and
+    explanation), with how often it broke for it."""
+    from torch._dynamo.utils import counters
+
+    reasons = []
+    for reason, count in counters["graph_break"].most_common(most):
+        lines = [line.strip() for line in reason.splitlines() if line.strip()]
+        explanation = next(
+            (line.removeprefix("Explanation: ") for line in lines if line.startswith("Explanation:")), ""
+        )
+        reasons.append((f"{lines[0]}: {explanation}" if explanation else lines[0], count))
+    return reasons
 
 
 @contextlib.contextmanager

@@ -2,7 +2,7 @@ import time
 
 import torch
 
-from bench.heartbeat import CompileCounts, heartbeat
+from bench.heartbeat import CompileCounts, graph_break_reasons, heartbeat
 
 
 def test_heartbeat_reports_compile_progress_while_the_block_runs_and_stops_after(monkeypatch, tmp_path):
@@ -57,3 +57,20 @@ def test_a_killed_cells_error_quotes_its_last_beat_without_the_compile_counts():
     assert last.startswith("warm-up: still running, ") and "(1 of 4 denoising steps done)" in last
     assert "torch.compile" not in last and "graphs compiled" not in last
     assert last_phase_line("no phase line at all") is None
+
+
+def test_graph_breaks_are_counted_with_their_reasons_in_one_line_each():
+    def split_at_a_data_dependent_shape(x):
+        return x.sin().nonzero().sum() + x.cos().sum()
+
+    before = CompileCounts.now()  # per process: other tests may have broken graphs already
+    torch._dynamo.reset()
+    torch.compile(split_at_a_data_dependent_shape)(torch.randn(8))
+    after = CompileCounts.now()
+    assert after.graph_breaks == before.graph_breaks + 1
+    assert after.graphs == before.graphs + 2, "one graph on each side of the break"
+    assert f", {after.graph_breaks} graph breaks" in after.describe()
+    reasons = dict(graph_break_reasons(most=10))
+    nonzero = [reason for reason in reasons if "aten.nonzero" in reason]
+    assert nonzero and all("\n" not in reason for reason in reasons)
+    assert ": " in nonzero[0], "its title, then what it means"

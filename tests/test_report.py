@@ -57,6 +57,35 @@ def test_report_has_a_summary_row_per_cell_and_lists_the_failure(report):
     assert re.search(r"ran \d+ s: imports \d+\.\d s, .*load and place \d+\.\d s, warm-up \d+\.\d s", not_run)
 
 
+def test_a_compiled_cell_is_flagged_for_graph_breaks_and_int8pack_rewrites(smoke_run, tmp_path):
+    import json
+    from html import unescape
+
+    from bench.heartbeat import CompileCounts
+
+    _, results, _ = smoke_run
+    folder = tmp_path / "results"
+    shutil.copytree(results, folder)
+    row = read_results(results).iloc[0].to_dict()
+    names = {f.name for f in dataclasses.fields(ResultRow)}
+    compiled = ResultRow(**{k: (None if pd.isna(v) else v) for k, v in row.items() if k in names})
+    compiled.cell_id, compiled.cell_label, compiled.compile, compiled.compile_s = (
+        "c" * 12,
+        "x compile=default",
+        "default",
+        9.0,
+    )
+    counts = CompileCounts(35, 6, 67, 0, 0, int8_weight_only_rewrites=30, graph_breaks=17)
+    compiled.compile_counts = json.dumps(dataclasses.asdict(counts))
+    ResultsFolder(folder).write_cell(compiled.cell_id, [compiled])
+    html = unescape(write_report(folder, tmp_path / "report.html").read_text())
+    summary = html.split('id="summary"')[1].split("</table>")[0]
+    assert ">17 graph breaks</span>" in summary and "the cell's log gives the commonest reasons" in summary
+    assert ">30 linears rewritten into _weight_int8pack_mm</span>" in summary
+    assert 'inductor = "stock-no-pattern-matcher"' in summary, "the flag names the preset that avoids it"
+    assert summary.count('class="compile recompiled"') == 2, "the smoke run's own cells are eager: no flags"
+
+
 def test_phases_run_says_how_long_a_cell_ran_and_what_it_finished():
     from bench.summary import phases_run
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 from PIL import Image
@@ -337,6 +339,21 @@ def test_a_recompile_during_the_timed_runs_is_counted_and_logged(tmp_path, monke
 
     html = write_report(tmp_path / "results", tmp_path / "report.html").read_text()
     assert f"timed runs include {row['timed_compiles']} recompiles" in html
+
+
+def test_graph_breaks_are_counted_and_their_reasons_logged(tmp_path, quantbench_cache):
+    import json
+
+    # diffusers' layerwise casting hooks build an nn.Parameter in forward, which Dynamo cannot trace
+    summary, rows = _compiled_run(tmp_path, "breaks", {"method": ["baseline", "layerwise_fp8"]})
+    assert summary.statuses == {"ok": 2}
+    counts = {row["method"]: json.loads(row["compile_counts"]) for _, row in rows.iterrows()}
+    assert counts["baseline"]["graph_breaks"] == 0 and counts["baseline"]["graphs"] == 1
+    assert counts["layerwise_fp8"]["graph_breaks"] > 0 and counts["layerwise_fp8"]["graphs"] > 1
+    layerwise = rows.set_index("method").loc["layerwise_fp8"]
+    log = (tmp_path / "results" / "logs" / f"{layerwise['cell_id']}.log").read_text()
+    assert f", {counts['layerwise_fp8']['graph_breaks']} graph breaks" in log
+    assert re.search(r"\[quantbench\] graph break \(\d+ ×\): \S", log), "the commonest reasons, one line each"
 
 
 def test_regional_compilation_of_a_denoiser_without_repeated_blocks_is_refused_before_any_cell(tmp_path):

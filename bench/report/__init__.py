@@ -235,7 +235,7 @@ def _summary_row(cell: pd.Series) -> dict[str, Any]:
         "compile": _number(cell["compile_s"], "{:.1f}"),
         "compile_work": _compile_work(cell["compile_counts"], cell["inductor_cache_at_start"]),
         "timed_compiles": _number(cell["timed_compiles"] or None, "{:.0f}"),  # 0 recompiles: nothing to flag
-        "int8pack_rewrites": _int8pack_rewrites(cell["compile_counts"]),
+        "compile_flags": _compile_flags(cell["compile_counts"]),
         "speedup": _number(cell["speedup"], "{:.2f}×"),
         "memory_saving": _number(cell["memory_saving"] * 100, "{:.1f} %"),
         "drift": drift,
@@ -244,12 +244,32 @@ def _summary_row(cell: pd.Series) -> dict[str, Any]:
     }
 
 
-def _int8pack_rewrites(counts_json: Any) -> int | None:
-    """How many int8 weight-only linears Inductor rewrote into aten._weight_int8pack_mm (CompileCounts); None
-    for none, and for rows without counts."""
+def _compile_flags(counts_json: Any) -> list[dict[str, str]]:
+    """What in a compiled cell's `compile_counts` can explain a slow compiled step: graph breaks and int8
+    weight-only linears rewritten into aten._weight_int8pack_mm, each as a short text and its hover title."""
     if not isinstance(counts_json, str):
-        return None
-    return CompileCounts(**json.loads(counts_json)).int8_weight_only_rewrites or None
+        return []
+    counts = CompileCounts(**json.loads(counts_json))
+    flags = []
+    if counts.graph_breaks:
+        flags.append(
+            {
+                "text": f"{counts.graph_breaks} graph breaks",
+                "title": "Dynamo split the compiled code at these places, each a return to Python between"
+                " compiled graphs; the cell's log gives the commonest reasons",
+            }
+        )
+    if counts.int8_weight_only_rewrites:
+        flags.append(
+            {
+                "text": f"{counts.int8_weight_only_rewrites} linears rewritten into _weight_int8pack_mm",
+                "title": "Inductor's pattern matcher rewrote these int8 weight-only linears (torchao int8wo's"
+                " forward) into aten._weight_int8pack_mm, which on CUDA is far slower than a matmul at thousands"
+                ' of tokens (README, Layer benchmarks); inductor = "stock-no-pattern-matcher" compiles without'
+                " the rewrite",
+            }
+        )
+    return flags
 
 
 def _compile_work(counts_json: Any, cache_json: Any) -> str | None:
