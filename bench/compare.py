@@ -1,13 +1,16 @@
 """`quantbench compare OLD NEW`: per-cell deltas between two runs, with noise-aware regression flags.
 
 Defaults: memory +2 %; latency beyond max(5 %, 3 x IQR); drift beyond the cell's gate (a gate that passed
-and now fails). Exit code 1 when any cell regressed.
+and now fails); more graph breaks in a compiled cell (where both rows counted them). Exit code 1 when any
+cell regressed.
 """
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 
@@ -64,11 +67,22 @@ def compare_frames(old: pd.DataFrame, new: pd.DataFrame, thresholds: Thresholds 
             allowed = max(thresholds.latency_increase * before["e2e_latency_median_s"], noise)
             if after["e2e_latency_median_s"] - before["e2e_latency_median_s"] > allowed:
                 regressions.append(f"e2e latency +{latency_change:.1%} (beyond max(5 %, 3 x IQR))")
+        breaks_before, breaks_after = _graph_breaks(before["compile_counts"]), _graph_breaks(after["compile_counts"])
+        if breaks_before is not None and breaks_after is not None and breaks_after > breaks_before:
+            regressions.append(f"graph breaks {breaks_before} -> {breaks_after} (the cell's log gives the reasons)")
         if before["gate_status"] == "pass" and after["gate_status"] == "fail":
             regressions.append(f"drift gate now fails: {after['gate_failures']}")
         record["regressions"] = "; ".join(regressions)
         records.append(record)
     return pd.DataFrame.from_records(records, columns=COMPARISON_COLUMNS)
+
+
+def _graph_breaks(counts_json: Any) -> int | None:
+    """The graph breaks a compiled cell's `compile_counts` recorded; None for eager cells and for rows written
+    before graph breaks were counted."""
+    if not isinstance(counts_json, str):
+        return None
+    return json.loads(counts_json).get("graph_breaks")
 
 
 def _relative(before: float, after: float) -> float | None:

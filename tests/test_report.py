@@ -161,6 +161,22 @@ def test_compare_flags_memory_and_latency_regressions_only(smoke_run):
     assert flagged.loc["baseline bf16", "regressions"] == ""
 
 
+def test_compare_flags_more_graph_breaks_only_where_both_rows_counted_them(smoke_run):
+    import json
+
+    _, results, _ = smoke_run
+    old = read_results(results)
+    counts = {"graphs": 1, "graphs_from_cache": 0, "triton_kernels": 0, "coordinate_descent_benchmarks": 0}
+    counted = json.dumps({**counts, "autotuned_ops": 0, "graph_breaks": 0})
+    uncounted = json.dumps({**counts, "autotuned_ops": 0})  # a row from before graph breaks were counted
+    first, second = sorted(old["cell_id"].unique())[:2]
+    old = old.assign(compile_counts=old["cell_id"].map({first: counted, second: uncounted}))
+    new = old.assign(compile_counts=json.dumps({**json.loads(counted), "graph_breaks": 12}))
+    regressions = compare_frames(old, new).set_index("cell_id")["regressions"]
+    assert "graph breaks 0 -> 12 (the cell's log gives the reasons)" in regressions[first]
+    assert "graph breaks" not in regressions[second], "no verdict without a count on both sides"
+
+
 def test_time_breakdown_accounts_for_every_second_of_the_cells(smoke_run):
     from bench.report import render
     from bench.summary import time_breakdown
