@@ -20,15 +20,20 @@ pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parent.parent
 
 
+def _first_row(results: Path) -> ResultRow:
+    """The first row of a results folder, as a ResultRow to change and write as another cell."""
+    names = {f.name for f in dataclasses.fields(ResultRow)}
+    row = read_results(results).iloc[0].to_dict()
+    return ResultRow(**{k: (None if pd.isna(v) else v) for k, v in row.items() if k in names})
+
+
 @pytest.fixture(scope="module")
 def results_with_a_failure(smoke_run, tmp_path_factory):
     """The smoke results plus one failed cell, as a crashed run would leave them."""
     _, results, _ = smoke_run
     folder = tmp_path_factory.mktemp("with-failure") / "results"
     shutil.copytree(results, folder)
-    row = read_results(results).iloc[0].to_dict()
-    names = {f.name for f in dataclasses.fields(ResultRow)}
-    failed = ResultRow(**{k: (None if pd.isna(v) else v) for k, v in row.items() if k in names})
+    failed = _first_row(results)
     failed.cell_id, failed.cell_label, failed.status = "f" * 12, "torchao[int8dq] bf16", "failed"
     failed.error = "RuntimeError: boom in the cell"
     for column in ("e2e_latency_median_s", "psnr_db", "ssim", "latent_rel_l2", "image_path"):
@@ -66,9 +71,7 @@ def test_a_compiled_cell_is_flagged_for_graph_breaks_and_int8pack_rewrites(smoke
     _, results, _ = smoke_run
     folder = tmp_path / "results"
     shutil.copytree(results, folder)
-    row = read_results(results).iloc[0].to_dict()
-    names = {f.name for f in dataclasses.fields(ResultRow)}
-    compiled = ResultRow(**{k: (None if pd.isna(v) else v) for k, v in row.items() if k in names})
+    compiled = _first_row(results)
     compiled.cell_id, compiled.cell_label, compiled.compile, compiled.compile_s = (
         "c" * 12,
         "x compile=default",
