@@ -357,7 +357,9 @@ def _generate(pipe: Any, spec: CellSpec, result: CellResult, clock: Any, fault: 
             generate(gen["prompts"][0], gen["seeds"][0])
             warmups.append(clock.now() - start)
     result.measurements["warmup_s"] = sum(warmups)
-    phase(f"warm-up: {result.measurements['warmup_s']:.1f} s")
+    later_steps = np.diff(step_ends)  # the last warm-up's denoising steps after its first, which compiles
+    step_speed = f" (its steps after the first: median {np.median(later_steps):.3f} s)" if len(later_steps) else ""
+    phase(f"warm-up: {result.measurements['warmup_s']:.1f} s{step_speed}")
     if compiled:
         counts = CompileCounts.now()
         result.measurements["compile_counts"] = json.dumps(asdict(counts))
