@@ -93,6 +93,16 @@ def _print_cells(matrix: Matrix, title: str, here: Callable[[Cell], str], result
             + f"; a run there would run the {to_run} that are not ok",
             soft_wrap=True,
         )
+        walls = ResultsFolder(results_dir).cell_wall_times()
+        timed = [cell.id for cell in matrix.cells if cell.id in walls]
+        if timed:
+            total = sum(walls[cell_id] for cell_id in timed)
+            not_ok = sum(walls[cell_id] for cell_id in timed if statuses[cell_id] != "ok")
+            console.print(
+                f"their rows there record {total:.0f} s ({total / 60:.1f} min) of cell-process time for {len(timed)}"
+                f" of these {len(matrix.cells)} cells, {not_ok:.0f} s of it in cells not ok",
+                soft_wrap=True,
+            )
 
 
 def run_with_progress(

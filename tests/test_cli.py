@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import subprocess
 import sys
@@ -105,16 +106,18 @@ def test_plan_shows_each_cells_status_in_a_results_folder(make_matrix, tmp_path)
     first, second, third, _ = (cell.id for cell in load_matrix(path).cells)
     folder = ResultsFolder(tmp_path / "gpu-run")  # e.g. rows brought back from a GPU machine
     folder.create()
-    folder.write_cell(first, [row(first)])
-    folder.write_cell(second, [row(second, "timeout")])
+    folder.write_cell(first, [dataclasses.replace(row(first), cell_wall_s=34.5)])
+    folder.write_cell(second, [dataclasses.replace(row(second, "timeout"), cell_wall_s=600.0)])
     folder.write_interrupted_log(third, "warm-up", ran_s=60)
     done = quantbench("plan", str(path), "--results", "gpu-run", cwd=tmp_path)
     assert done.returncode == 0, done.stderr
     lines = {line.split()[1]: line for line in done.stdout.splitlines() if line.startswith("│ ")}
     assert [lines[cell].split("│")[-2].strip() for cell in (first, second, third)] == ["ok", "timeout", "stopped"]
-    assert "in gpu-run: 1 ok, 1 timeout, 1 stopped, 1 not run; a run there would run the 3 that are not ok" in (
-        " ".join(done.stdout.split())
-    )
+    said = " ".join(done.stdout.split())
+    assert "in gpu-run: 1 ok, 1 timeout, 1 stopped, 1 not run; a run there would run the 3 that are not ok" in said
+    assert "their rows there record 634 s (10.6 min) of cell-process time for 2 of these 4 cells, 600 s of it" in said
+    compiled = quantbench("plan", str(path), "--results", "gpu-run", "--select", "compile=default", cwd=tmp_path)
+    assert "for 1 of these 2 cells, 600 s of it in cells not ok" in " ".join(compiled.stdout.split())
 
 
 @pytest.mark.parametrize(
