@@ -19,11 +19,9 @@ from pathlib import Path
 from typing import Any
 
 from bench.cache import InductorCacheContents
-from bench.heartbeat import (
-    CompileCounts,
-    graph_break_reasons,
-    heartbeat,
-)  # standard library only (torch is imported in the cell)
+
+# standard library only (torch is imported in the cell)
+from bench.heartbeat import CompileCounts, graph_break_reasons, heartbeat
 
 PROCESS_START = time.perf_counter()
 

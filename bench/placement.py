@@ -112,7 +112,7 @@ def _apply_inductor_preset(name: str, at_start: dict[str, Any]) -> None:
 
     if name not in INDUCTOR_PRESETS:
         raise ValueError(f"unknown inductor preset {name!r}")
-    if name.startswith("stock"):
+    if name in ("stock", "stock-no-pattern-matcher"):
         restore_inductor_settings(at_start)
     elif name == "torchao":
         from torchao.quantization.utils import recommended_inductor_config_setter
@@ -121,5 +121,5 @@ def _apply_inductor_preset(name: str, at_start: dict[str, Any]) -> None:
     elif name == "diffusers":
         for flag, value in DIFFUSERS_INDUCTOR_FLAGS.items():
             setattr(inductor, flag, value)
-    if name.endswith("no-pattern-matcher"):
+    if name in ("no-pattern-matcher", "stock-no-pattern-matcher"):
         inductor.pattern_matcher = False

@@ -299,15 +299,6 @@ class ResultsFolder:
             statuses.setdefault(cell_id, "stopped")
         return statuses
 
-    def cell_wall_times(self) -> dict[str, float]:
-        """Each cell's cell-process wall time as its rows record it (cells that never ran have none)."""
-        times = {}
-        for cell_id, table in self.read_parts().items():
-            recorded = [seconds for seconds in table.column("cell_wall_s").to_pylist() if seconds is not None]
-            if recorded:
-                times[cell_id] = recorded[0]
-        return times
-
     def interrupted_cell_ids(self) -> list[str]:
         """Cells with an interrupted log (stopped while running, and not finished since), sorted."""
         logs = self.logs_dir.glob(f"*{INTERRUPTED_LOG_SUFFIX}")

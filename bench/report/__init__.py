@@ -217,6 +217,8 @@ def _summary_row(cell: pd.Series) -> dict[str, Any]:
         value = _number(cell[metric], "{:.4g}")
         low, high = _number(cell[f"{metric}_ci_low"], "{:.3g}"), _number(cell[f"{metric}_ci_high"], "{:.3g}")
         drift.append({"value": value, "ci": f"[{low}, {high}]" if low and high else None})
+    counts_json = cell["compile_counts"]  # compiled cells only
+    counts = CompileCounts(**json.loads(counts_json)) if isinstance(counts_json, str) else None
     return {
         "id": cell["cell_id"],
         "label": cell["cell_label"],
@@ -233,9 +235,9 @@ def _summary_row(cell: pd.Series) -> dict[str, Any]:
         "e2e_extrapolated": _number(cell["e2e_latency_extrapolated_s"], "{:.2f}"),
         "extrapolated_to_steps": _number(cell["extrapolated_to_steps"], "{:.0f}"),
         "compile": _number(cell["compile_s"], "{:.1f}"),
-        "compile_work": _compile_work(cell["compile_counts"], cell["inductor_cache_at_start"]),
+        "compile_work": _compile_work(counts, cell["inductor_cache_at_start"]),
         "timed_compiles": _number(cell["timed_compiles"] or None, "{:.0f}"),  # 0 recompiles: nothing to flag
-        "compile_flags": _compile_flags(cell["compile_counts"]),
+        "compile_flags": _compile_flags(counts) if counts else [],
         "speedup": _number(cell["speedup"], "{:.2f}×"),
         "memory_saving": _number(cell["memory_saving"] * 100, "{:.1f} %"),
         "drift": drift,
@@ -244,12 +246,9 @@ def _summary_row(cell: pd.Series) -> dict[str, Any]:
     }
 
 
-def _compile_flags(counts_json: Any) -> list[dict[str, str]]:
+def _compile_flags(counts: CompileCounts) -> list[dict[str, str]]:
     """What in a compiled cell's `compile_counts` can explain a slow compiled step: graph breaks and int8
     weight-only linears rewritten into aten._weight_int8pack_mm, each as a short text and its hover title."""
-    if not isinstance(counts_json, str):
-        return []
-    counts = CompileCounts(**json.loads(counts_json))
     flags = []
     if counts.graph_breaks:
         flags.append(
@@ -272,12 +271,12 @@ def _compile_flags(counts_json: Any) -> list[dict[str, str]]:
     return flags
 
 
-def _compile_work(counts_json: Any, cache_json: Any) -> str | None:
+def _compile_work(counts: CompileCounts | None, cache_json: Any) -> str | None:
     """What compiling did (`compile_counts`) and what Inductor's cache held before it (`inductor_cache_at_start`,
     so a short compile time is seen to be a warm one), in words; None for rows without either."""
     parts = []
-    if isinstance(counts_json, str):
-        parts.append(f"by the end of the warm-up: {CompileCounts(**json.loads(counts_json)).describe()}")
+    if counts:
+        parts.append(f"by the end of the warm-up: {counts.describe()}")
     if isinstance(cache_json, str):
         parts.append(f"Inductor's cache at the start: {InductorCacheContents(**json.loads(cache_json)).describe()}")
     return "; ".join(parts) or None
