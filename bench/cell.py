@@ -21,7 +21,7 @@ from typing import Any
 from bench.cache import InductorCacheContents
 
 # standard library only (torch is imported in the cell)
-from bench.heartbeat import CompileCounts, graph_break_reasons, heartbeat
+from bench.heartbeat import CompileCounts, graph_break_reasons, heartbeat, warmup_step_speed
 
 PROCESS_START = time.perf_counter()
 
@@ -356,8 +356,11 @@ def _generate(pipe: Any, spec: CellSpec, result: CellResult, clock: Any, fault: 
             warmups.append(clock.now() - start)
     result.measurements["warmup_s"] = sum(warmups)
     later_steps = np.diff(step_ends)  # the last warm-up's denoising steps after its first, which compiles
-    step_speed = f" (its steps after the first: median {np.median(later_steps):.3f} s)" if len(later_steps) else ""
-    phase(f"warm-up: {result.measurements['warmup_s']:.1f} s{step_speed}")
+    if len(later_steps):
+        result.measurements["warmup_step_median_s"] = float(np.median(later_steps))
+    phase(
+        f"warm-up: {result.measurements['warmup_s']:.1f} s{warmup_step_speed(result.measurements.get('warmup_step_median_s'))}"
+    )
     if compiled:
         counts = CompileCounts.now()
         result.measurements["compile_counts"] = json.dumps(asdict(counts))

@@ -124,3 +124,11 @@ def library_frame(thread_id: int) -> str | None:
             return f"{path[start + 1 :]}:{frame.f_code.co_name}"
         frame = frame.f_back
     return None
+
+
+def warmup_step_speed(median_s: float | None) -> str:
+    """` (its steps after the first: median 0.151 s)`: the warm-up's step time after the step that compiled,
+    as a cell's log and its row's phases say it; "" where the warm-up had a single step."""
+    if median_s is None or median_s != median_s:  # None or NaN
+        return ""
+    return f" (its steps after the first: median {median_s:.3f} s)"

@@ -87,6 +87,8 @@ class ResultRow:
     quantize_s: float | None = None
     load_s: float | None = None
     warmup_s: float | None = None
+    warmup_step_median_s: float | None = None  # the last warm-up's denoising steps after its first (which compiles):
+    # the model's step time, known even for a cell whose timed runs never end
     inductor_settings: str | None = None  # compiled cells: JSON of the Inductor settings that differ from the
     # process start when compiling: what the libraries (torchao's quantize configs) and the preset changed
     compiled_modules: int | None = None  # compiled cells: modules handed to torch.compile (1, or each repeated block)

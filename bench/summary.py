@@ -14,13 +14,14 @@ import pandas as pd
 from scipy import stats as scipy_stats
 
 from bench.drift import METRICS
+from bench.heartbeat import warmup_step_speed
 from bench.store import worst_status
 
 CELL_COLUMNS = (
     "cell_label", "method", "method_family", "method_options", "dtype", "threshold", "compile", "fullgraph", "inductor", "regional",
     "components", "placement", "weights", "gpu_name", "device", "resident_reserved_bytes", "peak_reserved_bytes",
     "peak_allocated_bytes", "dequantized_reserved_bytes", "transformer_footprint_bytes", "transformer_tensor_bytes",
-    "gpu_memory_note", "load_s", "quantize_s", "warmup_s", "compile_s", "timed_compiles", "compile_counts", "inductor_cache_at_start", "prepare_s", "import_s", "cell_wall_s",
+    "gpu_memory_note", "load_s", "quantize_s", "warmup_s", "warmup_step_median_s", "compile_s", "timed_compiles", "compile_counts", "inductor_cache_at_start", "prepare_s", "import_s", "cell_wall_s",
     "extrapolated_to_steps", "gate_status", "gate_failures",
 )  # fmt: skip
 
@@ -111,10 +112,16 @@ TIME_PHASES = (
 
 def phases_run(cell: pd.Series) -> str:
     """How long a cell's process ran and the phases it recorded, e.g. `ran 1500 s: imports 7.1 s, quantize
-    23.8 s, load and place 3.2 s, warm-up 1065.8 s`; "" for a cell that did not run."""
+    23.8 s, load and place 3.2 s, warm-up 1065.8 s (its steps after the first: median 55.204 s)`; "" for a cell
+    that did not run."""
     if pd.isna(cell.get("cell_wall_s")):
         return ""
-    done = [f"{name} {cell[column]:.1f} s" for column, name, _ in TIME_PHASES if pd.notna(cell.get(column))]
+    done = [
+        f"{name} {cell[column]:.1f} s"
+        + (warmup_step_speed(cell.get("warmup_step_median_s")) if column == "warmup_s" else "")
+        for column, name, _ in TIME_PHASES
+        if pd.notna(cell.get(column))
+    ]  # the warm-up's step time: how fast the model ran, even when the timed runs never ended
     return f"ran {cell['cell_wall_s']:.0f} s" + (f": {', '.join(done)}" if done else "")
 
 

@@ -94,6 +94,11 @@ def test_phases_run_says_how_long_a_cell_ran_and_what_it_finished():
 
     killed = pd.Series({"cell_wall_s": 1500.25, "import_s": 7.06, "quantize_s": 23.8, "warmup_s": 1065.8})
     assert phases_run(killed) == "ran 1500 s: imports 7.1 s, quantize 23.8 s, warm-up 1065.8 s"
+    stepped = pd.Series({**killed, "warmup_step_median_s": 55.2041, "load_s": 3.2})
+    assert phases_run(stepped) == (
+        "ran 1500 s: imports 7.1 s, quantize 23.8 s, load and place 3.2 s, "
+        "warm-up 1065.8 s (its steps after the first: median 55.204 s)"
+    ), "the warm-up's step time is in the phase it was measured in"
     assert phases_run(pd.Series({"cell_wall_s": 3.0, "import_s": None})) == "ran 3 s"
     assert phases_run(pd.Series({"cell_wall_s": None})) == "", "a cell that never ran (e.g. unsupported)"
 
