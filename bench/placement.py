@@ -46,8 +46,20 @@ def denoiser(pipe: Any) -> Any:
 # Inductor's pattern matcher off, which stops its rewrite of torchao int8wo's linears into
 # aten._weight_int8pack_mm (and every other pattern rewrite: a diagnostic, not a recipe);
 # "stock-no-pattern-matcher" is "stock" with it off (the rewrite's cost without torchao's coordinate-descent
-# tuning, which on its own can outlast a compile limit at FLUX size).
-INDUCTOR_PRESETS = ("default", "stock", "torchao", "diffusers", "no-pattern-matcher", "stock-no-pattern-matcher")
+# tuning, which on its own can outlast a compile limit at FLUX size); "capture-dynamic-output-shapes" is
+# "default" with Dynamo's `capture_dynamic_output_shape_ops` on, so ops whose output size depends on the data
+# (bitsandbytes int8's outlier columns at a threshold > 0) are traced instead of breaking the graph at every
+# linear (a Dynamo setting: rows record it as `dynamo.capture_dynamic_output_shape_ops`).
+INDUCTOR_PRESETS = (
+    "default",
+    "stock",
+    "torchao",
+    "diffusers",
+    "no-pattern-matcher",
+    "stock-no-pattern-matcher",
+    "capture-dynamic-output-shapes",
+)
+DYNAMO_PRESET_SETTINGS = {"capture-dynamic-output-shapes": {"capture_dynamic_output_shape_ops": True}}
 DIFFUSERS_INDUCTOR_FLAGS = {
     "conv_1x1_as_mm": True,
     "coordinate_descent_tuning": True,
@@ -59,7 +71,8 @@ DIFFUSERS_INDUCTOR_FLAGS = {
 @dataclass(frozen=True)
 class CompiledDenoiser:
     """How a cell's denoiser was compiled: the Inductor settings it compiled with that differ from the
-    process start (what libraries and the preset changed), and how many modules went to `torch.compile`
+    process start (what libraries and the preset changed; a preset's Dynamo settings as `dynamo.<name>`), and
+    how many modules went to `torch.compile`
     (1 for the whole denoiser, one per repeated block for regional compilation)."""
 
     inductor_changes: dict[str, Any]
@@ -96,8 +109,13 @@ def compile_denoiser(
     """
     if mode == "off":
         return None
+    import torch._dynamo.config as dynamo
+
     _apply_inductor_preset(inductor or "default", at_start)
     changes = inductor_changes(at_start)
+    for name, value in DYNAMO_PRESET_SETTINGS.get(inductor or "default", {}).items():
+        setattr(dynamo, name, value)  # each cell is a fresh process: nothing to restore
+        changes[f"dynamo.{name}"] = getattr(dynamo, name)
     model = denoiser(pipe)
     if not regional:
         model.compile(mode=mode, fullgraph=fullgraph)

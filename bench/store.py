@@ -90,7 +90,8 @@ class ResultRow:
     warmup_step_median_s: float | None = None  # the last warm-up's denoising steps after its first (which compiles):
     # the model's step time, known even for a cell whose timed runs never end
     inductor_settings: str | None = None  # compiled cells: JSON of the Inductor settings that differ from the
-    # process start when compiling: what the libraries (torchao's quantize configs) and the preset changed
+    # process start when compiling: what the libraries (torchao's quantize configs) and the preset changed (its
+    # Dynamo settings as `dynamo.<name>`)
     compiled_modules: int | None = None  # compiled cells: modules handed to torch.compile (1, or each repeated block)
     compile_s: float | None = None  # compiled cells: the first warm-up generation minus the median timed one
     timed_compiles: int | None = None  # compiled cells: graphs compiled during the timed runs (0 unless a guard

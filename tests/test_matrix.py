@@ -215,7 +215,8 @@ def test_the_inductor_axis_varies_compiled_cells_only_and_keeps_default_ids(make
     assert [c.label for c in cells if c.inductor] == ["baseline bf16 compile=default+inductor=diffusers"]
     with pytest.raises(
         MatrixError,
-        match=r"axes\.inductor.*allowed: default, stock, torchao, diffusers, no-pattern-matcher, stock-no-pattern-matcher",
+        match=r"axes\.inductor.*allowed: default, stock, torchao, diffusers, no-pattern-matcher, stock-no-pattern-matcher, "
+        r"capture-dynamic-output-shapes",
     ):
         load_matrix(make_matrix(axes={"method": ["baseline"], "inductor": ["fast"]}))
 

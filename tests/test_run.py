@@ -286,12 +286,16 @@ def _compiled_run(tmp_path, name: str, axes: dict):
 def test_an_inductor_preset_is_applied_in_the_compiled_cell_and_recorded(tmp_path, quantbench_cache):
     import json
 
-    summary, rows = _compiled_run(tmp_path, "inductor", {"method": ["baseline"], "inductor": ["torchao"]})
-    assert summary.statuses == {"ok": 1}
-    row = rows.iloc[0]
-    assert row["inductor"] == "torchao" and row["cell_label"].endswith("compile=default+inductor=torchao")
+    presets = ["torchao", "capture-dynamic-output-shapes"]
+    summary, rows = _compiled_run(tmp_path, "inductor", {"method": ["baseline"], "inductor": presets})
+    assert summary.statuses == {"ok": 2}
+    rows = rows.set_index("inductor")
+    row = rows.loc["torchao"]
+    assert row["cell_label"].endswith("compile=default+inductor=torchao")
     changed = json.loads(row["inductor_settings"])  # read back from torch._inductor.config inside the cell
     assert changed["coordinate_descent_tuning"] is True and changed["force_fuse_int_mm_with_mul"] is True
+    dynamo = json.loads(rows.loc["capture-dynamic-output-shapes", "inductor_settings"])
+    assert dynamo == {"dynamo.capture_dynamic_output_shape_ops": True}, "a Dynamo setting, read back in the cell"
     assert any((quantbench_cache / "inductor").rglob("*.py")), "the compiled code is in quantbench's cache"
 
 
