@@ -255,7 +255,9 @@ def _compile_flags(counts: CompileCounts) -> list[dict[str, str]]:
             {
                 "text": f"{counts.graph_breaks} graph breaks",
                 "title": "Dynamo split the compiled code at these places, each a return to Python between"
-                " compiled graphs; the cell's log gives the commonest reasons",
+                " compiled graphs; the cell's log gives the commonest reasons. Ops whose output size depends on"
+                " the data (bitsandbytes int8's outlier columns at a threshold > 0: a break at every linear) are"
+                ' traced instead with inductor = "capture-dynamic-output-shapes"',
             }
         )
     if counts.int8_weight_only_rewrites:
