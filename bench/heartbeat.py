@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import sys
 import threading
 import time
@@ -126,9 +127,20 @@ def library_frame(thread_id: int) -> str | None:
     return None
 
 
+_WARMUP_STEP_SPEED = " (its steps after the first: median {:.3f} s)"
+_WARMUP_STEP_SPEED_IN_LOG = re.compile(r"warm-up: [\d.]+ s \(its steps after the first: median ([\d.]+) s\)")
+
+
 def warmup_step_speed(median_s: float | None) -> str:
     """` (its steps after the first: median 0.151 s)`: the warm-up's step time after the step that compiled,
     as a cell's log and its row's phases say it; "" where the warm-up had a single step."""
     if median_s is None or median_s != median_s:  # None or NaN
         return ""
-    return f" (its steps after the first: median {median_s:.3f} s)"
+    return _WARMUP_STEP_SPEED.format(median_s)
+
+
+def warmup_step_speed_in_log(log: str) -> float | None:
+    """The warm-up's step time (`warmup_step_speed`) that a cell's log gives, the last if several tries
+    logged one; None if none did (stopped before its warm-up ended)."""
+    found = _WARMUP_STEP_SPEED_IN_LOG.findall(log)
+    return float(found[-1]) if found else None

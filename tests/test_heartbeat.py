@@ -74,3 +74,14 @@ def test_graph_breaks_are_counted_with_their_reasons_in_one_line_each():
     nonzero = [reason for reason in reasons if "aten.nonzero" in reason]
     assert nonzero and all("\n" not in reason for reason in reasons)
     assert ": " in nonzero[0], "its title, then what it means"
+
+
+def test_the_warm_up_step_time_a_log_gives_is_read_back_from_the_line_a_cell_writes():
+    from bench.heartbeat import warmup_step_speed, warmup_step_speed_in_log
+
+    log = "".join(
+        f"[quantbench] warm-up: {total} s{warmup_step_speed(median)}\n"
+        for total, median in ((300.0, 70.1234), (5.5, 0.1514))
+    )
+    assert warmup_step_speed_in_log(log) == 0.151, "the last try's, at the precision the log keeps"
+    assert warmup_step_speed(float("nan")) == "" and warmup_step_speed_in_log("[quantbench] warm-up: 2.0 s\n") is None

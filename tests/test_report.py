@@ -241,14 +241,25 @@ def test_unfinished_cells_add_up_their_tries_and_leave_out_cells_finished_since(
         ]},
     ]  # fmt: skip
     (tmp_path / "logs").mkdir()
-    (tmp_path / "logs" / "a.interrupted.log").write_text("warm-up")
+    (tmp_path / "logs" / "a.interrupted.log").write_text(
+        "[quantbench] warm-up: 386.6 s (its steps after the first: median 65.286 s)\n"
+        "[quantbench] timed prompt 0, seed 0: still running, 60 s in (run 1 of 2, 0 of 4 denoising steps done)\n"
+    )
     [cell] = _unfinished_cells(runs, {"b"}, tmp_path)
     assert cell == {"id": "a", "label": "A compile=default", "ran_s": "150", "tries": 2, "ended": "interrupted",
-                    "log": "logs/a.interrupted.log"}  # fmt: skip
+                    "log": "logs/a.interrupted.log", "warmup_step_s": "65.286"}  # fmt: skip
     assert _unfinished_cells(runs, {"a", "b"}, tmp_path) == []
     (tmp_path / "logs" / "c.interrupted.log").write_text("warm-up")  # left by a run that did not record it
     assert _unfinished_cells(runs, {"a", "b"}, tmp_path) == [
-        {"id": "c", "label": "", "ran_s": "?", "tries": 0, "ended": "not recorded", "log": "logs/c.interrupted.log"}
+        {
+            "id": "c",
+            "label": "",
+            "ran_s": "?",
+            "tries": 0,
+            "ended": "not recorded",
+            "log": "logs/c.interrupted.log",
+            "warmup_step_s": "–",
+        }  # stopped in its warm-up
     ]
 
 

@@ -15,7 +15,7 @@ from jinja2 import Environment, PackageLoader, select_autoescape
 from bench.baseline import ReferenceCache
 from bench.cache import InductorCacheContents
 from bench.errors import UserError
-from bench.heartbeat import CompileCounts
+from bench.heartbeat import CompileCounts, warmup_step_speed_in_log
 from bench.report.plots import all_plots, colour, roofline
 from bench.store import ResultsFolder, read_results, read_runs
 from bench.summary import cell_summary, device_label, phases_run, run_times, time_breakdown
@@ -118,7 +118,8 @@ def _driver_time(runs: list[dict[str, Any]]) -> dict[str, Any]:
 
 def _unfinished_cells(runs: list[dict[str, Any]], with_rows: set[str], root: Path) -> list[dict[str, Any]]:
     """Cells that recorded runs stopped while they ran (a time limit, Ctrl-C) and that have no row yet: how
-    long they ran over how many tries, how the last try ended, and the log it left. A log so stopped that
+    long they ran over how many tries, how the last try ended, the log it left and the warm-up's step time
+    it gives (how fast the model ran, for a cell stopped in its timed runs). A log so stopped that
     no recorded run names (runs recorded before they listed their unfinished cells) is listed by its id."""
     folder = ResultsFolder(root)
     with_logs = folder.interrupted_cell_ids()
@@ -135,6 +136,8 @@ def _unfinished_cells(runs: list[dict[str, Any]], with_rows: set[str], root: Pat
     for cell in cells.values():
         log_path = folder.interrupted_log_path(cell["id"])
         cell["log"] = log_path.relative_to(root).as_posix() if cell["id"] in with_logs else None
+        step_s = warmup_step_speed_in_log(log_path.read_text(errors="replace")) if cell["log"] else None
+        cell["warmup_step_s"] = "–" if step_s is None else f"{step_s:.3f}"
         cell["ran_s"] = f"{cell['ran_s']:.0f}" if cell["tries"] else "?"
     return [cell for cell_id, cell in cells.items() if cell_id not in with_rows]
 
