@@ -356,11 +356,10 @@ def _generate(pipe: Any, spec: CellSpec, result: CellResult, clock: Any, fault: 
             warmups.append(clock.now() - start)
     result.measurements["warmup_s"] = sum(warmups)
     later_steps = np.diff(step_ends)  # the last warm-up's denoising steps after its first, which compiles
-    if len(later_steps):
-        result.measurements["warmup_step_median_s"] = float(np.median(later_steps))
-    phase(
-        f"warm-up: {result.measurements['warmup_s']:.1f} s{warmup_step_speed(result.measurements.get('warmup_step_median_s'))}"
+    step_median = result.measurements["warmup_step_median_s"] = (
+        float(np.median(later_steps)) if len(later_steps) else None
     )
+    phase(f"warm-up: {result.measurements['warmup_s']:.1f} s{warmup_step_speed(step_median)}")
     if compiled:
         counts = CompileCounts.now()
         result.measurements["compile_counts"] = json.dumps(asdict(counts))

@@ -128,7 +128,9 @@ def library_frame(thread_id: int) -> str | None:
 
 
 _WARMUP_STEP_SPEED = " (its steps after the first: median {:.3f} s)"
-_WARMUP_STEP_SPEED_IN_LOG = re.compile(r"warm-up: [\d.]+ s \(its steps after the first: median ([\d.]+) s\)")
+_WARMUP_STEP_SPEED_IN_LOG = re.compile(
+    r"warm-up: [\d.]+ s" + re.escape(_WARMUP_STEP_SPEED).replace(re.escape("{:.3f}"), r"([\d.]+)")
+)
 
 
 def warmup_step_speed(median_s: float | None) -> str:
