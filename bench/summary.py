@@ -65,7 +65,7 @@ def cell_summary(frame: pd.DataFrame) -> pd.DataFrame:
     summary = summary.sort_values(
         ["method_family", "cell_label"], key=lambda c: c.where(c != "baseline", ""), kind="stable"
     )
-    return _against_baseline(summary.reset_index(drop=True))
+    return _against_eager(_against_baseline(summary.reset_index(drop=True)))
 
 
 def device_label(gpu_name: object) -> str:
@@ -94,6 +94,29 @@ def _against_baseline(summary: pd.DataFrame) -> pd.DataFrame:
         summary.loc[index, "transformer_size_ratio"] = (
             cell["transformer_tensor_bytes"] / base["transformer_tensor_bytes"]
         )
+    return summary
+
+
+# what makes a compiled cell's eager twin: the same cell with compile off (and the same device)
+EAGER_TWIN_COLUMNS = ("method", "method_options", "dtype", "threshold", "components", "placement")
+
+
+def _against_eager(summary: pd.DataFrame) -> pd.DataFrame:
+    """`eager_step_latency_median_s` of each compiled cell: the median step of the same cell uncompiled on the
+    same device, where the summary has it `ok`, so a compile that did not pay off shows."""
+
+    def twin_key(cell: pd.Series) -> tuple:
+        axes = tuple(None if pd.isna(cell[column]) else cell[column] for column in EAGER_TWIN_COLUMNS)
+        return (*axes, device_label(cell["gpu_name"]))
+
+    summary = summary.copy()
+    eager_steps: dict[tuple, float] = {}
+    for _, cell in summary[(summary["compile"] == "off") & (summary["status"] == "ok")].iterrows():
+        eager_steps.setdefault(twin_key(cell), cell["step_latency_median_s"])
+    summary["eager_step_latency_median_s"] = [
+        eager_steps.get(twin_key(cell), np.nan) if cell["compile"] != "off" else np.nan
+        for _, cell in summary.iterrows()
+    ]
     return summary
 
 

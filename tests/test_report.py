@@ -78,6 +78,7 @@ def test_a_compiled_cell_is_flagged_for_graph_breaks_and_int8pack_rewrites(smoke
         "default",
         9.0,
     )
+    compiled.step_latency_median_s = read_results(results)["step_latency_median_s"].min() / 2  # faster than eager
     counts = CompileCounts(35, 6, 67, 0, 0, int8_weight_only_rewrites=30, graph_breaks=17)
     compiled.compile_counts = json.dumps(dataclasses.asdict(counts))
     ResultsFolder(folder).write_cell(compiled.cell_id, [compiled])
@@ -87,6 +88,38 @@ def test_a_compiled_cell_is_flagged_for_graph_breaks_and_int8pack_rewrites(smoke
     assert ">30 linears rewritten into _weight_int8pack_mm</span>" in summary
     assert 'inductor = "stock-no-pattern-matcher"' in summary, "the flag names the preset that avoids it"
     assert summary.count('class="compile recompiled"') == 2, "the smoke run's own cells are eager: no flags"
+
+
+def test_a_compiled_cell_is_compared_with_the_same_cell_eager(smoke_run, tmp_path):
+    from html import unescape
+
+    from bench.summary import cell_summary
+
+    _, results, _ = smoke_run
+    folder = tmp_path / "results"
+    shutil.copytree(results, folder)
+    eager = _first_row(results)
+    eager_step = cell_summary(read_results(results)).set_index("cell_id").loc[eager.cell_id, "step_latency_median_s"]
+    for cell_id, step, dtype in (("f" * 12, eager_step / 2, eager.dtype), ("s" * 12, eager_step * 2, eager.dtype),
+                                 ("o" * 12, eager_step / 2, "other")):  # fmt: skip
+        compiled = dataclasses.replace(eager, cell_id=cell_id, cell_label=f"{cell_id} compile=default", dtype=dtype)
+        compiled.compile, compiled.step_latency_median_s = "default", step
+        ResultsFolder(folder).write_cell(cell_id, [compiled])
+    summary = cell_summary(read_results(folder)).set_index("cell_id")
+    assert summary.loc["f" * 12, "eager_step_latency_median_s"] == eager_step
+    assert pd.isna(summary.loc["o" * 12, "eager_step_latency_median_s"]), "another dtype: no eager twin"
+    assert summary["eager_step_latency_median_s"].notna().sum() == 2, "eager cells compare with nothing"
+    html = unescape(write_report(folder, tmp_path / "report.html").read_text())
+    rows = {
+        cell_id: html.split(f"<code>{cell_id}</code>")[1].split("</tr>")[0]
+        for cell_id in ("f" * 12, "s" * 12, "o" * 12)
+    }
+    assert ">2.00× faster than eager</span>" in rows["f" * 12] and "recompiled" not in rows["f" * 12]
+    assert (
+        f'class="compile recompiled" title="the same cell uncompiled: {eager_step:.4f} s a step (median)">slower than eager'
+        in rows["s" * 12]
+    )
+    assert "than eager" not in rows["o" * 12]
 
 
 def test_phases_run_says_how_long_a_cell_ran_and_what_it_finished():

@@ -241,12 +241,24 @@ def _summary_row(cell: pd.Series) -> dict[str, Any]:
         "compile_work": _compile_work(counts, cell["inductor_cache_at_start"]),
         "timed_compiles": _number(cell["timed_compiles"] or None, "{:.0f}"),  # 0 recompiles: nothing to flag
         "compile_flags": _compile_flags(counts) if counts else [],
+        "against_eager": _against_eager(cell["step_latency_median_s"], cell["eager_step_latency_median_s"]),
         "speedup": _number(cell["speedup"], "{:.2f}×"),
         "memory_saving": _number(cell["memory_saving"] * 100, "{:.1f} %"),
         "drift": drift,
         "gate": cell["gate_status"] if isinstance(cell["gate_status"], str) else "–",
         "gate_failures": cell["gate_failures"] if isinstance(cell["gate_failures"], str) else None,
     }
+
+
+def _against_eager(step_s: float, eager_step_s: float) -> dict[str, Any] | None:
+    """A compiled cell's median step against its eager twin's: a text, whether compiling lost, and its hover
+    title; None without both."""
+    if pd.isna(step_s) or pd.isna(eager_step_s):
+        return None
+    title = f"the same cell uncompiled: {eager_step_s:.4f} s a step (median)"
+    if step_s > eager_step_s:
+        return {"text": f"slower than eager ({eager_step_s:.4f} s)", "slower": True, "title": title}
+    return {"text": f"{eager_step_s / step_s:.2f}× faster than eager", "slower": False, "title": title}
 
 
 def _compile_flags(counts: CompileCounts) -> list[dict[str, str]]:
