@@ -241,7 +241,7 @@ def _summary_row(cell: pd.Series) -> dict[str, Any]:
         "compile_work": _compile_work(counts, cell["inductor_cache_at_start"]),
         "timed_compiles": _number(cell["timed_compiles"] or None, "{:.0f}"),  # 0 recompiles: nothing to flag
         "compile_flags": _compile_flags(counts) if counts else [],
-        "against_eager": _against_eager(cell["step_latency_median_s"], cell["eager_step_latency_median_s"]),
+        "against_eager": _step_against_eager(cell["step_latency_median_s"], cell["eager_step_latency_median_s"]),
         "speedup": _number(cell["speedup"], "{:.2f}×"),
         "memory_saving": _number(cell["memory_saving"] * 100, "{:.1f} %"),
         "drift": drift,
@@ -250,7 +250,7 @@ def _summary_row(cell: pd.Series) -> dict[str, Any]:
     }
 
 
-def _against_eager(step_s: float, eager_step_s: float) -> dict[str, Any] | None:
+def _step_against_eager(step_s: float, eager_step_s: float) -> dict[str, Any] | None:
     """A compiled cell's median step against its eager twin's: a text, whether compiling lost, and its hover
     title; None without both."""
     if pd.isna(step_s) or pd.isna(eager_step_s):
