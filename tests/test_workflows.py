@@ -12,6 +12,8 @@ from pathlib import Path
 import yaml
 
 from bench.cli import build_parser
+from bench.matrix import load_matrix
+from bench.store import read_results
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -77,3 +79,15 @@ def test_the_workflow_passes_quantbench_run_only_options_it_has():
         run_args = [arg for arg in posargs if arg != "--quick"]
         args = build_parser().parse_args(["run", "matrices/flux-dev-h100.toml", *run_args])
         assert args.executor == executor and args.max_time == (1500 if max_time else None)
+
+
+def test_the_committed_reference_the_nightly_compares_against_has_a_row_for_every_cell_of_its_matrix():
+    gpu_session = (ROOT / "noxfile.py").read_text().split("\ndef gpu(")[1].split("\ndef ")[0]
+    matrix_path, reference = re.search(
+        r'"run", "(matrices/[^"]+)".*?"compare",\s*"([^"]+)"', gpu_session, re.S
+    ).groups()
+    cells = {cell.id: cell.label for cell in load_matrix(ROOT / matrix_path).cells}
+    rows = read_results(ROOT / reference)
+    missing = sorted(label for cell_id, label in cells.items() if cell_id not in set(rows["cell_id"]))
+    assert not missing, f"{reference} has no row for: {missing} (rerun them, or the matrix changed their ids)"
+    assert set(rows["weights"]) == {"synthetic"}  # real-size shapes, random weights: never presented as quality
