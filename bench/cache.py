@@ -12,6 +12,8 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from bench.atomic import replace_folder
+
 
 def cache_dir(kind: str) -> Path:
     """`$QUANTBENCH_CACHE/<kind>` (default `~/.cache/quantbench/<kind>`), created if missing."""
@@ -99,7 +101,7 @@ def build_once(target: Path, build: Callable[[Path], None]) -> Path:
             scratch = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
             try:
                 build(scratch)
-                os.replace(scratch, target)
+                replace_folder(scratch, target)
             finally:
                 shutil.rmtree(scratch, ignore_errors=True)
     return target

@@ -14,6 +14,7 @@ from typing import Any
 
 import pandas as pd
 
+from bench.contract import Status
 from bench.errors import UserError
 from bench.store import read_results
 from bench.summary import cell_summary, cells_that_ran, device_label, run_times
@@ -53,7 +54,7 @@ def compare_frames(old: pd.DataFrame, new: pd.DataFrame, thresholds: Thresholds 
             records.append(record)
             continue
         regressions = []
-        if before["status"] == "ok" and after["status"] != "ok":
+        if before["status"] == Status.OK and after["status"] != Status.OK:
             regressions.append(f"status {before['status']} -> {after['status']}")
         for column in MEMORY_COLUMNS:
             change = _relative(before[column], after[column])

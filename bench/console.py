@@ -21,19 +21,20 @@ from rich.progress import (
 from rich.table import Table
 
 from bench.cells import Cell
+from bench.contract import WORST_FIRST, Status
 from bench.executors import Executor
 from bench.matrix import Matrix
-from bench.store import WORST_FIRST, ResultsFolder, read_results, read_runs
+from bench.store import ResultsFolder, read_results, read_runs
 from bench.summary import cells_that_ran
 
 console = Console(highlight=False, width=None if sys.stdout.isatty() else 160)
 STATUS_STYLE = {
-    "ok": "green",
-    "failed": "red",
-    "oom": "red",
-    "timeout": "red",
-    "skipped": "yellow",
-    "unsupported": "yellow",
+    Status.OK: "green",
+    Status.FAILED: "red",
+    Status.OOM: "red",
+    Status.TIMEOUT: "red",
+    Status.SKIPPED: "yellow",
+    Status.UNSUPPORTED: "yellow",
 }
 GIB = 1024**3
 
@@ -86,8 +87,8 @@ def _print_cells(matrix: Matrix, title: str, here: Callable[[Cell], str], result
     console.print(table)
     if shown:
         counts = Counter(statuses.values())
-        to_run = len(matrix.cells) - counts["ok"]
-        order = ("ok", *WORST_FIRST[:-1], "stopped", "not run")
+        to_run = len(matrix.cells) - counts[Status.OK]
+        order = (Status.OK, *WORST_FIRST[:-1], Status.STOPPED, "not run")
         console.print(
             f"in {results_dir}: "
             + ", ".join(f"{counts[status]} {status}" for status in order if counts[status])
@@ -98,7 +99,7 @@ def _print_cells(matrix: Matrix, title: str, here: Callable[[Cell], str], result
         timed = [cell.id for cell in matrix.cells if cell.id in walls.index]
         if timed:
             total = sum(walls[cell_id] for cell_id in timed)
-            not_ok = sum(walls[cell_id] for cell_id in timed if statuses[cell_id] != "ok")
+            not_ok = sum(walls[cell_id] for cell_id in timed if statuses[cell_id] != Status.OK)
             console.print(
                 f"their rows there record {total:.0f} s ({total / 60:.1f} min) of cell-process time for {len(timed)}"
                 f" of these {len(matrix.cells)} cells, {not_ok:.0f} s of it in cells not ok",

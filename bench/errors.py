@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import traceback
 from collections.abc import Iterable
 from pathlib import Path
+
+from bench.contract import Status
 
 
 class UserError(Exception):
@@ -51,3 +54,38 @@ def root_cause(error: BaseException) -> BaseException:
     while error.__cause__ or error.__context__:
         error = error.__cause__ or error.__context__
     return error
+
+
+class MethodUnavailable(Exception):
+    """A cell cannot run here: `status` is `skipped` (this machine) or `unsupported` (installed libraries)."""
+
+    def __init__(self, status: str, reason: str) -> None:
+        self.status = Status(status)
+        assert self.status in (Status.SKIPPED, Status.UNSUPPORTED)
+        self.reason = reason
+        super().__init__(f"{status}: {reason}")
+
+
+def classify(error: BaseException) -> Status:
+    """The row status for an exception raised inside a cell."""
+    if isinstance(error, MethodUnavailable):
+        return error.status
+    if type(error).__name__ == "OutOfMemoryError" or "out of memory" in str(error).lower():
+        return Status.OOM
+    return Status.FAILED
+
+
+def describe(error: BaseException) -> str:
+    """A failed cell's error text: the reason of a MethodUnavailable, else the end of the traceback plus the root
+    cause when libraries wrap it (diffusers hides why a pickled checkpoint was refused behind a generic OSError)."""
+    if isinstance(error, MethodUnavailable):
+        return error.reason
+    text = "".join(traceback.format_exception(error)[-6:]).strip()
+    root = root_cause(error)
+    if root is not error:
+        text += f"\ncaused by {type(root).__name__}: {first_line(root)}"
+    if type(root).__name__ == "UnpicklingError":
+        text += (
+            "\nquantbench loads pickled checkpoints only with torch.load(weights_only=True); convert it to safetensors"
+        )
+    return text

@@ -20,8 +20,10 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from bench.cache import cache_dir, inductor_cache_dir
-from bench.cell import FAULT_ENV, PHASE_PREFIX, CellResult, CellSpec
-from bench.heartbeat import COMPILE_PROGRESS, HEARTBEAT_ENV
+from bench.contract import CellResult, CellSpec, Measurements, Status
+from bench.faults import FAULT_ENV
+from bench.heartbeat import HEARTBEAT_ENV
+from bench.parent_death import PARENT_ENV
 
 LOG_TAIL_CHARS = 4000
 PACKAGE_ROOT = Path(__file__).resolve().parent.parent
@@ -84,7 +86,7 @@ def installed_without_bytecode(package: str = "diffusers") -> bool:
 def launch_cell(
     job: CellJob, env: dict[str, str] | None = None, on_start: Callable[[subprocess.Popen], None] | None = None
 ) -> CellOutcome:
-    """Run `job` in a fresh `python -m bench.cell` under its time limit; any ending becomes a CellOutcome.
+    """Run `job` in a fresh `python -m bench.worker` under its time limit; any ending becomes a CellOutcome.
 
     `env` adds to the cell's environment (e.g. CUDA_VISIBLE_DEVICES); `on_start` receives the process so an
     executor can kill it when the run is interrupted.
@@ -96,17 +98,17 @@ def launch_cell(
         spec_path = Path(scratch) / "spec.json"
         spec.save(spec_path)
         log_path = Path(scratch) / "cell.log"
-        cell_env = cell_environment({**job.env, **(env or {})})
+        cell_env = cell_environment({**job.env, **(env or {}), PARENT_ENV: str(os.getpid())})
         start = time.perf_counter()
         with open(log_path, "w") as log:
             process = subprocess.Popen(
-                [sys.executable, "-m", "bench.cell", str(spec_path)],
+                [sys.executable, "-m", "bench.worker", str(spec_path)],
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
                 env=cell_env,
-                start_new_session=True,  # the whole process group can be killed on timeout
-                preexec_fn=_die_with_parent,
+                start_new_session=True,  # the whole process group can be killed on timeout; the cell itself
+                # asks to die with this process (bench.parent_death)
             )
             if on_start:
                 on_start(process)
@@ -125,16 +127,17 @@ def launch_cell(
             result = CellResult.load(spec.result_path)
         else:  # killed from outside: the row keeps the phases the cell finished, the error says where it was
             if returncode is None:
-                status, error = "timeout", f"the cell ran past run.timeout_s = {job.timeout_s:g} s and was killed"
+                status, error = Status.TIMEOUT, f"the cell ran past run.timeout_s = {job.timeout_s:g} s and was killed"
             else:
                 how = f"signal {signal.Signals(-returncode).name}" if returncode < 0 else f"exit code {returncode}"
-                status, error = "failed", f"the cell process died ({how}) before reporting a result"
-            if where := last_phase_line(log_text):
-                error += f"; the last line of its log: {where}"
-            progress = CellResult.load(spec.progress_path).measurements if spec.progress_path.exists() else {}
-            result = CellResult(status=status, error=error, measurements=progress)
-        result.measurements["cell_wall_s"] = wall_s
-        result.measurements["log_tail"] = log_text[-LOG_TAIL_CHARS:]
+                status, error = Status.FAILED, f"the cell process died ({how}) before reporting a result"
+            progress = CellResult.load(spec.progress_path) if spec.progress_path.exists() else None
+            if progress is not None and progress.phase:
+                error += f"; the last line of its log: {progress.phase}"
+            measurements = progress.measurements if progress is not None else Measurements()
+            result = CellResult(status=status, error=error, measurements=measurements)
+        result.measurements.cell_wall_s = wall_s
+        result.measurements.log_tail = log_text[-LOG_TAIL_CHARS:]
         files = {
             str(path.relative_to(output)): path.read_bytes()
             for path in sorted(output.rglob("*"))
@@ -143,18 +146,3 @@ def launch_cell(
     return CellOutcome(
         result, files, log_text, socket.gethostname(), cell_env.get("CUDA_VISIBLE_DEVICES"), spec.attempt
     )
-
-
-def last_phase_line(log_text: str) -> str | None:
-    """The cell's last `[quantbench]` line (a phase that ended, or a heartbeat naming the one running), without
-    torch.compile's counts; None if it wrote none."""
-    lines = [line for line in log_text.splitlines() if line.startswith(PHASE_PREFIX)]
-    return lines[-1].removeprefix(PHASE_PREFIX).split(COMPILE_PROGRESS)[0] if lines else None
-
-
-def _die_with_parent() -> None:
-    """In the cell process: get SIGKILL when the launcher dies, even by SIGKILL, so no orphan holds the GPU."""
-    import ctypes
-
-    PR_SET_PDEATHSIG = 1
-    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)

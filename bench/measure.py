@@ -1,9 +1,8 @@
-"""Measurements: latency statistics, GPU and CPU memory, and the real byte size of a model's tensors."""
+"""Measurement arithmetic: latency statistics and the real byte size of a model's tensors (the trackers in
+bench/trackers/ take the measurements)."""
 
 from __future__ import annotations
 
-import resource
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -27,47 +26,6 @@ class Stats:
         data = np.asarray(values, dtype=float)
         q1, median, q3 = np.percentile(data, [25, 50, 75])
         return cls(float(median), float(q3 - q1), float(data.mean()), float(data.min()), float(data.max()), len(data))
-
-
-class Clock:
-    """perf_counter that waits for queued CUDA work first, so GPU time is inside the interval."""
-
-    def __init__(self, cuda: bool) -> None:
-        self.cuda = cuda
-
-    def now(self) -> float:
-        if self.cuda:
-            import torch
-
-            torch.cuda.synchronize()
-        return time.perf_counter()
-
-
-@dataclass(frozen=True)
-class GpuMemory:
-    """torch's CUDA allocator counters, in bytes."""
-
-    max_reserved_bytes: int
-    max_allocated_bytes: int
-
-
-def reset_gpu_peak() -> None:
-    import torch
-
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-
-
-def gpu_memory() -> GpuMemory:
-    import torch
-
-    torch.cuda.synchronize()
-    return GpuMemory(torch.cuda.max_memory_reserved(), torch.cuda.max_memory_allocated())
-
-
-def cpu_peak_rss_bytes() -> int:
-    """Peak resident set size of this process (Linux reports kilobytes)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def tensor_bytes(module: Any) -> int:

@@ -6,13 +6,16 @@ import json
 from datetime import UTC, datetime
 from typing import Any
 
-from bench.cell import CellResult
 from bench.cells import Cell
+from bench.contract import MEASUREMENT_NAMES, CellResult, Measurements, Status
 from bench.drift import Drift, gate_failures, notes_json
 from bench.measure import Stats
 from bench.methods import method_class
 from bench.store import SCHEMA_VERSION, ResultRow
 
+_UNMAPPED = set(MEASUREMENT_NAMES) - set(ResultRow.__dataclass_fields__)
+if _UNMAPPED:  # the contract and the row schema must agree: a measurement is never dropped on the way
+    raise RuntimeError(f"measurements without a result column: {', '.join(sorted(_UNMAPPED))}")
 NO_GPU_NOTE = "no CUDA device: the cell ran on the CPU, GPU memory was not measured"
 
 
@@ -56,7 +59,7 @@ def cell_rows(
         "max_sequence_length": generation.max_sequence_length,
         "repeats": generation.repeats,
         **context,
-        **{k: v for k, v in result.measurements.items() if k in ResultRow.__dataclass_fields__},
+        **measurement_columns(result.measurements),
     }
     if context.get("device") == "cpu":
         base["gpu_memory_note"] = NO_GPU_NOTE
@@ -71,13 +74,18 @@ def cell_rows(
             if sample is not None:
                 _fill_sample(row, sample)
                 _extrapolate(row, generation.extrapolate_to_steps)
-            elif result.status == "ok":
-                row.status, row.error = "failed", "the cell finished without measuring this prompt and seed"
+            elif result.status == Status.OK:
+                row.status, row.error = Status.FAILED, "the cell finished without measuring this prompt and seed"
             if drift and (prompt_index, seed) in drift:
                 _fill_drift(row, drift[(prompt_index, seed)])
             rows.append(row)
     _apply_gates(rows, matrix.spec.gates)
     return rows
+
+
+def measurement_columns(measurements: Measurements) -> dict[str, Any]:
+    """The row columns a cell's measurements fill: each measurement goes to the column of its name."""
+    return {name: getattr(measurements, name) for name in MEASUREMENT_NAMES}
 
 
 def _extrapolate(row: ResultRow, steps: int | None) -> None:
@@ -101,7 +109,7 @@ def _apply_gates(rows: list[ResultRow], gates: dict[str, float]) -> None:
     """Mark every row of the cell with the verdict of the matrix's quality gates on the cell's means."""
     if not gates:
         return
-    scored = [row for row in rows if row.status == "ok"]
+    scored = [row for row in rows if row.status == Status.OK]
     means = {}
     for metric in {gate.split("_", 1)[1] for gate in gates}:
         values = [getattr(row, metric) for row in scored if getattr(row, metric) is not None]
@@ -122,4 +130,4 @@ def _fill_sample(row: ResultRow, sample: Any) -> None:
     row.image_path = f"images/{row.cell_id}/{sample.image_file}" if sample.image_file else None
     row.image_finite = sample.image_finite
     if not sample.image_finite:
-        row.status, row.error = "failed", "the generated image has NaN or inf values"
+        row.status, row.error = Status.FAILED, "the generated image has NaN or inf values"

@@ -8,7 +8,6 @@ skips finished cells, with any executor.
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import subprocess
 import time
@@ -20,11 +19,10 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Protocol
 
-from bench.baseline import Reference, ReferenceCache, reference_key
 from bench.capability import Verdict, check_cell
-from bench.cell import CellResult, CellSpec
 from bench.cells import Cell
-from bench.drift import METRICS, Drift, DriftScorer, load_image
+from bench.comparison import ReferenceComparison
+from bench.contract import CellResult, CellSpec, Status, worst_status
 from bench.environment import Machine, collect_environment, detect_machine
 from bench.errors import UserError
 from bench.executors import Executor, WorkerLost
@@ -33,7 +31,7 @@ from bench.launch import CellJob, CellOutcome
 from bench.matrix import Matrix
 from bench.models import ResolvedModel, resolve_model
 from bench.rows import cell_rows
-from bench.store import ResultsFolder, worst_status
+from bench.store import ResultsFolder
 
 log = logging.getLogger(__name__)
 MAX_ATTEMPTS = 2  # a cell whose worker is lost is retried once, then recorded as failed
@@ -129,7 +127,14 @@ def run_matrix(
             if progress:
                 progress.planned(len(todo))
             with run.timing("reference_s"):
-                comparison = _Comparison(ready, folder, summary, pool) if matrix.drift.enabled and todo else None
+                comparison = (
+                    ReferenceComparison(
+                        ready, folder, lambda cell, gen: submit_with_retry(pool, _job(ready, cell, gen))
+                    )
+                    if matrix.drift.enabled and todo
+                    else None
+                )
+                summary.reference_runs += bool(comparison and comparison.ran_reference)
             context = {**_row_context(ready), "executor": pool.name, **(comparison.row_fields() if comparison else {})}
 
             def record(cell: Cell, result: CellResult) -> None:
@@ -206,7 +211,7 @@ class RunRecord:
             setattr(self, phase, getattr(self, phase) + time.monotonic() - start)
 
     def count_cell(self, result: CellResult) -> None:
-        wall = result.measurements.get("cell_wall_s")
+        wall = result.measurements.cell_wall_s
         if wall is not None:  # skipped and unsupported cells never ran
             self.cells_run += 1
             self.cell_s += wall
@@ -267,15 +272,15 @@ def _collect(future: Future[CellOutcome], folder: ResultsFolder, cell_id: str) -
         outcome = future.result()
     except WorkerLost as error:
         return CellResult(
-            status="failed", error=f"the worker running the cell was lost on {MAX_ATTEMPTS} attempts: {error}"
+            status=Status.FAILED, error=f"the worker running the cell was lost on {MAX_ATTEMPTS} attempts: {error}"
         )
     except Exception as error:  # the executor itself failed on this cell; the run goes on
         return CellResult(
-            status="failed", error=f"the executor could not run the cell: {type(error).__name__}: {error}"
+            status=Status.FAILED, error=f"the executor could not run the cell: {type(error).__name__}: {error}"
         )
     folder.write_cell_files(cell_id, outcome.files, outcome.log)
     outcome.result.measurements.update(
-        host=outcome.host, cuda_visible_devices=outcome.cuda_visible_devices, attempts=outcome.attempt
+        {"host": outcome.host, "cuda_visible_devices": outcome.cuda_visible_devices, "attempts": outcome.attempt}
     )
     return outcome.result
 
@@ -294,90 +299,6 @@ def _job(ready: Plan, cell: Cell, generation: dict[str, Any] | None = None) -> C
         trust_pickled_checkpoints=run.trust_pickled_checkpoints,
     )
     return CellJob.for_spec(spec, run.timeout_s)
-
-
-class _Comparison:
-    """The reference images of a run (made once, then cached) and the scorer that compares cells with them."""
-
-    def __init__(self, ready: Plan, folder: ResultsFolder, summary: RunSummary, pool: Executor) -> None:
-        matrix = ready.matrix
-        self.ready = ready
-        self.pool = pool
-        self.folder = folder
-        self.dtype = matrix.drift.reference_dtype
-        self.scorer = DriftScorer(matrix.clip_model(), matrix.drift.lpips)
-        self.references, self.problem = self._references(summary)
-
-    def _keys(self) -> dict[tuple[int, int], str]:
-        matrix = self.ready.matrix
-        device = self.ready.machine.gpu_name if self.ready.device == "cuda" else "cpu"
-        generation = matrix.generation.identity()
-        return {
-            (index, seed): reference_key(matrix.model.key(), generation, prompt, seed, self.dtype, device)
-            for index, prompt in enumerate(matrix.generation.prompts)
-            for seed in matrix.generation.seeds
-        }
-
-    def _references(self, summary: RunSummary) -> tuple[dict[tuple[int, int], Reference], str | None]:
-        cache = ReferenceCache()
-        keys = self._keys()
-        found = {pair: cache.get(key) for pair, key in keys.items()}
-        if all(found.values()):
-            return found, None
-        summary.reference_runs += 1
-        cell = Cell(method="baseline", dtype=self.dtype).with_id({"reference": list(keys.values())})
-        generation = {**self.ready.matrix.generation.model_dump(), "repeats": 1, "warmup": 0}
-        try:
-            outcome = submit_with_retry(self.pool, _job(self.ready, cell, generation)).result()
-        except Exception as error:
-            return {}, f"the reference run ({self.dtype} baseline) could not run: {type(error).__name__}: {error}"
-        (self.folder.logs_dir / "reference.log").write_text(outcome.log)
-        result = outcome.result
-        if result.status != "ok":
-            last_line = (result.error or "").strip().splitlines()[-1:] or ["no error text"]
-            return {}, f"the reference run ({self.dtype} baseline) ended {result.status}: {last_line[0]}"
-        for pair, key in keys.items():
-            stem = f"p{pair[0]}_s{pair[1]}"
-            image = outcome.files.get(f"images/{stem}.png")
-            if image is None:
-                return {}, f"the reference image for prompt {pair[0]}, seed {pair[1]} has NaN or inf values"
-            found[pair] = cache.put(key, image, outcome.files.get(f"latents/{stem}.safetensors"))
-        return found, None
-
-    def row_fields(self) -> dict[str, Any]:
-        return {"reference_dtype": self.dtype, "metric_models": json.dumps(self.scorer.models(), sort_keys=True)}
-
-    def score(self, cell: Cell, result: CellResult) -> dict[tuple[int, int], Drift]:
-        """Drift of each of the cell's images; metrics are missing, with the reason, where they cannot be computed."""
-        scores = {}
-        prompts = self.ready.matrix.generation.prompts
-        for sample in result.samples:
-            pair = (sample.prompt_index, sample.seed)
-            reference = self.references.get(pair)
-            if reference is None or not sample.image_file:
-                reason = self.problem or "the image has NaN or inf values"
-                scores[pair] = Drift()
-                for metric in METRICS:
-                    scores[pair].missing(metric, reason)
-                continue
-            stem = f"p{pair[0]}_s{pair[1]}"
-            scores[pair] = self.scorer.score(
-                load_image(self.folder.images_dir / cell.id / sample.image_file),
-                load_image(reference.image_path),
-                _latents(self.folder.latents_dir / cell.id / f"{stem}.safetensors"),
-                _latents(reference.latents_path),
-                prompts[pair[0]],
-            )
-            scores[pair].reference_key = reference.key
-        return scores
-
-
-def _latents(path: Path) -> Any | None:
-    if not path.exists():
-        return None
-    from safetensors.torch import load_file
-
-    return load_file(str(path))["latents"]
 
 
 def _row_context(ready: Plan) -> dict[str, Any]:

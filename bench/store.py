@@ -25,18 +25,14 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from bench.atomic import atomic_path, write_bytes_atomic
+from bench.contract import ROW_STATUSES, Status, worst_status
 from bench.errors import UserError
 
 SCHEMA_VERSION = 1
-STATUSES = ("ok", "failed", "oom", "timeout", "skipped", "unsupported")
+STATUSES = ROW_STATUSES  # (WORST_FIRST and worst_status: bench.contract)
 INTERRUPTED_LOG_SUFFIX = ".interrupted.log"  # logs/<cell id>.interrupted.log: a cell stopped while running
 RUNS_FILE = "runs.jsonl"  # one line per `quantbench run` invocation on the folder (runner.RunRecord)
-WORST_FIRST = ("failed", "oom", "timeout", "unsupported", "skipped", "ok")
-
-
-def worst_status(statuses: set[str]) -> str:
-    """A cell's status from its rows' statuses: the worst one."""
-    return next(status for status in WORST_FIRST if status in statuses)
 
 
 log = logging.getLogger(__name__)
@@ -225,21 +221,16 @@ class ResultsFolder:
         return self.cells_dir / f"{cell_id}.parquet"
 
     def write_cell(self, cell_id: str, rows: list[ResultRow]) -> Path:
-        """Write a cell's rows: a temporary file, fsynced, then renamed over any earlier part."""
+        """Write a cell's rows atomically over any earlier part."""
         table = pa.Table.from_pylist([dataclasses.asdict(r) for r in rows], schema=SCHEMA)
         target = self.part_path(cell_id)
-        temporary = target.with_name(f".{cell_id}.{os.getpid()}.tmp")
         try:
-            pq.write_table(table, temporary)
-            with open(temporary, "rb") as handle:
-                os.fsync(handle.fileno())
-            os.replace(temporary, target)
+            with atomic_path(target) as temporary:
+                pq.write_table(table, temporary)
         except OSError as error:  # full or read-only disk: stop with a clear message; earlier parts stay as they were
             raise UserError(
                 f"{self.root}: cannot write the results of cell {cell_id}: {error.strerror or error}"
             ) from None
-        finally:
-            temporary.unlink(missing_ok=True)
         return target
 
     def write_cell_files(self, cell_id: str, files: dict[str, bytes], log: str) -> None:
@@ -252,8 +243,8 @@ class ResultsFolder:
                 kind, _, rest = name.partition("/")
                 target = self.root / kind / cell_id / rest
                 target.parent.mkdir(parents=True, exist_ok=True)
-                _write_atomically(target, data)
-            _write_atomically(self.logs_dir / f"{cell_id}.log", log.encode())
+                write_bytes_atomic(target, data)
+            write_bytes_atomic(self.logs_dir / f"{cell_id}.log", log.encode())
             self.interrupted_log_path(cell_id).unlink(missing_ok=True)
         except OSError as error:
             raise UserError(
@@ -271,7 +262,7 @@ class ResultsFolder:
         earlier = path.read_bytes() if path.exists() else b""
         stopped = datetime.now(UTC).isoformat(timespec="seconds")
         header = f"===== stopped after {ran_s:.0f} s, at {stopped} =====\n"
-        _write_atomically(path, earlier + header.encode() + log.encode())
+        write_bytes_atomic(path, earlier + header.encode() + log.encode())
 
     def append_run(self, record: dict[str, Any]) -> None:
         """Add one invocation's record (see runner.RunRecord) to `runs.jsonl`."""
@@ -299,7 +290,7 @@ class ResultsFolder:
             if table.num_rows
         }
         for cell_id in self.interrupted_cell_ids():
-            statuses.setdefault(cell_id, "stopped")
+            statuses.setdefault(cell_id, Status.STOPPED)
         return statuses
 
     def interrupted_cell_ids(self) -> list[str]:
@@ -309,18 +300,12 @@ class ResultsFolder:
 
     def completed_cell_ids(self) -> set[str]:
         """Cells whose every row has status ok: a resumed run skips these."""
-        return {cell_id for cell_id, status in self.cell_statuses().items() if status == "ok"}
+        return {cell_id for cell_id, status in self.cell_statuses().items() if status == Status.OK}
 
     def read_table(self) -> pa.Table:
         """All rows of the folder as one table (empty, with the schema, when there are none)."""
         parts = list(self.read_parts().values())
         return pa.concat_tables(parts) if parts else SCHEMA.empty_table()
-
-
-def _write_atomically(target: Path, data: bytes) -> None:
-    temporary = target.with_name(f".{target.name}.{os.getpid()}.tmp")
-    temporary.write_bytes(data)
-    os.replace(temporary, target)
 
 
 def read_runs(path: str | Path) -> list[dict[str, Any]]:

@@ -13,9 +13,9 @@ import numpy as np
 import pandas as pd
 from scipy import stats as scipy_stats
 
+from bench.contract import Status, worst_status
 from bench.drift import METRICS
 from bench.heartbeat import warmup_step_speed
-from bench.store import worst_status
 
 CELL_COLUMNS = (
     "cell_label", "method", "method_family", "method_options", "dtype", "threshold", "compile", "fullgraph", "inductor", "regional",
@@ -45,7 +45,7 @@ def cell_summary(frame: pd.DataFrame) -> pd.DataFrame:
         first = rows.iloc[0]
         record = {"cell_id": cell_id, **{c: first.get(c) for c in CELL_COLUMNS}}
         record["status"] = worst_status(set(rows["status"]))
-        errors = rows.loc[rows["status"] != "ok", "error"].dropna()
+        errors = rows.loc[rows["status"] != Status.OK, "error"].dropna()
         record["error"] = errors.iloc[0] if len(errors) else None
         record["rows"] = len(rows)
         record["e2e_latency_median_s"] = rows["e2e_latency_median_s"].median()
@@ -53,7 +53,7 @@ def cell_summary(frame: pd.DataFrame) -> pd.DataFrame:
         record["step_latency_median_s"] = rows["step_latency_median_s"].median()
         record["step_latency_iqr_s"] = rows["step_latency_iqr_s"].median()
         record["e2e_latency_extrapolated_s"] = rows["e2e_latency_extrapolated_s"].median()
-        ok = rows[rows["status"] == "ok"]
+        ok = rows[rows["status"] == Status.OK]
         for metric in METRICS:
             mean, low, high = mean_ci(ok[metric]) if metric in ok else (None, None, None)
             record[metric], record[f"{metric}_ci_low"], record[f"{metric}_ci_high"] = mean, low, high
@@ -80,7 +80,9 @@ def _against_baseline(summary: pd.DataFrame) -> pd.DataFrame:
     summary["speedup"] = np.nan
     summary["memory_saving"] = np.nan
     summary["transformer_size_ratio"] = np.nan
-    baselines = summary[(summary["method"] == "baseline") & (summary["compile"] == "off") & (summary["status"] == "ok")]
+    baselines = summary[
+        (summary["method"] == "baseline") & (summary["compile"] == "off") & (summary["status"] == Status.OK)
+    ]
     for index, cell in summary.iterrows():
         candidates = baselines[
             (baselines["placement"] == cell["placement"])
@@ -111,7 +113,7 @@ def _against_eager(summary: pd.DataFrame) -> pd.DataFrame:
 
     summary = summary.copy()
     eager_steps: dict[tuple, float] = {}
-    for _, cell in summary[(summary["compile"] == "off") & (summary["status"] == "ok")].iterrows():
+    for _, cell in summary[(summary["compile"] == "off") & (summary["status"] == Status.OK)].iterrows():
         eager_steps.setdefault(twin_key(cell), cell["step_latency_median_s"])
     summary["eager_step_latency_median_s"] = [
         eager_steps.get(twin_key(cell), np.nan) if cell["compile"] != "off" else np.nan

@@ -94,9 +94,9 @@ def malformed(draw) -> tuple[dict | bytes, str]:
 def _allowed(axis: str) -> tuple[str, ...]:
     """The values an enum axis accepts (Hypothesis also tries strings it finds in our source, valid ones too)."""
     from bench.cells import DTYPES
+    from bench.compilation import INDUCTOR_PRESETS
     from bench.matrix import COMPILE_MODES, PLACEMENTS
     from bench.methods import method_names
-    from bench.placement import INDUCTOR_PRESETS
 
     allowed = {"dtype": tuple(DTYPES), "compile": COMPILE_MODES, "inductor": INDUCTOR_PRESETS, "placement": PLACEMENTS}
     return allowed.get(axis) or tuple(method_names())

@@ -10,7 +10,7 @@ import time
 import pandas as pd
 import pytest
 
-from bench.cell import CellResult, CellSpec
+from bench.contract import CellResult, CellSpec
 from bench.errors import UserError
 from bench.executors import make_executor
 from bench.executors.base import THREADS_ENV

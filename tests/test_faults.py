@@ -136,7 +136,7 @@ def _wait_for(predicate, timeout_s: float = 120) -> None:
 
 
 def _running_cell(driver: subprocess.Popen, cell_id: str):
-    """The driver's `bench.cell` child process running `cell_id`, or None."""
+    """The driver's `bench.worker` child process running `cell_id`, or None."""
     import psutil
 
     for child in psutil.Process(driver.pid).children(recursive=True):
@@ -144,7 +144,7 @@ def _running_cell(driver: subprocess.Popen, cell_id: str):
             command = child.cmdline()
         except psutil.Error:  # exited meanwhile
             continue
-        if "bench.cell" in command and json.loads(Path(command[-1]).read_text())["cell_id"] == cell_id:
+        if "bench.worker" in command and json.loads(Path(command[-1]).read_text())["cell_id"] == cell_id:
             return child
     return None
 

@@ -45,18 +45,21 @@ def test_heartbeat_adds_the_phase_detail_read_at_each_beat():
     assert lines[0].endswith("(0 steps done)") and lines[-1] != lines[0], "each beat reads the detail anew"
 
 
-def test_a_killed_cells_error_quotes_its_last_beat_without_the_compile_counts():
-    from bench.cell import PHASE_PREFIX
-    from bench.launch import last_phase_line
+def test_a_killed_cells_progress_file_holds_its_last_beat_without_the_compile_counts(tmp_path, capsys):
+    from bench.contract import CellResult, CellSpec
+    from bench.worker import PHASE_PREFIX, Progress
 
-    lines: list[str] = []
-    with heartbeat("warm-up", lines.append, every_s=0.05, detail=lambda: "1 of 4 denoising steps done"):
+    spec = CellSpec(cell={}, cell_id="c", model_folder="", components={}, generation={}, device="cpu")
+    spec.output_dir = str(tmp_path)
+    with heartbeat("warm-up", Progress(spec, CellResult()), every_s=0.05, detail=lambda: "1 of 4 denoising steps done"):
         time.sleep(0.12)
-    log = "a library's own output\n" + "\n".join(PHASE_PREFIX + line for line in lines) + "\nTraceback (most recent"
-    last = last_phase_line(log)
+    last = CellResult.load(spec.progress_path).phase
     assert last.startswith("warm-up: still running, ") and "(1 of 4 denoising steps done)" in last
     assert "torch.compile" not in last and "graphs compiled" not in last
-    assert last_phase_line("no phase line at all") is None
+    log = capsys.readouterr().out
+    assert log.startswith(PHASE_PREFIX + "warm-up: still running") and "torch.compile so far" in log, (
+        "the log keeps it all"
+    )
 
 
 def test_graph_breaks_are_counted_with_their_reasons_in_one_line_each():

@@ -8,6 +8,8 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 from pydantic import BaseModel, ConfigDict, model_validator
 
+from bench.errors import MethodUnavailable
+
 if TYPE_CHECKING:
     from bench.cells import Cell
     from bench.environment import Machine
@@ -41,16 +43,6 @@ class ConfigOptions(QuantizedOptions):
                 "pipeline_config and serialize exclude each other: the round trip saves components one by one"
             )
         return self
-
-
-class MethodUnavailable(Exception):
-    """A cell cannot run here: `status` is `skipped` (this machine) or `unsupported` (installed libraries)."""
-
-    def __init__(self, status: str, reason: str) -> None:
-        assert status in ("skipped", "unsupported")
-        self.status = status
-        self.reason = reason
-        super().__init__(f"{status}: {reason}")
 
 
 def needs_cuda(machine: Machine, what: str, min_capability: tuple[int, int] | None = None) -> None:

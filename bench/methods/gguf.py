@@ -14,6 +14,7 @@ from typing import Any, ClassVar, Literal
 
 from pydantic import model_validator
 
+from bench.atomic import write_text_atomic
 from bench.cache import build_once, cache_dir, make_room
 from bench.methods.base import Component, Method, MethodOptions, MethodUnavailable, QuantizedOptions
 
@@ -110,9 +111,7 @@ def content_digest(path: Path) -> str:
             for chunk in iter(lambda: handle.read(1 << 24), b""):
                 digest.update(chunk)
         memo[memo_key] = digest.hexdigest()
-        temporary = memo_file.with_name(f".digests.{id(memo)}.tmp")
-        temporary.write_text(json.dumps(memo))
-        temporary.replace(memo_file)
+        write_text_atomic(memo_file, json.dumps(memo))
     return memo[memo_key]
 
 

@@ -12,10 +12,12 @@ from typing import Any
 import pandas as pd
 from jinja2 import Environment, PackageLoader, select_autoescape
 
-from bench.baseline import ReferenceCache
+from bench.atomic import write_text_atomic
 from bench.cache import InductorCacheContents
+from bench.contract import Status
 from bench.errors import UserError
 from bench.heartbeat import CompileCounts, warmup_step_speed_in_log
+from bench.reference_cache import ReferenceCache
 from bench.report.plots import all_plots, colour, roofline
 from bench.store import ResultsFolder, read_results, read_runs
 from bench.summary import cell_summary, device_label, phases_run, run_times, time_breakdown
@@ -48,9 +50,7 @@ def write_report(results: Path, output: Path, kernels: Path | None = None) -> Pa
     html = render(frame, root, _kernel_section(kernels) if kernels else None)
     output = Path(output)
     output.parent.mkdir(parents=True, exist_ok=True)
-    temporary = output.with_name(output.name + ".tmp")
-    temporary.write_text(html, encoding="utf-8")
-    temporary.replace(output)
+    write_text_atomic(output, html)
     return output
 
 
@@ -73,7 +73,9 @@ def render(frame: pd.DataFrame, root: Path, kernels: dict[str, Any] | None = Non
         gpu_groups=_gpu_groups(cells),
         drift_headers=[label for _, label in DRIFT_COLUMNS],
         image_grid=_image_grid(frame, cells, root),
-        not_run=[{**cell.to_dict(), "ran": phases_run(cell)} for _, cell in cells.iterrows() if cell["status"] != "ok"],
+        not_run=[
+            {**cell.to_dict(), "ran": phases_run(cell)} for _, cell in cells.iterrows() if cell["status"] != Status.OK
+        ],
         unfinished=_unfinished_cells(runs, set(frame["cell_id"]), root),
         metric_notes=_metric_notes(frame),
         gpu_memory_notes=sorted(set(frame["gpu_memory_note"].dropna())),
@@ -327,7 +329,7 @@ def _image_grid(frame: pd.DataFrame, cells: pd.DataFrame, root: Path) -> list[di
     baseline_first = cells.sort_values("method", key=lambda m: m != "baseline", kind="stable")
     order = {cell_id: i for i, cell_id in enumerate(baseline_first["cell_id"])}
     grid = []
-    ok = frame[frame["status"] == "ok"]
+    ok = frame[frame["status"] == Status.OK]
     for (_, seed), rows in ok.groupby(["prompt_index", "seed"], sort=True):
         rows = rows.sort_values("cell_id", key=lambda ids: ids.map(order))
         tiles = []

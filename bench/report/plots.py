@@ -19,6 +19,7 @@ import pandas as pd  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 
 from bench.cells import compile_variant  # noqa: E402
+from bench.contract import Status  # noqa: E402
 
 FAMILY_COLOURS = {
     "baseline": "#333333",
@@ -188,7 +189,7 @@ def compile_comparison(cells: pd.DataFrame) -> Plot:
 
 def gguf_ladder(cells: pd.DataFrame) -> Plot:
     title = "GGUF type ladder"
-    gguf = cells[(cells["method"] == "gguf") & (cells["status"] == "ok")].copy()
+    gguf = cells[(cells["method"] == "gguf") & (cells["status"] == Status.OK)].copy()
     gguf["quant_type"] = [json.loads(o).get("quant_type") for o in gguf["method_options"]]
     gguf = gguf[gguf["quant_type"].isin(GGUF_BITS)]
     if gguf.empty:
@@ -214,7 +215,7 @@ def gguf_ladder(cells: pd.DataFrame) -> Plot:
 
 def all_plots(cells: pd.DataFrame) -> list[Plot]:
     """The report's plots over the cells that ran."""
-    ran = cells[cells["status"] == "ok"].reset_index(drop=True)
+    ran = cells[cells["status"] == Status.OK].reset_index(drop=True)
     if ran.empty:
         return [Plot("Plots", reason="no cell finished")]
     return [

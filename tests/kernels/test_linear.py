@@ -10,11 +10,11 @@ import functools
 
 import pytest
 
+from bench.compilation import inductor_changes, inductor_settings, restore_inductor_settings
 from bench.heartbeat import CompileCounts
 from bench.kernels.layers import LAYER_METHODS, SHRINK, build_layer, reference_linear, relative_l2, weight_bytes
 from bench.kernels.peaks import best_seconds
 from bench.methods.base import MethodUnavailable
-from bench.placement import inductor_changes, inductor_settings, restore_inductor_settings
 from tests.kernels.conftest import device, peaks, shapes, token_counts
 
 pytestmark = pytest.mark.kernels

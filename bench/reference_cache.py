@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from bench.atomic import replace_folder
 from bench.cache import cache_dir
 
 REFERENCE_VERSION = "1"
@@ -67,5 +67,5 @@ class ReferenceCache:
         if target.exists():  # written meanwhile by another run: keep the first
             shutil.rmtree(scratch)
         else:
-            os.replace(scratch, target)
+            replace_folder(scratch, target)
         return Reference(key, target)

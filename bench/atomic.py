@@ -1,0 +1,56 @@
+"""Atomic file writes: a reader (or a crash) sees the old file or the new one, never half of one."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+
+@contextlib.contextmanager
+def atomic_path(target: Path | str) -> Iterator[Path]:
+    """A temporary path in `target`'s folder to write; on success it is fsynced, renamed onto `target` and the
+    folder fsynced; on failure it is removed and `target` left as it was."""
+    target = Path(target)
+    handle, name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    os.close(handle)
+    temporary = Path(name)
+    try:
+        yield temporary
+        with open(temporary, "rb+") as written:
+            os.fsync(written.fileno())
+        os.replace(temporary, target)
+    except BaseException:
+        temporary.unlink(missing_ok=True)
+        raise
+    _fsync_folder(target.parent)
+
+
+def write_bytes_atomic(target: Path | str, data: bytes) -> None:
+    with atomic_path(target) as temporary:
+        temporary.write_bytes(data)
+
+
+def write_text_atomic(target: Path | str, text: str) -> None:
+    write_bytes_atomic(target, text.encode())
+
+
+def replace_folder(scratch: Path, target: Path) -> None:
+    """Move a fully written folder `scratch` (a sibling of `target`) into place, its files and folder synced."""
+    for path in scratch.rglob("*"):
+        if path.is_file():
+            with open(path, "rb") as written:
+                os.fsync(written.fileno())
+    _fsync_folder(scratch)
+    os.replace(scratch, target)
+    _fsync_folder(target.parent)
+
+
+def _fsync_folder(folder: Path) -> None:
+    descriptor = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)

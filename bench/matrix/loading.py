@@ -1,0 +1,92 @@
+"""Loading a matrix file: read the TOML, validate it into the schema, read its prompts, expand its cells."""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+from typing import Any
+
+from pydantic import ValidationError
+
+from bench.errors import MatrixError
+from bench.matrix.pydantic_errors import matrix_error
+from bench.matrix.rules import expand, matches, rule_keys
+from bench.matrix.schema import SAFE_NAME, Generation, Matrix, MatrixFile
+from bench.prompts import BUILTIN_PROMPTS, PromptFileError, read_prompt_file
+
+
+def load_matrix(path: str | Path, select: list[str] | tuple[str, ...] = ()) -> Matrix:
+    """Read, validate and expand a matrix file; MatrixError on any problem.
+
+    `select` keeps only the cells matching every `KEY=VALUE` (as in an exclude rule; `compile=off`,
+    `method=torchao`, `quant_type=int8wo`): a quick subset that shares ids, and so results, with the full run.
+    """
+    path = Path(path)
+    raw = _read_toml(path)
+    try:
+        spec = MatrixFile.model_validate(raw)
+    except ValidationError as error:
+        raise matrix_error(path, error) from None
+    spec = spec.model_copy(update={"generation": _with_prompts(path, spec.generation)})
+    name = spec.name or path.stem
+    if not SAFE_NAME.fullmatch(name) or ".." in name:
+        raise MatrixError(path, "name", "the matrix name (default: the file name) must be a safe folder name", name)
+    if spec.model.path and not (path.parent / spec.model.path).expanduser().is_dir():
+        raise MatrixError(path, "model.path", "no such folder", spec.model.path)
+    cells = expand(spec, path)
+    if select:
+        rule = dict(_select_item(path, item) for item in select)
+        rule_keys(spec, rule, path, "--select")
+        cells = [cell for cell in cells if matches(path, rule, cell, "--select")]
+        if not cells:
+            raise MatrixError(path, "--select", "no cell matches", " ".join(select))
+    return Matrix(path=path, name=name, spec=spec, cells=cells)
+
+
+def _select_item(path: Path, item: str) -> tuple[str, Any]:
+    """`KEY=VALUE` with VALUE read as TOML when it parses (numbers, booleans, lists), else as a string."""
+    key, sep, text = item.partition("=")
+    if not sep or not key:
+        raise MatrixError(path, "--select", "expected KEY=VALUE", item)
+    try:
+        value = tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = text
+    return key.strip(), value
+
+
+def _with_prompts(path: Path, generation: Generation) -> Generation:
+    """The generation settings with `prompt_file` read into `prompts`."""
+    source = generation.prompt_file
+    if not source:
+        return generation
+    if source.startswith("builtin:"):
+        name = source.removeprefix("builtin:")
+        if name not in BUILTIN_PROMPTS:
+            raise MatrixError(
+                path,
+                "generation.prompt_file",
+                "unknown built-in prompt set",
+                source,
+                [f"builtin:{n}" for n in BUILTIN_PROMPTS],
+            )
+        prompts = list(BUILTIN_PROMPTS[name])
+    else:
+        try:
+            prompts = read_prompt_file((path.parent / source).expanduser())
+        except PromptFileError as error:
+            raise MatrixError(path, "generation.prompt_file", str(error), source) from None
+    return generation.model_copy(update={"prompts": prompts})
+
+
+def _read_toml(path: Path) -> dict[str, Any]:
+    if not path.exists():
+        raise MatrixError(path, "", "matrix file not found")
+    if not path.is_file():
+        raise MatrixError(path, "", "not a file")
+    try:
+        return tomllib.loads(path.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError as error:
+        raise MatrixError(path, "", f"not UTF-8 text (byte {error.start})") from None
+    except tomllib.TOMLDecodeError as error:
+        raise MatrixError(path, "", f"invalid TOML: {error}") from None

@@ -1,0 +1,192 @@
+"""The matrix's cells: the product of its axes and method options, with the include, exclude and --select rules."""
+
+from __future__ import annotations
+
+import itertools
+import typing
+from pathlib import Path
+from typing import Any
+
+from pydantic import ValidationError
+
+from bench.cells import AXES, Cell
+from bench.errors import MatrixError
+from bench.matrix.pydantic_errors import matrix_error
+from bench.matrix.schema import Axes, MatrixFile
+from bench.methods import method_class, method_names
+from bench.methods.base import MethodOptions
+
+
+def expand(spec: MatrixFile, path: Path) -> list[Cell]:
+    """The cells of a matrix: the product of its axes, collapsed per method, with include/exclude applied."""
+    axes = spec.axes
+    for name in spec.method:  # options of a known method not on the axis are kept for later, not an error
+        try:
+            method_class(name)
+        except KeyError as error:
+            raise MatrixError(path, f"method.{name}", error.args[0], None, method_names()) from None
+    cells: list[Cell] = []
+    for name in axes.method:
+        for options in expand_options(path, name, spec.method.get(name, {})):
+            cells.extend(_product(axes, name, options))
+    for i, rule in enumerate(spec.exclude):
+        rule_keys(spec, rule, path, f"exclude.{i}")
+        cells = [cell for cell in cells if not matches(path, rule, cell, f"exclude.{i}")]
+    cells += [_included_cell(path, spec, rule, f"include.{i}") for i, rule in enumerate(spec.include)]
+    for cell in cells:
+        _check_combination(path, spec, cell)
+    context = {"model": spec.model.key(), "generation": spec.generation.identity()}
+    unique: dict[str, Cell] = {}
+    for cell in cells:
+        cell = cell.with_id(context)
+        unique.setdefault(cell.id, cell)
+    if not unique:
+        raise MatrixError(path, "exclude", "the rules exclude every cell: nothing to run")
+    return list(unique.values())
+
+
+def _check_combination(path: Path, spec: MatrixFile, cell: Cell) -> None:
+    """Reject cells no machine could run, naming the axis that makes them impossible."""
+    cls = method_class(cell.method)
+    if cls.only_components and cell.components and not set(cell.components) <= set(cls.only_components):
+        raise MatrixError(
+            path,
+            "axes.components",
+            f"method {cell.method} can only quantize {', '.join(cls.only_components)}",
+            list(cell.components),
+            cls.only_components,
+        )
+    if cell.options.get("synthetic_blocks") and spec.model.weights_label == "real":
+        raise MatrixError(
+            path,
+            f"method.{cell.method}.synthetic_blocks",
+            "random blocks are only for synthetic weights (model.weights = 'synthetic')",
+            True,
+        )
+
+
+def _components_axis(axes: Axes, cls: type) -> list[list[str] | None]:
+    """The components axis as it applies to a method: collapsed for the baseline and single-component methods."""
+    if not cls.quantizes:
+        return [None]
+    if cls.only_components:
+        return [list(cls.only_components)]
+    return axes.components
+
+
+def _product(axes: Axes, method: str, options: dict[str, Any]) -> list[Cell]:
+    cls = method_class(method)
+    cells = []
+    for dtype, threshold, compile_mode, fullgraph, inductor, regional, components, placement in itertools.product(
+        axes.dtype,
+        axes.threshold if cls.uses_threshold else [None],
+        axes.compile,
+        axes.fullgraph,
+        axes.inductor,
+        axes.regional,
+        _components_axis(axes, cls),
+        axes.placement,
+    ):
+        cells.append(
+            Cell(
+                method=method,
+                options=options,
+                dtype=dtype,
+                threshold=threshold,
+                compile=compile_mode,
+                fullgraph=fullgraph if compile_mode != "off" else None,
+                inductor=inductor if compile_mode != "off" and inductor != "default" else None,
+                regional=True if compile_mode != "off" and regional else None,
+                components=tuple(components) if components is not None else None,
+                placement=placement,
+            )
+        )
+    return cells
+
+
+def expand_options(path: Path, method: str, table: dict[str, Any]) -> list[dict[str, Any]]:
+    """Every combination of a method's options: a list given for a scalar option is an axis of its own."""
+    options_model = method_class(method).Options
+    key = f"method.{method}"
+    for option in table:
+        if option not in options_model.model_fields:
+            raise MatrixError(path, f"{key}.{option}", "unknown option", None, sorted(options_model.model_fields))
+    choices = {option: _option_values(options_model, option, value) for option, value in table.items()}
+    combos = [dict(zip(choices, values)) for values in itertools.product(*choices.values())]
+    return [_validated_options(path, key, options_model, combo) for combo in combos]
+
+
+def _option_values(model: type[MethodOptions], option: str, value: Any) -> list[Any]:
+    annotation = model.model_fields[option].annotation
+    takes_list = any(typing.get_origin(arg) is list for arg in (annotation, *typing.get_args(annotation)))
+    if isinstance(value, list) and value and (not takes_list or all(isinstance(v, list) for v in value)):
+        return value
+    return [value]
+
+
+def _validated_options(path: Path, key: str, model: type[MethodOptions], values: dict[str, Any]) -> dict[str, Any]:
+    try:
+        options = model.model_validate(values)
+    except ValidationError as error:
+        first = error.errors()[0]
+        loc = ".".join(str(p) for p in first["loc"])
+        message = first["msg"].removeprefix("Value error, ")
+        value = first.get("input") if first["type"] != "missing" else None
+        raise MatrixError(path, f"{key}.{loc}" if loc else key, message, value) from None
+    return options.model_dump(exclude_defaults=True)
+
+
+def rule_keys(spec: MatrixFile, rule: dict[str, Any], path: Path, key: str) -> None:
+    named = rule.get("method", [])
+    methods = {*spec.axes.method, *(named if isinstance(named, list) else [named])} & set(method_names())
+    option_names = {o for name in methods for o in method_class(name).Options.model_fields}
+    for name in rule:
+        if name not in AXES and name not in option_names:
+            raise MatrixError(path, f"{key}.{name}", "unknown rule key", None, sorted(set(AXES) | option_names))
+
+
+def matches(path: Path, rule: dict[str, Any], cell: Cell, key: str) -> bool:
+    """Whether `cell` matches an include/exclude rule: every key equal to (or one of) the rule's values."""
+    if not rule:
+        raise MatrixError(path, key, "empty rule")
+    values = {
+        **_option_defaults(method_class(cell.method).Options),
+        **cell.options,
+        **cell.axes(),
+        "inductor": cell.inductor or "default",
+        "regional": bool(cell.regional),
+    }
+    return all(values.get(name) in _candidates(name, wanted) for name, wanted in rule.items())
+
+
+def _option_defaults(model: type[MethodOptions]) -> dict[str, Any]:
+    """The options a cell leaves at their defaults (its `options` hold only the others)."""
+    return {name: field.default for name, field in model.model_fields.items() if not field.is_required()}
+
+
+def _candidates(name: str, wanted: Any) -> list[Any]:
+    """A rule value as the list of values it accepts (`components` values are themselves lists)."""
+    if name == "components":
+        return wanted if wanted and isinstance(wanted[0], list) else [wanted]
+    return wanted if isinstance(wanted, list) else [wanted]
+
+
+def _included_cell(path: Path, spec: MatrixFile, rule: dict[str, Any], key: str) -> Cell:
+    """An extra cell from an include rule: its values, the first value of every other axis."""
+    rule_keys(spec, rule, path, key)
+    if "method" not in rule:
+        raise MatrixError(path, f"{key}.method", "an include rule must name a method", None, method_names())
+    method = rule["method"]
+    try:
+        cls = method_class(method)
+    except KeyError as error:
+        raise MatrixError(path, f"{key}.method", error.args[0], method, method_names()) from None
+    base_options = expand_options(path, method, spec.method[method])[0] if method in spec.method else {}
+    option_values = {k: v for k, v in rule.items() if k in cls.Options.model_fields}
+    options = _validated_options(path, key, cls.Options, {**base_options, **option_values})
+    axis_values = {name: rule.get(name, getattr(spec.axes, name)[0]) for name in AXES if name != "method"}
+    try:
+        axes = Axes.model_validate({name: [value] for name, value in axis_values.items()} | {"method": [method]})
+    except ValidationError as error:
+        raise matrix_error(path, error, prefix=key) from None
+    return _product(axes, method, options)[0]

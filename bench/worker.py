@@ -1,0 +1,339 @@
+"""What runs inside a cell's fresh subprocess: load, quantize, place, compile, warm up, time.
+
+Run as `python -m bench.worker SPEC.json` (bench.launch does). The result goes to the JSON file the spec names
+(`bench.contract.CellResult`), written atomically; the driver turns it into Parquet rows. Only the driver writes
+the results folder's tables.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+import traceback
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from bench.cache import InductorCacheContents
+from bench.contract import CellResult, CellSpec, Sample, Status
+from bench.errors import classify, describe
+from bench.faults import inject, injected_fault
+from bench.heartbeat import COMPILE_PROGRESS, CompileCounts, graph_break_reasons, heartbeat, warmup_step_speed
+from bench.parent_death import die_with_parent
+from bench.time_limit import time_limit
+
+PROCESS_START = time.perf_counter()
+PHASE_PREFIX = "[quantbench] "
+
+
+def _say(text: str) -> None:
+    """A line in the cell's log, for people reading it."""
+    print(f"{PHASE_PREFIX}{text}", flush=True)
+
+
+@dataclass(frozen=True)
+class Progress:
+    """Says where the cell is, in the log and in the progress file (`CellSpec.progress_path`, with what it has
+    measured so far): a cell killed from outside (its time limit, a signal) still gives its row the phases it
+    finished, and its error where it was."""
+
+    spec: CellSpec
+    result: CellResult
+
+    def __call__(self, text: str) -> None:
+        """A phase ended (or, from a heartbeat, is still running)."""
+        _say(text)
+        self.result.phase = text.split(COMPILE_PROGRESS)[0]
+        self.result.save(self.spec.progress_path)
+
+
+def run_cell(spec: CellSpec, result: CellResult) -> None:
+    """The story of a cell, filling `result.measurements` and `result.samples` as it goes."""
+    import torch
+
+    from bench.cells import Cell
+    from bench.compilation import compile_denoiser, inductor_settings
+    from bench.measure import tensor_bytes
+    from bench.placement import denoiser
+    from bench.trackers.latency import Clock
+    from bench.trackers.memory import gpu_max_reserved_bytes, reset_gpu_peak, track_memory
+
+    m = result.measurements
+    progress = Progress(spec, result)
+    m.import_s = time.perf_counter() - PROCESS_START
+    m.cpu_threads = torch.get_num_threads()  # CPU-side quantizing on load (torchao) scales with it
+    progress(f"imports: {m.import_s:.1f} s")
+    fault = injected_fault(spec.cell_id, spec.attempt)
+    cell = Cell.from_axes(spec.cell, spec.cell_id)
+    # before quantizing, which changes them (torchao's configs); only compiled cells need it
+    inductor_at_start = inductor_settings() if cell.compile != "off" else {}
+    cuda = spec.device == "cuda"
+    clock = Clock(cuda)
+    torch.manual_seed(0)
+    if cuda:
+        reset_gpu_peak()  # the load's resident memory is a peak
+        _describe_gpu(spec, result)
+
+    inject(fault, "load")
+    pipe, method = _load(spec, result, cell, clock, progress)
+    if cuda:
+        m.resident_reserved_bytes = gpu_max_reserved_bytes()
+    m.update(method.after_load(pipe, cell))
+    model = denoiser(pipe)
+    m.transformer_footprint_bytes = int(model.get_memory_footprint())
+    m.transformer_tensor_bytes = tensor_bytes(model)
+    compiled = compile_denoiser(
+        pipe, cell.compile, bool(cell.fullgraph), cell.inductor, bool(cell.regional), inductor_at_start
+    )
+    if compiled is not None:
+        m.inductor_settings = json.dumps(compiled.inductor_changes, sort_keys=True, default=str)
+        m.compiled_modules = compiled.modules
+
+    with track_memory(cuda) as memory:
+        _generate(pipe, spec, result, clock, fault)
+    if cuda:
+        m.peak_reserved_bytes = memory.peak_reserved_bytes
+        m.peak_allocated_bytes = memory.peak_allocated_bytes
+    m.cpu_peak_rss_bytes = memory.cpu_peak_rss_bytes
+
+
+def _describe_gpu(spec: CellSpec, result: CellResult) -> None:
+    import torch
+
+    m = result.measurements
+    m.gpu_name = torch.cuda.get_device_name()
+    m.gpu_uuid = str(torch.cuda.get_device_properties(0).uuid)
+    m.cuda_version = torch.version.cuda
+    if spec.gpu_memory_limit_gib:
+        total = torch.cuda.get_device_properties(0).total_memory
+        torch.cuda.set_per_process_memory_fraction(min(1.0, spec.gpu_memory_limit_gib * 1024**3 / total))
+
+
+def _load(spec: CellSpec, result: CellResult, cell: Any, clock: Any, progress: Progress) -> tuple[Any, Any]:
+    """Quantize the cell's components (or have the pipeline do it), then load and place the pipeline."""
+    from diffusers import DiffusionPipeline
+
+    from bench.methods import method_class
+    from bench.methods.base import Component
+    from bench.placement import load_kwargs, place
+    from bench.trackers.latency import track_latency
+
+    m = result.measurements
+    method_cls = method_class(cell.method)
+    method = method_cls(method_cls.Options.model_validate(cell.options))
+    components = {
+        name: Component(name, lib, cls, Path(spec.model_folder)) for name, (lib, cls) in spec.components.items()
+    }
+    if cell.components and getattr(method.options, "pipeline_config", False):
+        from diffusers import PipelineQuantizationConfig
+
+        mapping = {name: method.quantization_config(components[name], cell) for name in cell.components}
+        quantized = {"quantization_config": PipelineQuantizationConfig(quant_mapping=mapping)}
+        progress("quantize: inside the pipeline's from_pretrained (PipelineQuantizationConfig)")
+    elif cell.components:
+        with track_latency(clock) as preparing, heartbeat("prepare", _say, compiling=False):
+            prepared = {name: method.prepare_component(components[name], cell) for name in cell.components}
+        m.prepare_s = preparing.s
+        progress(f"prepare: {m.prepare_s:.1f} s")
+        with track_latency(clock) as quantizing, heartbeat("quantize", _say, compiling=False):
+            quantized = {name: method.load_component(component, cell) for name, component in prepared.items()}
+        m.quantize_s = quantizing.s
+        progress(f"quantize: {m.quantize_s:.1f} s")
+        if getattr(method.options, "serialize", False):
+            _round_trip(method, quantized, prepared, cell, spec, result)
+    else:
+        quantized = {}
+
+    with track_latency(clock) as loading, heartbeat("load and place", _say, compiling=False):
+        pipe = DiffusionPipeline.from_pretrained(
+            spec.model_folder, dtype=cell.torch_dtype, **load_kwargs(cell.placement), **quantized
+        )
+        pipe.set_progress_bar_config(disable=True)
+        place(pipe, cell.placement, spec.device)
+    m.load_s = loading.s
+    progress(f"load and place: {m.load_s:.1f} s")
+    return pipe, method
+
+
+def _round_trip(
+    method: Any, quantized: dict[str, Any], prepared: dict[str, Any], cell: Any, spec: CellSpec, result: CellResult
+) -> None:
+    """Replace each quantized component by its save_pretrained/from_pretrained round trip; sum the costs."""
+    from bench.serialization import round_trip
+
+    statuses = []
+    for name in quantized:
+        quantized[name], measured = round_trip(
+            quantized[name], prepared[name], cell, method.safe_serialization, spec.trust_pickled_checkpoints
+        )
+        for key in ("serialize_save_s", "serialize_reload_s", "checkpoint_bytes"):
+            if key in measured:
+                result.measurements.add(key, measured[key])
+        statuses.append(f"{name}: {measured['serialization_status']}")
+    result.measurements.serialization_status = "; ".join(statuses)
+
+
+def _generate(pipe: Any, spec: CellSpec, result: CellResult, clock: Any, fault: str | None) -> None:
+    """Warm up (compilation happens here), then time every (prompt, seed) `repeats` times."""
+    import numpy as np
+    import torch
+
+    from bench.trackers.latency import Latency, track_latency
+
+    gen = spec.generation
+    call = {
+        "height": gen["height"],
+        "width": gen["width"],
+        "num_inference_steps": gen["num_inference_steps"],
+        "guidance_scale": gen["guidance_scale"],
+        "max_sequence_length": gen["max_sequence_length"],
+        "output_type": "np",
+    }
+    m = result.measurements
+    progress = Progress(spec, result)
+    running: list[Latency] = []  # the generation running now
+    final_latents: list[Any] = []
+    timing = False  # set once the warm-up is done
+
+    def steps_done() -> str:  # read by the heartbeat's thread: where a slow generation is
+        steps = len(running[0].step_ends) if running else 0
+        return f"{steps} of {gen['num_inference_steps']} denoising steps done"
+
+    def on_step_end(pipe: Any, step: int, timestep: Any, kwargs: dict[str, Any]) -> dict[str, Any]:
+        running[0].step_ended()
+        final_latents[:] = [kwargs["latents"]]
+        if timing:
+            inject(fault, "timed step")
+        return kwargs
+
+    def generate(prompt: str, seed: int) -> tuple[Any, Latency]:
+        generator = torch.Generator("cpu").manual_seed(seed)
+        with track_latency(clock) as latency:
+            running[:] = [latency]
+            # The pipeline's own torch.no_grad(), as users run it: inference_mode on top breaks quanto's int4
+            # matmul on CUDA ("Cannot set version_counter for inference tensor"), which users never see.
+            image = pipe(prompt, generator=generator, callback_on_step_end=on_step_end, **call).images[0]
+        return image, latency
+
+    compiled = spec.cell.get("compile", "off") != "off"
+    if compiled:  # a recompile after the warm-up would be timed: the log says why it happened
+        torch._logging.set_logs(recompiles=True)
+        from torch._inductor.runtime.cache_dir_utils import cache_dir as inductor_cache_folder
+
+        folder = inductor_cache_folder()
+        cache = InductorCacheContents.of(Path(folder))
+        m.inductor_cache_at_start = json.dumps(asdict(cache))
+        progress(f"Inductor's cache at the start ({folder}): {cache.describe()}")
+    progress("warm-up" + (f" (torch.compile mode={spec.cell['compile']} compiles here)" if compiled else ""))
+    warmups: list[Latency] = []
+
+    def compile_time_expired(elapsed_s: float) -> None:
+        counts = CompileCounts.now()  # the row says what compiling had done by then
+        result.status = Status.TIMEOUT
+        result.error = (
+            f"compilation (the warm-up of a compiled cell) ran past run.compile_timeout_s = {spec.compile_timeout_s:g}"
+            f" s, having done {counts.describe()}; rerun to go on (Inductor's cache keeps the kernels already"
+            " built) or raise the limit"
+        )
+        m.warmup_s = elapsed_s
+        m.compile_counts = json.dumps(asdict(counts))
+        _finish(spec, result)
+
+    warm_up_beat = heartbeat("warm-up", progress, compiling=compiled, detail=steps_done)
+    with time_limit(spec.compile_timeout_s, compile_time_expired), warm_up_beat:
+        for _ in range(gen["warmup"]):
+            warmups.append(generate(gen["prompts"][0], gen["seeds"][0])[1])
+    m.warmup_s = sum(w.s for w in warmups)
+    later_steps = warmups[-1].step_s() if warmups else []  # the last warm-up's steps after its first, which compiles
+    m.warmup_step_median_s = float(np.median(later_steps)) if later_steps else None
+    progress(f"warm-up: {m.warmup_s:.1f} s{warmup_step_speed(m.warmup_step_median_s)}")
+    if compiled:
+        counts = CompileCounts.now()
+        m.compile_counts = json.dumps(asdict(counts))
+        progress(f"torch.compile: {counts.describe()}")
+        for reason, count in graph_break_reasons():
+            _say(f"graph break ({count} ×): {reason}")
+    inject(fault, "generate")
+    graphs_before_timing = CompileCounts.now().graphs
+    timing = True
+
+    spec.images_dir.mkdir(parents=True, exist_ok=True)
+    spec.latents_dir.mkdir(parents=True, exist_ok=True)
+    for prompt_index, prompt in enumerate(gen["prompts"]):
+        for seed in gen["seeds"]:
+            e2e: list[float] = []
+            steps: list[float] = []
+
+            def run_and_steps(e2e: list[float] = e2e) -> str:
+                return f"run {len(e2e) + 1} of {gen['repeats']}, {steps_done()}"
+
+            beat = heartbeat(
+                f"timed prompt {prompt_index}, seed {seed}", progress, compiling=compiled, detail=run_and_steps
+            )
+            with beat:
+                for _ in range(gen["repeats"]):
+                    image, latency = generate(prompt, seed)
+                    e2e.append(latency.s)
+                    steps.extend(latency.step_s())
+            if fault == "nan":
+                image = np.full_like(image, np.nan)
+            finite = bool(np.isfinite(image).all())
+            stem = f"p{prompt_index}_s{seed}"
+            path = _save_png(image, spec.images_dir / f"{stem}.png") if finite else None
+            _save_latents(final_latents[0], spec.latents_dir / f"{stem}.safetensors")
+            result.samples.append(Sample(prompt_index, seed, e2e, steps, path, finite))
+            progress(f"timed prompt {prompt_index}, seed {seed}: e2e median {np.median(e2e):.3f} s")
+    if compiled:
+        recompiled = m.timed_compiles = CompileCounts.now().graphs - graphs_before_timing
+        if recompiled:
+            progress(f"the timed runs compiled {recompiled} more graphs: their latency includes compiling")
+    if compiled and warmups:  # compilation happens in the first call, which warmed up on the first prompt and seed
+        m.compile_s = max(0.0, warmups[0].s - float(np.median(result.samples[0].e2e_latency_s)))
+
+
+def _save_png(image: Any, path: Path) -> str:
+    import numpy as np
+    from PIL import Image
+
+    from bench.atomic import atomic_path
+
+    pixels = (np.clip(image, 0, 1) * 255).round().astype("uint8")
+    with atomic_path(path) as temporary:
+        Image.fromarray(pixels).save(temporary, format="PNG")
+    return path.name
+
+
+def _save_latents(latents: Any, path: Path) -> None:
+    from safetensors.torch import save_file
+
+    from bench.atomic import atomic_path
+
+    with atomic_path(path) as temporary:
+        save_file({"latents": latents.detach().float().cpu().contiguous()}, str(temporary))
+
+
+def main(argv: list[str]) -> None:
+    die_with_parent()
+    spec = CellSpec.load(Path(argv[0]))
+    result = CellResult()
+    try:
+        run_cell(spec, result)
+    except BaseException as error:  # every failure becomes a row; the driver sees it in the result file
+        result.status = classify(error)
+        result.error = describe(error)
+        traceback.print_exc()
+    _finish(spec, result)
+
+
+def _finish(spec: CellSpec, result: CellResult) -> None:
+    """Write the result for the driver and end this process."""
+    result.save(spec.result_path)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)  # skip interpreter teardown (~1 s per cell), and stop any thread still working: all is written
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
