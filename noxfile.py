@@ -92,7 +92,8 @@ def scaling(session: nox.Session) -> None:
 
 @nox.session
 def lint(session: nox.Session) -> None:
-    """ruff lint and format check."""
-    session.install("ruff")
+    """ruff lint and format check; the import contracts of pyproject.toml (`lint-imports`)."""
+    session.install("ruff", "import-linter")
     session.run("ruff", "check", "bench", "tests", "benchmarks", "reports", "noxfile.py")
     session.run("ruff", "format", "--check", "bench", "tests", "benchmarks", "reports", "noxfile.py")
+    session.run("lint-imports", env={"PYTHONPATH": str(Path(__file__).parent)})

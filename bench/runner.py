@@ -177,7 +177,8 @@ def run_matrix(
                     ran_s = time.monotonic() - started_at[cell.id]
                     run.unfinished.append({"cell_id": cell.id, "cell_label": cell.label, "ran_s": ran_s})
                     if future.done() and future.exception() is None:
-                        folder.write_interrupted_log(cell.id, future.result().log, ran_s)
+                        outcome = future.result()
+                        folder.write_interrupted_log(cell.id, outcome.log, ran_s, outcome.result.measurements)
                 run.not_started = len(waiting)
                 raise
     return summary

@@ -26,12 +26,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from bench.atomic import atomic_path, write_bytes_atomic
-from bench.contract import ROW_STATUSES, Status, worst_status
+from bench.contract import ROW_STATUSES, Measurements, Status, worst_status
 from bench.errors import UserError
 
 SCHEMA_VERSION = 1
 STATUSES = ROW_STATUSES  # (WORST_FIRST and worst_status: bench.contract)
 INTERRUPTED_LOG_SUFFIX = ".interrupted.log"  # logs/<cell id>.interrupted.log: a cell stopped while running
+INTERRUPTED_PROGRESS_SUFFIX = ".interrupted.json"  # what its last stopped try had measured (contract.Measurements)
 RUNS_FILE = "runs.jsonl"  # one line per `quantbench run` invocation on the folder (runner.RunRecord)
 
 
@@ -246,6 +247,7 @@ class ResultsFolder:
                 write_bytes_atomic(target, data)
             write_bytes_atomic(self.logs_dir / f"{cell_id}.log", log.encode())
             self.interrupted_log_path(cell_id).unlink(missing_ok=True)
+            self.interrupted_progress_path(cell_id).unlink(missing_ok=True)
         except OSError as error:
             raise UserError(
                 f"{self.root}: cannot write the files of cell {cell_id}: {error.strerror or error}"
@@ -254,10 +256,23 @@ class ResultsFolder:
     def interrupted_log_path(self, cell_id: str) -> Path:
         return self.logs_dir / f"{cell_id}{INTERRUPTED_LOG_SUFFIX}"
 
-    def write_interrupted_log(self, cell_id: str, log: str, ran_s: float) -> None:
+    def interrupted_progress_path(self, cell_id: str) -> Path:
+        return self.logs_dir / f"{cell_id}{INTERRUPTED_PROGRESS_SUFFIX}"
+
+    def interrupted_progress(self, cell_id: str) -> Measurements | None:
+        """What the last stopped try of a cell had measured; None where none was kept (or an older folder)."""
+        path = self.interrupted_progress_path(cell_id)
+        return Measurements.from_json(json.loads(path.read_text())) if path.is_file() else None
+
+    def write_interrupted_log(self, cell_id: str, log: str, ran_s: float, progress: Measurements | None = None) -> None:
         """Keep the log of a cell the run was interrupted in (no row: a rerun runs it again), so the time it
         spent is not a mystery: each stopped try is added after the earlier ones under a header with its length
-        (a compile cut twice shows whether the second try got further); the next finished run removes it."""
+        (a compile cut twice shows whether the second try got further), and what the try had measured
+        (`progress`) next to it; the next finished run removes both."""
+        if progress is not None:
+            write_bytes_atomic(
+                self.interrupted_progress_path(cell_id), json.dumps(dataclasses.asdict(progress)).encode()
+            )
         path = self.interrupted_log_path(cell_id)
         earlier = path.read_bytes() if path.exists() else b""
         stopped = datetime.now(UTC).isoformat(timespec="seconds")

@@ -2,6 +2,7 @@
 
 import dataclasses
 import json
+from pathlib import Path
 
 import pytest
 
@@ -43,3 +44,17 @@ def test_statuses_are_the_plain_names_the_parquet_holds():
     assert [str(s) for s in STATUSES] == ["ok", "failed", "oom", "timeout", "skipped", "unsupported"]
     assert Status.OK == "ok" and Status("timeout") is Status.TIMEOUT
     assert set(MEASUREMENT_NAMES) >= {"load_s", "peak_reserved_bytes", "compile_counts"}
+
+
+def test_the_driver_starts_without_torch_diffusers_or_transformers():
+    """The import-linter contract sees direct imports only; this follows every chain the driver loads at start-up."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, bench.cli, bench.runner, bench.console, bench.compare, bench.executors.local, bench.rows\n"
+        "print(sorted({m.split('.')[0] for m in sys.modules} & {'torch', 'diffusers', 'transformers'}))"
+    )
+    root = Path(__file__).resolve().parent.parent
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=root).stdout
+    assert out.strip() == "[]"

@@ -418,6 +418,8 @@ def test_max_time_stops_running_cells_and_keeps_finished_rows(tmp_path, monkeypa
     assert set(read_results(results)["method"]) == {"baseline"}, "the finished cell's rows are kept"
     stopped_log = (results / "logs" / f"{torchao.id}.interrupted.log").read_text()
     assert stopped_log.startswith("===== stopped after ") and "[quantbench]" in stopped_log
+    measured = ResultsFolder(results).interrupted_progress(torchao.id)
+    assert measured.load_s > 0 and measured.warmup_s > 0, "what the stopped try measured is kept as data"
     from bench.report import render
     from bench.store import read_runs
 

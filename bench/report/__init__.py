@@ -138,10 +138,19 @@ def _unfinished_cells(runs: list[dict[str, Any]], with_rows: set[str], root: Pat
     for cell in cells.values():
         log_path = folder.interrupted_log_path(cell["id"])
         cell["log"] = log_path.relative_to(root).as_posix() if cell["id"] in with_logs else None
-        step_s = warmup_step_speed_in_log(log_path.read_text(errors="replace")) if cell["log"] else None
+        step_s = _warmup_step_s(folder, cell["id"]) if cell["log"] else None
         cell["warmup_step_s"] = "–" if step_s is None else f"{step_s:.3f}"
         cell["ran_s"] = f"{cell['ran_s']:.0f}" if cell["tries"] else "?"
     return [cell for cell_id, cell in cells.items() if cell_id not in with_rows]
+
+
+def _warmup_step_s(folder: ResultsFolder, cell_id: str) -> float | None:
+    """The warm-up's step time a stopped cell measured (its progress file; its log in folders written before
+    progress files were kept)."""
+    progress = folder.interrupted_progress(cell_id)
+    if progress is not None:
+        return progress.warmup_step_median_s
+    return warmup_step_speed_in_log(folder.interrupted_log_path(cell_id).read_text(errors="replace"))
 
 
 def _kernel_mode(case: pd.Series) -> str:
