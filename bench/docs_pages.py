@@ -510,7 +510,8 @@ COLUMNS = {
     "import": Column("import s", _num("import_s", 1)),
     "wall": Column("cell s", _num("cell_wall_s", 0)),
     "gpu": Column("GPU", _text("gpu_name")),
-    "device": Column("where", lambda row: f"{row.get('executor')} {row.get('cuda_visible_devices') or ''}".strip()),
+    "executor": Column("executor", _text("executor")),
+    "gpu_index": Column("`CUDA_VISIBLE_DEVICES`", _text("cuda_visible_devices")),
     "note": Column("note", _note),
     "harness": Column("harness", lambda row: _text("harness_commit")(row)[:7]),
 }
@@ -619,7 +620,7 @@ FINDINGS_TABLES = (
     FindingsTable(
         "several-gpus-local-gpus",
         "results/reference/h100x2/flux-dev-h100-local-gpus",
-        ("cell", "status", "resident", "step", "device", "import", "wall", "harness"),
+        ("cell", "status", "resident", "step", "executor", "gpu_index", "import", "wall", "harness"),
     ),
 )
 
@@ -646,7 +647,7 @@ def findings_snippet(table: FindingsTable, repo: Path) -> str:
     source = (
         f"Rows: `{table.folder}/` ({len(rows)} cells), from `{'`, `'.join(matrices)}`; harness "
         + (f"commits {', '.join(f'`{c}`' for c in commits)}" if commits else "commit not recorded")
-        + (" (a `–` row predates the `harness_commit` column)" if commits and len(commits) < len(rows) else "")
+        + (" (a `–` row predates the `harness_commit` column)" if commits and frame["harness_commit"].isna().any() else "")
         + ".\n"
     )
     return _table([column.header for column in columns], rows) + "\n" + source
@@ -720,12 +721,20 @@ def memory_vs_step_plot(repo: Path) -> bytes:
                 color=f"C{sorted(frame['method_family'].unique()).index(family)}",
                 alpha=0.85,
             )
+    slowest = frame.loc[frame["step_latency_median_s"].idxmax()]
+    axes.annotate(
+        f"{slowest['cell_label']}  (see Findings)",
+        (slowest["resident_reserved_bytes"] / GIB, slowest["step_latency_median_s"]),
+        xytext=(8, -4),
+        textcoords="offset points",
+        fontsize=8,
+    )
     axes.set_yscale("log")
     axes.set_xlabel("GPU memory resident after loading, GiB")
     axes.set_ylabel("denoising step, s (median, log scale)")
     axes.set_title("FLUX.1-dev shapes, 1024×1024, one H100: every method, eager and compiled")
     axes.grid(True, which="both", alpha=0.3)
-    axes.legend(fontsize=8, ncol=2)
+    axes.legend(fontsize=8, ncol=2, loc="center right")
     figure.tight_layout()
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png", metadata={"Software": None})
