@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import ast
+import functools
 import json
 import sys
 import types
@@ -625,6 +626,7 @@ FINDINGS_TABLES = (
 )
 
 
+@functools.cache
 def _cells(folder: Path) -> Any:
     """One record per cell: its first row, with drift averaged over its prompts and seeds."""
     from bench.store import read_results
