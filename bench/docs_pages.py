@@ -53,7 +53,7 @@ MATRIX_KEYS = {
     "Drift of synthetic weights says nothing about image quality.",
     "generation": "What each cell generates: every prompt with every seed, timed `repeats` times after `warmup`.",
     "generation.prompts": "The prompts. Give exactly one of `prompts` and `prompt_file`.",
-    "generation.prompt_file": "A `.txt` file (one prompt a line), a `.jsonl` file (`{\"prompt\": ...}` a line), "
+    "generation.prompt_file": 'A `.txt` file (one prompt a line), a `.jsonl` file (`{"prompt": ...}` a line), '
     "relative to the matrix, or `builtin:quantbench-v1` (12 prompts: text, faces, texture, counting, styles).",
     "generation.seeds": "Seeds; each prompt is generated with each seed.",
     "generation.height": "Image height in pixels.",
@@ -119,7 +119,7 @@ METHOD_OPTIONS = {
     "quant_type": "The quantization type (see the method's page for what each maps to).",
     "file": "Your own `.gguf` file (path or URL) instead of one quantbench writes.",
     "synthetic_blocks": "Write valid blocks of random bytes (K-quants the `gguf` package cannot write); only for "
-    "`weights = \"synthetic\"` models.",
+    '`weights = "synthetic"` models.',
     "storage_dtype": "The FP8 type the weights are stored in.",
     "skip_modules_pattern": "Regex patterns of modules left in the compute dtype.",
     "weights_dtype": "The quanto weight type.",
@@ -588,8 +588,7 @@ FINDINGS_TABLES = (
         "regional-flux-h100",
         "results/reference/h100/flux-dev-h100",
         ("cell", "status", "step", "compile", "cache", "graphs", "tuning", "harness"),
-        "compile == 'default' and inductor.isna() and cell_label.str.contains("
-        "'^baseline|float8dq|Q8_0', regex=True)",
+        "compile == 'default' and inductor.isna() and cell_label.str.contains('^baseline|float8dq|Q8_0', regex=True)",
     ),
     FindingsTable(
         "regional-cpu",
@@ -649,15 +648,19 @@ def findings_snippet(table: FindingsTable, repo: Path) -> str:
     source = (
         f"Rows: `{table.folder}/` ({len(rows)} cells), from `{'`, `'.join(matrices)}`; harness "
         + (f"commits {', '.join(f'`{c}`' for c in commits)}" if commits else "commit not recorded")
-        + (" (a `–` row predates the `harness_commit` column)" if commits and frame["harness_commit"].isna().any() else "")
+        + (
+            " (a `–` row predates the `harness_commit` column)"
+            if commits and frame["harness_commit"].isna().any()
+            else ""
+        )
         + ".\n"
     )
     return _table([column.header for column in columns], rows) + "\n" + source
 
 
-KERNEL_RUNS = {
-    "kernels-h100-mlp-up": "results/reference/kernels/h100.json",
-    "kernels-h100-int8wo": "results/reference/kernels/h100-int8wo-pattern-matcher.json",
+KERNEL_RUNS = {  # snippet name: (committed `nox -s kernels` JSON, one FLUX shape or None for every shape)
+    "kernels-h100-mlp-up": ("results/reference/kernels/h100.json", "mlp up 3072->12288"),
+    "kernels-h100-int8wo": ("results/reference/kernels/h100-int8wo-pattern-matcher.json", None),
 }
 
 
@@ -766,12 +769,8 @@ def text_pages(repo: Path) -> dict[Path, str]:
         pages[Path(f"docs/snippets/options-{method}.md")] = method_options_snippet(method, method_class)
     for table in FINDINGS_TABLES:
         pages[Path(f"docs/snippets/{table.name}.md")] = findings_snippet(table, repo)
-    pages[Path("docs/snippets/kernels-h100-mlp-up.md")] = kernels_snippet(
-        repo / KERNEL_RUNS["kernels-h100-mlp-up"], "mlp up 3072->12288"
-    )
-    pages[Path("docs/snippets/kernels-h100-int8wo.md")] = kernels_snippet(
-        repo / KERNEL_RUNS["kernels-h100-int8wo"], None
-    )
+    for name, (run, shape) in KERNEL_RUNS.items():
+        pages[Path(f"docs/snippets/{name}.md")] = kernels_snippet(repo / run, shape)
     contributing = repo / "CONTRIBUTING.md"
     pages[Path("CONTRIBUTING.md")] = _with_layout(contributing.read_text(), layout_section(repo / "bench"))
     return pages
