@@ -269,15 +269,17 @@ def _table(header: list[str], rows: list[list[str]]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _constraints(metadata: list[Any]) -> list[str]:
-    words = {"ge": "≥", "gt": ">", "le": "≤", "lt": "<", "multiple_of": "multiple of", "min_length": "at least"}
+def _constraints(metadata: list[Any], unit: str = "items") -> list[str]:
+    """Words for pydantic / annotated-types constraints; `unit` is what a length counts."""
+    words = {"ge": "≥", "gt": ">", "le": "≤", "lt": "<", "multiple_of": "multiple of"}
+    lengths = {"min_length": "at least", "max_length": "at most"}
     out = []
     for item in metadata:
-        for name, word in {**words, "max_length": "at most", "pattern": "matches"}.items():
+        for name, word in {**words, **lengths, "pattern": "matches"}.items():
             value = getattr(item, name, None)
             if value is not None:
-                suffix = " items" if name in ("min_length", "max_length") else ""
-                out.append(f"{word} `{value:g}`{suffix}" if isinstance(value, float) else f"{word} `{value}`{suffix}")
+                shown = f"`{value:g}`" if isinstance(value, float) else f"`{value}`"
+                out.append(f"{word} {shown}" + (f" {unit}" if name in lengths else ""))
     return out
 
 
@@ -286,8 +288,9 @@ def _describe_type(annotation: Any) -> tuple[str, list[str]]:
     origin, args = typing.get_origin(annotation), typing.get_args(annotation)
     if origin is typing.Annotated:
         name, allowed = _describe_type(args[0])
+        unit = "characters" if args[0] is str else "items"
         for extra in args[1:]:
-            allowed += _constraints(getattr(extra, "metadata", [extra]))
+            allowed += _constraints(getattr(extra, "metadata", [extra]), unit)
         return name, allowed
     if origin in (typing.Union, types.UnionType):
         present = [arg for arg in args if arg is not type(None)]
@@ -384,9 +387,12 @@ def columns_page(schema: Any) -> str:
     return "\n".join(parts)
 
 
+def _verbs(parser: argparse.ArgumentParser) -> argparse._SubParsersAction:
+    return next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+
+
 def _subcommands(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
-    action = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
-    return dict(action.choices)
+    return dict(_verbs(parser).choices)
 
 
 def cli_page(parser: argparse.ArgumentParser) -> str:
@@ -395,26 +401,22 @@ def cli_page(parser: argparse.ArgumentParser) -> str:
         f"# Command line\n\n`{parser.prog}`: {parser.description} Generated from the argument parser "
         "(`bench.cli`). Bad arguments print one line and exit with code 2.\n",
     ]
-    verbs = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
-    verb_help = {choice.dest: choice.help for choice in verbs._choices_actions}
+    verb_help = {choice.dest: choice.help for choice in _verbs(parser)._choices_actions}
     for verb, sub in _subcommands(parser).items():
         rows = []
         usage = [parser.prog, verb]
         for action in sub._actions:
             if isinstance(action, argparse._HelpAction):
                 continue
-            name = ", ".join(action.option_strings) or action.dest.upper()
-            takes_value = action.nargs != 0
-            value = (action.metavar or action.dest.upper()) if takes_value and action.option_strings else ""
-            usage.append(
-                name.split(", ")[-1] + (f" {value}" if value else "")
-                if action.required or not action.option_strings
-                else f"[{action.option_strings[-1]}{' ' + value if value else ''}]"
-            )
+            optional = bool(action.option_strings)
+            value = (action.metavar or action.dest.upper()) if optional and action.nargs != 0 else ""
+            shown = f"{action.option_strings[-1] if optional else action.dest.upper()} {value}".strip()
+            usage.append(shown if action.required or not optional else f"[{shown}]")
             default = action.default if action.default not in (None, False, [], argparse.SUPPRESS) else ""
             repeatable = isinstance(action, argparse._AppendAction) and "repeatable" not in (action.help or "")
-            repeat = " (repeatable)" if repeatable else ""
-            rows.append([f"`{name}`", f"`{value}`" if value else "", str(default), (action.help or "") + repeat])
+            name = ", ".join(action.option_strings) or action.dest.upper()
+            help_text = (action.help or "") + (" (repeatable)" if repeatable else "")
+            rows.append([f"`{name}`", f"`{value}`" if value else "", str(default), help_text])
         parts += [
             f"## `{parser.prog} {verb}`\n",
             f"{verb_help.get(verb, '')}\n",
