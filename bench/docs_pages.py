@@ -27,14 +27,29 @@ PLOT = Path("docs/assets/flux-dev-h100-memory-vs-step.png")
 GIB = 2**30
 
 
-def _schema() -> tuple[type, Any, list[str], Callable[[str], type], argparse.ArgumentParser]:
-    """The code the pages describe. The only place this module imports the rest of bench."""
+@dataclass(frozen=True)
+class Documented:
+    """The code the pages describe: the matrix schema, the row schema, the method registry and the CLI."""
+
+    matrix_spec: type
+    row_schema: Any
+    method_names: list[str]
+    method_class: Callable[[str], type]
+    parser: argparse.ArgumentParser
+    read_results: Callable[[Path], Any]
+
+
+@functools.cache
+def documented() -> Documented:
+    """The only place this module imports the rest of bench (kept to stable top-level names)."""
     from bench.cli import build_parser
     from bench.matrix import Matrix
     from bench.methods import method_class, method_names
-    from bench.store import SCHEMA
+    from bench.store import SCHEMA, read_results
 
-    return Matrix.model_fields["spec"].annotation, SCHEMA, method_names(), method_class, build_parser()
+    return Documented(
+        Matrix.model_fields["spec"].annotation, SCHEMA, method_names(), method_class, build_parser(), read_results
+    )
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -630,9 +645,7 @@ FINDINGS_TABLES = (
 @functools.cache
 def _cells(folder: Path) -> Any:
     """One record per cell: its first row, with drift averaged over its prompts and seeds."""
-    from bench.store import read_results
-
-    frame = read_results(folder)
+    frame = documented().read_results(folder)
     first = frame.groupby("cell_id", sort=False).first()
     first["latent_rel_l2"] = frame.groupby("cell_id", sort=False)["latent_rel_l2"].mean()
     return first.reset_index()
@@ -760,15 +773,15 @@ def _with_layout(contributing: str, layout: str) -> str:
 
 def text_pages(repo: Path) -> dict[Path, str]:
     """Every generated text file, by path relative to `repo`."""
-    spec, schema, method_names, method_class, parser = _schema()
+    code = documented()
     pages = {
-        Path("docs/reference/matrix.md"): matrix_page(spec, method_names, method_class),
-        Path("docs/reference/columns.md"): columns_page(schema),
-        Path("docs/reference/cli.md"): cli_page(parser),
+        Path("docs/reference/matrix.md"): matrix_page(code.matrix_spec, code.method_names, code.method_class),
+        Path("docs/reference/columns.md"): columns_page(code.row_schema),
+        Path("docs/reference/cli.md"): cli_page(code.parser),
         Path("docs/reference/layout.md"): layout_page(repo / "bench"),
     }
-    for method in method_names:
-        pages[Path(f"docs/snippets/options-{method}.md")] = method_options_snippet(method, method_class)
+    for method in code.method_names:
+        pages[Path(f"docs/snippets/options-{method}.md")] = method_options_snippet(method, code.method_class)
     for table in FINDINGS_TABLES:
         pages[Path(f"docs/snippets/{table.name}.md")] = findings_snippet(table, repo)
     for name, (run, shape) in KERNEL_RUNS.items():
