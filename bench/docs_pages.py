@@ -526,6 +526,8 @@ COLUMNS = {
     "tuning": Column("coordinate-descent benchmarks", _count("coordinate_descent_benchmarks")),
     "latent": Column("latent rel. L2", _num("latent_rel_l2", 4)),
     "import": Column("import s", _num("import_s", 1)),
+    "quantize": Column("quantize s", _num("quantize_s", 1)),
+    "load": Column("load s", _num("load_s", 1)),
     "wall": Column("cell s", _num("cell_wall_s", 0)),
     "gpu": Column("GPU", _text("gpu_name")),
     "executor": Column("executor", _text("executor")),
@@ -633,6 +635,12 @@ FINDINGS_TABLES = (
         "results/reference/h100/flux-dev-h100",
         ("cell", "resident", "stored", "footprint", "harness"),
         "compile == 'off' and status == 'ok'",
+    ),
+    FindingsTable(
+        "torchao-loading-flux-h100",
+        "results/reference/h100/flux-dev-h100",
+        ("cell", "quantize", "load", "wall", "resident", "peak", "step", "harness"),
+        "compile == 'off' and method_options.str.contains('\"int8wo\"')",
     ),
     FindingsTable(
         "several-gpus-local-gpus",
