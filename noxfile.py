@@ -91,6 +91,15 @@ def scaling(session: nox.Session) -> None:
 
 
 @nox.session
+def docs(session: nox.Session) -> None:
+    """The documentation: regenerate the generated pages, then `mkdocs build --strict` (a broken link fails).
+    `-- --check`: fail when a generated page is stale instead of rewriting it."""
+    install(session, "[docs]")
+    session.run("python", "-m", "bench.docs_pages", *(["--check"] if "--check" in session.posargs else []))
+    session.run("mkdocs", "build", "--strict")
+
+
+@nox.session
 def lint(session: nox.Session) -> None:
     """ruff lint and format check; the import contracts of pyproject.toml (`lint-imports`)."""
     session.install("ruff", "import-linter")
