@@ -93,9 +93,7 @@ def differing_versions(old: dict[str, object], new: dict[str, object]) -> dict[s
     regression. A field missing from one side counts as None there."""
     fields = [*(f"{name}_version" for name in ("python", *LIBRARIES)), "lock_sha256"]
     return {
-        field: (old.get(field), new.get(field))
-        for field in fields
-        if _known(old.get(field)) != _known(new.get(field))
+        field: (old.get(field), new.get(field)) for field in fields if _known(old.get(field)) != _known(new.get(field))
     }
 
 

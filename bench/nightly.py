@@ -1,6 +1,7 @@
 """The nightly GPU guard behind `nox -s gpu`: run matrices/nightly.toml on this runner's GPU, compare it with the
-reference recorded on the same GPU model (results/reference/<gpu>/nightly), and write the comparison as CSV and
-as a Markdown job summary (`$GITHUB_STEP_SUMMARY`).
+reference recorded on the same GPU model (results/reference/<gpu>/nightly), and write the report
+(reports/out/nightly.html), the comparison as CSV (reports/out/nightly-compare.csv) and as a Markdown job summary
+(`$GITHUB_STEP_SUMMARY`). `--matrix` runs another matrix the same way (the weekly workflow's flux-dev-h100).
 
     python -m bench.nightly [--quick] [--reference DIR] [--matrix FILE] [--results DIR]
                             [quantbench run options, e.g. --executor local-gpus --max-time 50m]
@@ -24,8 +25,7 @@ from bench.errors import UserError
 MATRIX = Path("matrices/nightly.toml")
 RESULTS = Path("results/nightly")
 REFERENCE_ROOT = Path("results/reference")
-REPORT = Path("reports/out/nightly.html")
-COMPARE_CSV = Path("reports/out/nightly-compare.csv")
+REPORTS = Path("reports/out")  # <matrix name>.html and <matrix name>-compare.csv
 SUMMARY_ENV = "GITHUB_STEP_SUMMARY"
 
 _VENDOR_WORDS = {"nvidia", "geforce", "tesla", "quadro"}
@@ -80,17 +80,20 @@ def check_reference(folder: Path, gpu_name: str, matrix: Path = MATRIX) -> str:
             "and pass --reference DIR"
         )
     commits = sorted({str(commit) for commit in rows["harness_commit"].dropna()})
-    return (
-        f"comparing with {folder}: {rows['cell_id'].nunique()} cells recorded on {gpu_name}"
-        + (f", harness {', '.join(commits)}" if commits else "")
+    return f"comparing with {folder}: {rows['cell_id'].nunique()} cells recorded on {gpu_name}" + (
+        f", harness {', '.join(commits)}" if commits else ""
     )
 
 
-def markdown_summary(comparison: pd.DataFrame | None, reference: Path, results: Path, run_code: int, compare_code: int) -> str:
+def markdown_summary(
+    comparison: pd.DataFrame | None, reference: Path, results: Path, run_code: int, compare_code: int
+) -> str:
     """The job summary: the verdict, then the compare table (one line per cell both runs have)."""
     lines = [f"## Nightly GPU guard: {results} against {reference}", ""]
     if run_code == 3:
-        lines.append("The run stopped at its time limit (`--max-time`): cells not run are not compared; a rerun resumes.")
+        lines.append(
+            "The run stopped at its time limit (`--max-time`): cells not run are not compared; a rerun resumes."
+        )
     elif run_code:
         lines.append(f"The run ended with exit code {run_code}: see the job log.")
     if comparison is None:
@@ -133,13 +136,13 @@ def _cell_text(text: str) -> str:
     return str(text).replace("|", "\\|").replace("\n", " ")
 
 
-def _write_report(results: Path) -> None:
+def _write_report(results: Path, output: Path) -> None:
     """The HTML report of `results`; a report that fails is said, and the comparison still runs."""
     from bench import cli
 
-    REPORT.parent.mkdir(parents=True, exist_ok=True)
+    output.parent.mkdir(parents=True, exist_ok=True)
     try:
-        cli.main(["report", str(results), "-o", str(REPORT)])
+        cli.main(["report", str(results), "-o", str(output)])
     except Exception as error:  # the verdict comes from compare; the report is an artifact
         print(f"quantbench nightly: the report failed: {type(error).__name__}: {error}", file=sys.stderr)
 
@@ -173,10 +176,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         run_code = cli.main(["run", str(args.matrix), "--results", str(args.results), *select, *run_args])
     finally:  # a run stopped by --max-time (exit 3) or by a crash still gets its report
-        _write_report(args.results)
-    COMPARE_CSV.unlink(missing_ok=True)
-    compare_code = cli.main(["compare", str(reference), str(args.results), "-o", str(COMPARE_CSV)])
-    comparison = pd.read_csv(COMPARE_CSV) if COMPARE_CSV.exists() else None
+        _write_report(args.results, REPORTS / f"{args.matrix.stem}.html")
+    compare_csv = REPORTS / f"{args.matrix.stem}-compare.csv"
+    compare_csv.unlink(missing_ok=True)
+    compare_code = cli.main(["compare", str(reference), str(args.results), "-o", str(compare_csv)])
+    comparison = pd.read_csv(compare_csv) if compare_csv.exists() else None
     summary_path = os.environ.get(SUMMARY_ENV)
     if summary_path:
         with open(summary_path, "a") as summary:

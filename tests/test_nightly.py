@@ -7,8 +7,11 @@ from pathlib import Path
 import pytest
 
 from bench import nightly
+from bench.cli import main as quantbench
 from bench.environment import Machine
 from bench.errors import UserError
+from bench.matrix import load_matrix
+from bench.methods import method_class, method_names
 from bench.store import ResultsFolder
 from tests.test_store import row
 
@@ -55,7 +58,9 @@ def test_no_reference_for_this_gpu_names_the_command_that_makes_one(tmp_path):
 
 def test_a_reference_from_another_gpu_model_is_refused_and_a_matching_one_is_named(tmp_path):
     write_rows(tmp_path / "ref", "NVIDIA H100 80GB HBM3")
-    with pytest.raises(UserError, match=r"(?s)recorded on NVIDIA H100 80GB HBM3, this runner has NVIDIA H200.*--reference"):
+    with pytest.raises(
+        UserError, match=r"(?s)recorded on NVIDIA H100 80GB HBM3, this runner has NVIDIA H200.*--reference"
+    ):
         nightly.check_reference(tmp_path / "ref", H200)
     write_rows(tmp_path / "h200", H200)
     line = nightly.check_reference(tmp_path / "h200", H200)
@@ -100,7 +105,8 @@ def test_a_regression_fails_the_nightly_and_the_summary_and_csv_say_which_cell(r
     assert run[:2] == ["run", "matrices/nightly.toml"] and run[-2:] == ["--executor", "local-gpus"]
     assert "--select" not in run, "compiled cells run unless --quick"
     assert "comparing with results/reference/h200/nightly: 2 cells recorded on NVIDIA H200" in capsys.readouterr().out
-    assert "c1" in nightly.COMPARE_CSV.read_text()
+    assert "c1" in Path("reports/out/nightly-compare.csv").read_text()
+    assert Path("reports/out/nightly.html").is_file()
     summary = runner["summary"].read_text()
     assert "**1 of 1 cells regressed**" in summary
     assert "| cell c1 | ok → ok | +0.0% | n/a | +50.0% | **e2e latency +50.0%" in summary
@@ -122,3 +128,36 @@ def test_bad_run_options_stop_before_any_work(runner, capsys):
     assert stopped.value.code == 2
     assert "--max-time: expected seconds or a duration" in capsys.readouterr().err
     assert runner["runs"] == []
+
+
+ROOT = Path(__file__).resolve().parent.parent
+NIGHTLY_MATRIX = ROOT / "matrices/nightly.toml"
+
+
+def test_the_nightly_matrix_guards_every_method_family_eager_and_compiles_cheaply():
+    cells = load_matrix(NIGHTLY_MATRIX).cells
+    eager = [cell for cell in cells if cell.compile == "off"]
+    assert {method_class(cell.method).family for cell in eager} == {method_class(n).family for n in method_names()}
+    assert {"bnb_8bit", "bnb_4bit"} <= {cell.method for cell in eager}
+    assert {cell.options["quant_type"] for cell in eager if cell.method == "torchao"} == {
+        "int8wo", "int8dq", "float8wo", "float8dq", "int4wo"
+    }  # fmt: skip
+    compiled = [cell for cell in cells if cell.compile != "off"]
+    whole_default = {cell.method for cell in compiled if cell.compile == "default" and not cell.regional}
+    assert "baseline" in whole_default and whole_default - {"baseline"}, "bf16 and a quantized type, whole-model"
+    assert {cell.method for cell in compiled if cell.regional} >= {"baseline", "gguf", "torchao"}
+    assert all(cell.compile == "default" for cell in compiled), "max-autotune compiles take 5-20 minutes"
+    int8pack = [c for c in compiled if c.options.get("quant_type") == "int8wo" and c.inductor is None]
+    assert not int8pack, "compiled int8wo with Inductor's int8pack rewrite runs 65 s a step"
+
+
+def test_quantbench_plan_validates_the_nightly_matrix_and_needs_only_a_gpu(capsys):
+    # on this CPU machine the FLUX.1-dev-shaped model cannot be built: the cells are listed, then that one error
+    assert (
+        quantbench(["plan", str(NIGHTLY_MATRIX), "--results", str(ROOT / "results/reference/h200/flux-dev-h100")]) == 2
+    )
+    out, err = capsys.readouterr()
+    assert "nightly: 17 cells, none can run here" in out
+    assert err.strip() == (
+        "quantbench: error: model builtin 'flux-dev-shape' is built on a CUDA GPU (billions of parameters); none is here"
+    )

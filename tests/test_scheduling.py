@@ -40,7 +40,9 @@ def test_the_estimate_ranks_compiled_above_eager_and_the_known_slow_cells_highes
     on_gpu = cell("torchao", options={"quant_type": "int8wo", "pipeline_config": True})
     assert estimated_s(on_gpu, "torchao") < estimated_s(cell("torchao", options={"quant_type": "int8wo"}), "torchao")
     int8pack = cell("torchao", options={"quant_type": "int8wo"}, compile="default")
-    no_rewrite = cell("torchao", options={"quant_type": "int8wo"}, compile="default", inductor="stock-no-pattern-matcher")
+    no_rewrite = cell(
+        "torchao", options={"quant_type": "int8wo"}, compile="default", inductor="stock-no-pattern-matcher"
+    )
     assert estimated_s(int8pack, "torchao") > estimated_s(no_rewrite, "torchao") + 600
     assert estimated_s(cell("new_backend"), "new_backend") > 0  # a family the table does not know still gets a length
 
