@@ -159,11 +159,12 @@ def _parse(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
 def main(argv: list[str] | None = None) -> int:
     """Check the reference, run, report, compare, summarize; see the module docstring for the exit code."""
     from bench import cli
-    from bench.environment import detect_machine
+    from bench.environment import detect_machine, lock_sha256
 
     args, run_args = _parse(argv)
     cli.build_parser().parse_args(["run", str(args.matrix), *run_args])  # bad run options: exit 2 before any work
     try:
+        lock_sha256()  # a lock named but unreadable: said before any work, not when the first row is written
         machine = detect_machine()
         if not machine.cuda_available:
             raise UserError("the nightly runs on a CUDA GPU; torch sees none here")

@@ -161,3 +161,11 @@ def test_quantbench_plan_validates_the_nightly_matrix_and_needs_only_a_gpu(capsy
     assert err.strip() == (
         "quantbench: error: model builtin 'flux-dev-shape' is built on a CUDA GPU (billions of parameters); none is here"
     )
+
+
+def test_a_lock_named_but_missing_stops_the_nightly_before_running(runner, monkeypatch, capsys):
+    write_rows(Path("results/reference/h200/nightly"), H200)
+    monkeypatch.setenv("QUANTBENCH_LOCK", "locks/missing.txt")
+    assert nightly.main([]) == 2
+    assert runner["runs"] == []
+    assert "QUANTBENCH_LOCK=locks/missing.txt: cannot read the lock file" in capsys.readouterr().err
