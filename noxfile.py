@@ -1,5 +1,5 @@
 """The one front door for every task: `nox -s tests`, `nox -s smoke`, `nox -s lint`, `nox -s gpu`,
-`nox -s kernels`, `nox -s scaling`."""
+`nox -s gpu-tests`, `nox -s kernels`, `nox -s scaling`."""
 
 import json
 import os
@@ -38,28 +38,31 @@ def smoke(session: nox.Session) -> None:
     session.run("quantbench", "report", "results/smoke", "-o", "reports/out/smoke.html")
 
 
-@nox.session
+GPU_LOCK = "locks/gpu.txt"  # the CUDA environment, pinned with hashes (its header says how to regenerate it)
+
+
+def install_locked(session: nox.Session) -> None:
+    """The GPU sessions' environment: exactly the lock (hashes checked), then quantbench without dependencies;
+    rows record the lock's SHA-256 (QUANTBENCH_LOCK)."""
+    session.install("--require-hashes", "-r", GPU_LOCK)
+    session.install("--no-deps", "-e", ".")
+    session.env["QUANTBENCH_LOCK"] = GPU_LOCK
+
+
+@nox.session(python="3.12")
 def gpu(session: nox.Session) -> None:
-    """On a CUDA machine: the reference matrix (`-- --quick`: eager cells only; other arguments go to
-    `quantbench run`, e.g. `--executor local-gpus` or `--max-time 25m`), its report, and a comparison with the
-    committed H100 reference that fails on a regression."""
-    install(session)
-    quick = ["--select", "compile=off"] if "--quick" in session.posargs else []
-    run_args = [arg for arg in session.posargs if arg != "--quick"]
-    try:
-        session.run(
-            "quantbench", "run", "matrices/flux-dev-h100.toml", "--results", "results/nightly", *quick, *run_args
-        )
-    finally:  # a run stopped by --max-time (exit 3) or by a crash still gets its report; the session then fails
-        session.run("quantbench", "report", "results/nightly", "-o", "reports/out/nightly.html")
-    session.run(
-        "quantbench",
-        "compare",
-        "results/reference/h100/flux-dev-h100",
-        "results/nightly",
-        "-o",
-        "reports/out/nightly-compare.csv",
-    )
+    """On a CUDA machine: the nightly matrix (compiled cells included; `-- --quick`: eager only), its report, and
+    a comparison with results/reference/<this GPU>/nightly that fails on a regression (bench/nightly.py). Other
+    arguments go to `quantbench run`, e.g. `--executor local-gpus` or `--max-time 25m`."""
+    install_locked(session)
+    session.run("python", "-m", "bench.nightly", *session.posargs)
+
+
+@nox.session(name="gpu-tests", python="3.12")
+def gpu_tests(session: nox.Session) -> None:
+    """On a CUDA machine: the tests marked `gpu` (tests/gpu: loading, placements, memory, LPIPS, real OOM)."""
+    install_locked(session)
+    session.run("pytest", "-m", "gpu", "tests/gpu", *session.posargs)
 
 
 KERNELS_REFERENCE = Path("results/reference/kernels/h100.json")

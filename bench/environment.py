@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import importlib.metadata
 import os
 import platform
@@ -11,6 +12,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 LIBRARIES = ("torch", "diffusers", "transformers", "accelerate", "bitsandbytes", "torchao", "gguf")
+LOCK_ENV = "QUANTBENCH_LOCK"  # the lock file (e.g. locks/gpu.txt) this environment was installed from, if any
 
 
 @dataclass(frozen=True)
@@ -52,6 +54,7 @@ class Environment:
     cpu: str
     host: str
     harness_commit: str | None
+    lock_sha256: str | None = None  # of the lock file named by QUANTBENCH_LOCK
 
     def as_dict(self) -> dict[str, str | None]:
         return asdict(self)
@@ -65,8 +68,38 @@ def collect_environment() -> Environment:
         cpu=cpu_name(),
         host=socket.gethostname(),
         harness_commit=harness_commit(),
+        lock_sha256=lock_sha256(),
         **versions,
     )
+
+
+def lock_sha256() -> str | None:
+    """The SHA-256 of the lock file this environment was installed from, as QUANTBENCH_LOCK names it (the nox
+    GPU sessions set it); None without one. A lock named but unreadable is a setup error, said at once."""
+    path = os.environ.get(LOCK_ENV)
+    if not path:
+        return None
+    try:
+        return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+    except OSError as error:
+        from bench.errors import UserError
+
+        raise UserError(f"{LOCK_ENV}={path}: cannot read the lock file: {error.strerror or error}") from None
+
+
+def differing_versions(old: dict[str, object], new: dict[str, object]) -> dict[str, tuple[object, object]]:
+    """The environment fields (library versions, Python, lock hash) whose values differ between two runs'
+    environments (e.g. one row of each), as {field: (old, new)}: what a maintainer asks first about a
+    regression. A field missing from one side counts as None there."""
+    fields = [*(f"{name}_version" for name in ("python", *LIBRARIES)), "lock_sha256"]
+    return {
+        field: (old.get(field), new.get(field)) for field in fields if _known(old.get(field)) != _known(new.get(field))
+    }
+
+
+def _known(value: object) -> object:
+    """A value as compared: missing (None, or NaN from a table) is None."""
+    return None if value is None or value != value else value
 
 
 def _version(distribution: str) -> str | None:

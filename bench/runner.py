@@ -31,6 +31,7 @@ from bench.launch import CellJob, CellOutcome
 from bench.matrix import Matrix
 from bench.models import ResolvedModel, resolve_model
 from bench.rows import cell_rows
+from bench.scheduling import start_order
 from bench.store import ResultsFolder
 
 log = logging.getLogger(__name__)
@@ -149,7 +150,7 @@ def run_matrix(
                     progress.cell_done(cell, status)
 
             waiting = deque()
-            for cell in todo:
+            for cell in start_order(todo, results_dir, pool.slots):  # several slots: longest cells first
                 verdict = ready.verdicts[cell.id]
                 if verdict.status == "run":
                     waiting.append(cell)

@@ -158,6 +158,7 @@ class ResultRow:
     torchao_version: str | None = None
     gguf_version: str | None = None
     harness_commit: str | None = None
+    lock_sha256: str | None = None  # the lock file the environment was installed from (environment.lock_sha256)
 
 
 _ARROW_TYPES = {str: pa.string(), int: pa.int64(), float: pa.float64(), bool: pa.bool_()}

@@ -1,4 +1,4 @@
-"""On a CUDA GPU only: real out-of-memory, and GPU memory measured for real."""
+"""On a CUDA GPU only: a real out-of-memory becomes an `oom` row, and the compile heartbeat counts real kernels."""
 
 from __future__ import annotations
 

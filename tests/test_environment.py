@@ -1,0 +1,45 @@
+"""What every row records about its environment: library versions and the lock the environment came from."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+
+import pytest
+
+from bench.environment import LOCK_ENV, Environment, collect_environment, differing_versions, lock_sha256
+from bench.errors import UserError
+from bench.store import ResultRow
+
+
+def test_the_lock_hash_is_the_sha256_of_the_lock_file_the_environment_names(tmp_path, monkeypatch):
+    lock = tmp_path / "gpu.txt"
+    lock.write_text("torch==2.11.0 --hash=sha256:00\n")
+    monkeypatch.setenv(LOCK_ENV, str(lock))
+    assert collect_environment().lock_sha256 == hashlib.sha256(lock.read_bytes()).hexdigest()
+    lock.write_text("torch==2.12.0 --hash=sha256:00\n")
+    assert lock_sha256() == hashlib.sha256(b"torch==2.12.0 --hash=sha256:00\n").hexdigest()
+
+
+def test_no_lock_named_records_none_and_an_unreadable_one_is_a_clear_error(tmp_path, monkeypatch):
+    monkeypatch.delenv(LOCK_ENV, raising=False)
+    assert lock_sha256() is None
+    monkeypatch.setenv(LOCK_ENV, str(tmp_path / "missing.txt"))
+    with pytest.raises(UserError, match=r"QUANTBENCH_LOCK=.*missing\.txt: cannot read the lock file"):
+        lock_sha256()
+
+
+def test_every_environment_field_is_a_row_column():
+    # the driver spreads the environment into each row: a field without a column would fail every run
+    columns = {field.name for field in dataclasses.fields(ResultRow)}
+    assert {field.name for field in dataclasses.fields(Environment)} <= columns
+
+
+def test_differing_versions_names_only_what_changed_between_two_runs():
+    old = {"torch_version": "2.11.0", "diffusers_version": "0.42.1", "lock_sha256": "aa", "host": "gpu-1"}
+    new = {"torch_version": "2.11.0", "diffusers_version": "0.43.0", "lock_sha256": "bb", "host": "gpu-2"}
+    assert differing_versions(old, new) == {"diffusers_version": ("0.42.1", "0.43.0"), "lock_sha256": ("aa", "bb")}
+    assert differing_versions(old, old) == {}
+    # rows written before a field existed read back as NaN: that and None are the same (unknown)
+    assert differing_versions({"lock_sha256": float("nan")}, {}) == {}
+    assert differing_versions({}, {"torchao_version": "0.18.0"}) == {"torchao_version": (None, "0.18.0")}
