@@ -5,8 +5,8 @@ from __future__ import annotations
 import heapq
 from concurrent.futures import Future
 
-from bench.cell import CellResult
 from bench.cells import Cell
+from bench.contract import CellResult
 from bench.environment import Machine
 from bench.executors.base import Executor
 from bench.launch import CellOutcome
