@@ -21,6 +21,7 @@ from typing import Any
 import matplotlib
 import matplotlib.patches
 import matplotlib.text
+import matplotlib.ticker
 import matplotlib.transforms
 
 matplotlib.use("Agg")
@@ -86,9 +87,15 @@ class AxisFit:
         return np.where(self.side < 0, self.low, np.where(self.side > 0, self.high, values))
 
     def apply(self, ax: Axes, axis: str) -> None:
+        """Set the axis's scale and limits; a log axis is labelled at 1, 2 and 5 of each decade in plain numbers."""
+        (ax.set_xlim if axis == "x" else ax.set_ylim)(self.low, self.high)
         if self.log:
             (ax.set_xscale if axis == "x" else ax.set_yscale)("log")
-        (ax.set_xlim if axis == "x" else ax.set_ylim)(self.low, self.high)
+            target = ax.xaxis if axis == "x" else ax.yaxis
+            decades = np.log10(self.high / self.low)
+            target.set_major_locator(matplotlib.ticker.LogLocator(subs=(1.0, 2.0, 5.0) if decades < 3 else (1.0,)))
+            target.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda value, _: f"{value:g}"))
+            target.set_minor_formatter(matplotlib.ticker.NullFormatter())
 
 
 def fit_axis(values: np.ndarray, *, start_at_zero: bool = False) -> AxisFit:
@@ -164,7 +171,7 @@ def _off_scale_notes(ax: Axes, cells: pd.DataFrame, fits: dict[str, AxisFit], ra
             values = raw[axis][where]
             numbers = sorted({_short(v) for v in values})
             arrow = {("x", 1): "→", ("x", -1): "←", ("y", 1): "↑", ("y", -1): "↓"}[(axis, side)]
-            text = f"{arrow} {', '.join(numbers)} {units[axis]}"
+            text = f"◇ {arrow} {', '.join(numbers)} {units[axis]}"
             if axis == "y":
                 ax.annotate(text, (1.0, 1.0 if side > 0 else 0.0), xycoords="axes fraction", ha="right",
                             va="top" if side > 0 else "bottom", fontsize=7, color="#b00",
@@ -489,7 +496,7 @@ def figure_svg(plot: Plot, salt: str) -> str:
     svg = svg[svg.index("<svg") :]
     svg = re.sub(r'<svg([^>]*?) width="[^"]*" height="[^"]*"', r'<svg\1 class="plot" role="img"', svg, count=1)
     for gid, text in plot.hover.items():
-        svg = svg.replace(f'<g id="{gid}">', f'<g id="{salt}-{gid}"><title>{html.escape(text)}</title>', 1)
+        svg = svg.replace(f'<g id="{gid}">', f'<g id="{salt}-{gid}"><title>{html.escape(text, quote=False)}</title>', 1)
     return svg
 
 
