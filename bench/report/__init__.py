@@ -323,7 +323,7 @@ def _step_against_eager(step_s: float, eager_step_s: float) -> dict[str, Any] | 
     title = f"the same cell uncompiled: {eager_step_s:.4f} s a step (median)"
     if step_s > eager_step_s:
         return {"text": f"slower than eager ({eager_step_s:.4f} s)", "slower": True, "title": title}
-    return {"text": f"{eager_step_s / step_s:.2f}× eager", "slower": False, "title": title + ", slower than this"}
+    return {"text": f"{eager_step_s / step_s:.2f}× faster", "slower": False, "title": title + ", slower than this"}
 
 
 def _compile_flags(counts: CompileCounts) -> list[dict[str, str]]:

@@ -83,6 +83,29 @@ class Decision:
     memory_label: str
 
 
+def decision_table(decision: Decision) -> pd.DataFrame:
+    """The what-to-pick table as a DataFrame (notebooks): one row per budget, the picks and their facts."""
+    return pd.DataFrame(
+        [
+            {
+                "card": f"{row.budget_gb} GB",
+                "fastest eager": row.eager.label if row.eager else "nothing fits",
+                "eager": row.eager.facts() if row.eager else "",
+                "fastest compiled": row.compiled.label if row.compiled else "nothing fits",
+                "compiled": row.compiled.facts() if row.compiled else "",
+            }
+            for row in decision.budgets
+        ]
+    )
+
+
+def front_table(front: list[FrontPoint], memory_label: str, value_label: str) -> pd.DataFrame:
+    """A Pareto front as a DataFrame, numbered as in the plots."""
+    return pd.DataFrame(
+        [{"#": p.number, "cell": p.label, memory_label: round(p.memory, 2), value_label: p.value} for p in front]
+    ).set_index("#")
+
+
 def pareto_front(x: np.ndarray, y: np.ndarray) -> list[int]:
     """Indices of points no other point beats on both x and y (both lower is better), by rising x."""
     order = np.lexsort((y, x))

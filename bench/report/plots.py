@@ -44,6 +44,7 @@ FAMILY_COLOURS = {
     "layerwise": "#ff7f0e",
 }
 SERIES_COLOURS = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#17becf", "#bcbd22", "#7f7f7f")  # fmt: skip
+SERIES_MARKERS = ("o", "s", "^", "D", "v")
 # Bits per weight of GGUF types (block bytes * 8 / block values).
 GGUF_BITS = {"F16": 16, "BF16": 16, "Q8_0": 8.5, "Q5_1": 6.0, "Q5_0": 5.5, "Q4_1": 5.0, "Q4_0": 4.5,
              "Q6_K": 6.5625, "Q5_K": 5.5, "Q4_K": 4.5, "Q3_K": 3.4375, "Q2_K": 2.625}  # fmt: skip
@@ -318,10 +319,13 @@ def threshold_sweep(cells: pd.DataFrame) -> Plot:
     for number, (series, group) in enumerate(sweep.groupby("series", sort=True)):
         group = group.sort_values("threshold")
         series_colour = SERIES_COLOURS[number % len(SERIES_COLOURS)]
-        ax.plot(group["threshold"], group["drift"], color=series_colour, label=series, linestyle="-" if len(group) > 1 else "")
+        marker = SERIES_MARKERS[number % len(SERIES_MARKERS)]  # series that coincide stay visible
+        ax.plot(group["threshold"], group["drift"], color=series_colour, label=series, marker=marker,
+                markerfacecolor="none", markersize=9 - 1.5 * (number % 3), linestyle="-" if len(group) > 1 else "")  # fmt: skip
         for index, cell in group.iterrows():
             gid = f"{POINT_ID}{index}"
-            ax.plot(cell["threshold"], cell["drift"], marker="o", linestyle="", color=series_colour, gid=gid)
+            ax.plot(cell["threshold"], cell["drift"], marker=marker, markerfacecolor="none", linestyle="",
+                    markersize=9 - 1.5 * (number % 3), color=series_colour, gid=gid)  # fmt: skip
             hover[gid] = hover_text(cell, f"threshold {cell['threshold']:g}", f"drift {_short(cell['drift'])}")
     fit = fit_axis(sweep["drift"].to_numpy(float))
     if fit.log:
