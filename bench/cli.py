@@ -60,7 +60,10 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("results", type=Path, help="results folder or Parquet file")
     report.add_argument("-o", "--output", type=Path, required=True, help="HTML (or Markdown) file to write")
     report.add_argument(
-        "--format", choices=("html", "md"), default="html", help="html (default) or md: GitHub-flavoured Markdown, PNG plots beside it"
+        "--format",
+        choices=("html", "md"),
+        default="html",
+        help="html (default) or md: GitHub-flavoured Markdown, PNG plots beside it",
     )
     report.add_argument(
         "--budgets", type=_budgets, default=(80, 48, 24, 16, 12), metavar="GB,GB,...",

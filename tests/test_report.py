@@ -439,7 +439,10 @@ def test_notebook_runs_on_smoke_results(smoke_run, monkeypatch):
 def test_report_renders_in_a_real_browser_with_no_broken_image(report, tmp_path):
     command = ["chromium", "--headless", "--no-sandbox", "--disable-gpu", "--virtual-time-budget=5000"]
     dom = subprocess.run(
-        [*command, "--window-size=1280,2400", "--dump-dom", report.as_uri()], capture_output=True, text=True, timeout=120
+        [*command, "--window-size=1280,2400", "--dump-dom", report.as_uri()],
+        capture_output=True,
+        text=True,
+        timeout=120,
     ).stdout
     shot = tmp_path / "report.png"
     subprocess.run(

@@ -45,7 +45,10 @@ def test_each_budget_gets_the_fastest_fitting_finished_cell_eager_and_compiled_a
     ok = cells[cells["status"] == "ok"]
     for row in decision.budgets:
         fits = ok[ok["peak_reserved_bytes"] + GIB <= row.budget_gb * GIB]
-        for pick, subset in ((row.eager, fits[fits["compile"] == "off"]), (row.compiled, fits[fits["compile"] != "off"])):
+        for pick, subset in (
+            (row.eager, fits[fits["compile"] == "off"]),
+            (row.compiled, fits[fits["compile"] != "off"]),
+        ):
             if subset.empty:
                 assert pick is None
                 continue
@@ -83,9 +86,11 @@ def test_with_real_weights_and_gates_only_passing_cells_are_picked(frames):
 
 def test_the_report_opens_with_what_to_pick_and_puts_the_environment_below(flux_html):
     body = flux_html.split("<body>")[1]
-    assert body.index('<section id="what-to-pick">') < body.index("<h2>Summary</h2>") < body.index("<h2>Environment</h2>")
+    assert (
+        body.index('<section id="what-to-pick">') < body.index("<h2>Summary</h2>") < body.index("<h2>Environment</h2>")
+    )
     section = body.split('<section id="what-to-pick">')[1].split("</section>")[0]
-    assert section.count("<tr><td class=\"text\"><strong>") == 5, "one row per default budget"
+    assert section.count('<tr><td class="text"><strong>') == 5, "one row per default budget"
     assert "a default of 1.0 GiB" in section and "Pareto front: memory vs step time" in section
     assert "Pareto front: memory vs drift" not in section, "synthetic weights: no drift front"
 
@@ -154,7 +159,10 @@ def test_each_series_has_its_own_colour(frames):
     legend = sweep.get_legend()
     names = [text.get_text() for text in legend.get_texts()]
     assert any("capture-dynamic-output-shapes" in name for name in names), "its own series, not joined to default"
-    colours = [tuple(line.get_color()) if not isinstance(line.get_color(), str) else line.get_color() for line in legend.get_lines()]
+    colours = [
+        tuple(line.get_color()) if not isinstance(line.get_color(), str) else line.get_color()
+        for line in legend.get_lines()
+    ]
     assert len(set(colours)) == len(colours)
     compiled = plots["torch.compile on/off"].figure.legends[0]
     patch_colours = [tuple(patch.get_facecolor()) for patch in compiled.get_patches()]

@@ -136,7 +136,9 @@ def report_context(
 def _not_run(cell: pd.Series) -> dict[str, Any]:
     """A cell that did not finish: its reason in a line (a traceback's last line, the exception) and the whole
     text, when longer, to fold away."""
-    lines = [line for line in (cell["error"] if isinstance(cell["error"], str) else "").strip().splitlines() if line.strip()]
+    lines = [
+        line for line in (cell["error"] if isinstance(cell["error"], str) else "").strip().splitlines() if line.strip()
+    ]
     whole = "\n".join(lines) if len(lines) > 1 else ""
     return {**cell.to_dict(), "ran": phases_run(cell), "reason": lines[-1] if lines else "", "reason_whole": whole}
 
@@ -247,11 +249,13 @@ def _gpu_groups(frame: pd.DataFrame, cells: pd.DataFrame, budgets_gb: tuple[int,
     for device, group in cells.groupby(cells["gpu_name"].map(device_label), sort=True):
         rows = frame[frame["cell_id"].isin(group["cell_id"])]
         shown = {metric for metric, _ in DRIFT_COLUMNS if group[metric].notna().any()}  # the others: missing metrics
+        scale, unit = (1024**3, "GiB") if group["peak_reserved_bytes"].max() >= 1024**3 else (1024**2, "MiB")
         groups.append(
             {
                 "device": device,
                 "decision": decide(rows, group, device, budgets_gb),
-                "rows": [_summary_row(cell, shown) for _, cell in group.iterrows()],
+                "memory_unit": unit,
+                "rows": [_summary_row(cell, shown, scale) for _, cell in group.iterrows()],
                 "drift_headers": [label for metric, label in DRIFT_COLUMNS if metric in shown],
                 "plots": all_plots(group),
             }
@@ -275,9 +279,11 @@ def _number(value: Any, fmt: str) -> str | None:
     return fmt.format(value)
 
 
-def _summary_row(cell: pd.Series, drift_shown: set[str]) -> dict[str, Any]:
-    def gib(column: str) -> str | None:
-        return _number(cell[column] / 1024**3 if cell[column] is not None else None, "{:.2f}")
+def _summary_row(cell: pd.Series, drift_shown: set[str], memory_scale: float) -> dict[str, Any]:
+    """One summary table row; GPU memory in bytes / `memory_scale` (GiB at real size, MiB for tiny models)."""
+
+    def memory(column: str) -> str | None:
+        return _number(cell[column] / memory_scale if cell[column] is not None else None, "{:.2f}")
 
     drift = []
     for metric, _ in DRIFT_COLUMNS:
@@ -292,8 +298,8 @@ def _summary_row(cell: pd.Series, drift_shown: set[str]) -> dict[str, Any]:
         "label": cell["cell_label"],
         "family": cell["method_family"],
         "status": cell["status"],
-        "resident": gib("resident_reserved_bytes"),
-        "peak": gib("peak_reserved_bytes"),
+        "resident": memory("resident_reserved_bytes"),
+        "peak": memory("peak_reserved_bytes"),
         "tensor_mib": _number(cell["transformer_tensor_bytes"] / 1024**2, "{:.2f}"),
         "footprint_mib": _number(cell["transformer_footprint_bytes"] / 1024**2, "{:.2f}"),
         "step": _number(cell["step_latency_median_s"], "{:.4f}"),

@@ -189,7 +189,9 @@ def decide(frame: pd.DataFrame, cells: pd.DataFrame, device: str, budgets_gb: tu
     if gpu_memory:
         for budget in budgets_gb:
             fits = candidates[candidates["needs"] <= budget * GIB]
-            rows.append(BudgetRow(budget, fastest(fits[fits["compile"] == "off"]), fastest(fits[fits["compile"] != "off"])))
+            rows.append(
+                BudgetRow(budget, fastest(fits[fits["compile"] == "off"]), fastest(fits[fits["compile"] != "off"]))
+            )
     smallest = pick(candidates.loc[candidates["needs"].idxmin()]) if gpu_memory and not candidates.empty else None
 
     memory, memory_label, scale = _memory_for_front(ok)

@@ -41,7 +41,7 @@ def render_markdown(
     for group in context["gpu_groups"]:
         if len(context["gpu_groups"]) > 1:
             lines += [f"### {group['device']}", ""]
-        lines += _summary(group["rows"])
+        lines += _summary(group["rows"], group["memory_unit"])
     lines += ["## Plots", ""]
     if context["synthetic_drift"]:
         lines += [f"The {context['synthetic_drift']}.", ""]
@@ -97,7 +97,12 @@ def _decision(decision: Decision, several_devices: bool) -> list[str]:
         ("memory vs drift", decision.drift_front, decision.drift_label),
     ):
         if front:
-            lines += [f"Pareto front, {title}:", "", f"| # | cell | {decision.memory_label} | {value} |", "|--:|---|--:|--:|"]
+            lines += [
+                f"Pareto front, {title}:",
+                "",
+                f"| # | cell | {decision.memory_label} | {value} |",
+                "|--:|---|--:|--:|",
+            ]
             lines += [f"| {p.number} | {_cell(p.label)} | {p.memory:.2f} | {p.value:.3g} |" for p in front]
             lines.append("")
     return lines
@@ -107,9 +112,9 @@ def _pick(pick: Pick | None) -> str:
     return "*nothing fits*" if pick is None else f"{_cell(pick.label)}<br>{pick.facts()}"
 
 
-def _summary(rows: list[dict[str, Any]]) -> list[str]:
+def _summary(rows: list[dict[str, Any]], memory_unit: str) -> list[str]:
     lines = [
-        "| cell | status | peak reserved GiB | s/step | end-to-end s | compile s | speedup | memory saving | gate |",
+        f"| cell | status | peak reserved {memory_unit} | s/step | end-to-end s | compile s | speedup | memory saving | gate |",
         "|---|---|--:|--:|--:|--:|--:|--:|---|",
     ]
     for row in rows:

@@ -184,7 +184,9 @@ def _off_scale_notes(ax: Axes, cells: pd.DataFrame, fits: dict[str, AxisFit], ra
             for index, value in zip(where, values, strict=True):
                 cell = cells.iloc[index]
                 edge = {(1, "y"): "top", (-1, "y"): "bottom", (1, "x"): "right", (-1, "x"): "left"}[(side, axis)]
-                notes.append(f"{cell['cell_label']}: {_short(value)} {units[axis]}, off scale, drawn at the {edge} edge")
+                notes.append(
+                    f"{cell['cell_label']}: {_short(value)} {units[axis]}, off scale, drawn at the {edge} edge"
+                )
     return notes
 
 
@@ -235,8 +237,10 @@ def place_numbers(ax: Axes, points: list[tuple[float, float, str]], markers: np.
             label = ax.annotate(text, (x, y), xytext=(dx, dy), textcoords="offset points", fontsize=7,
                                 fontweight="bold", color="#444444")  # fmt: skip
             box = label.get_window_extent(renderer)
-            if inside.contains(box.x0, box.y0) and inside.contains(box.x1, box.y1) and not _overlaps(
-                box, _text_boxes(figure, renderer, skip=label) + obstacles
+            if (
+                inside.contains(box.x0, box.y0)
+                and inside.contains(box.x1, box.y1)
+                and not _overlaps(box, _text_boxes(figure, renderer, skip=label) + obstacles)
             ):
                 placed += 1
                 break
@@ -280,7 +284,9 @@ def scatter(cells: pd.DataFrame, x: pd.Series, y: pd.Series, labels: tuple[str, 
     _legend_outside(ax, handles)
     figure.tight_layout()
     notes = _off_scale_notes(ax, cells, fits, {"x": xs, "y": ys}, {"x": units[0], "y": units[1]})
-    place_numbers(ax, [(px[i], py[i], str(number)) for number, i in enumerate(front, start=1)], np.column_stack([px, py]))
+    place_numbers(
+        ax, [(px[i], py[i], str(number)) for number, i in enumerate(front, start=1)], np.column_stack([px, py])
+    )
     return Plot(title, figure, hover=hover, notes=notes)
 
 
@@ -312,7 +318,9 @@ def threshold_sweep(cells: pd.DataFrame) -> Plot:
     sweep = sweep[(sweep["method"] == "bnb_8bit") & sweep["threshold"].notna()]
     drift = drift_axis(sweep) if not sweep.empty else None
     if sweep["threshold"].nunique() < 2 or drift is None:
-        return Plot(title, reason="needs bnb_8bit cells on real weights with at least two thresholds and a drift metric")
+        return Plot(
+            title, reason="needs bnb_8bit cells on real weights with at least two thresholds and a drift metric"
+        )
     sweep = sweep.assign(drift=drift[0], series=sweep["dtype"] + " " + _variants(sweep))
     figure, ax = plt.subplots(figsize=(7.5, 4), dpi=100)
     hover = {}
@@ -364,7 +372,7 @@ def compile_comparison(cells: pd.DataFrame) -> Plot:
     fit.apply(ax, "x")
     base = fit.low if fit.log else 0.0
     hover, notes, ticks, labels, y = {}, [], [], [], 0.0
-    for group_key, group in bars.groupby("key", sort=False):
+    for _, group in bars.groupby("key", sort=False):
         for n, (index, cell) in enumerate(group.iterrows()):
             number = variants.index(cell["variant"])
             side = fit_axis_side(fit, cell["step"])
@@ -387,7 +395,9 @@ def compile_comparison(cells: pd.DataFrame) -> Plot:
     ax.set_xlabel("denoising step, median (s)")
     ax.set_title(title)
     ax.grid(axis="x", alpha=0.3, which="both")
-    handles = [matplotlib.patches.Patch(color=SERIES_COLOURS[n % len(SERIES_COLOURS)], label=v) for n, v in enumerate(variants)]
+    handles = [
+        matplotlib.patches.Patch(color=SERIES_COLOURS[n % len(SERIES_COLOURS)], label=v) for n, v in enumerate(variants)
+    ]
     figure.legend(handles=handles, fontsize=7.5, loc="outside lower center", ncol=2, title="compile", title_fontsize=8)
     return Plot(title, figure, hover=hover, notes=notes)
 
@@ -419,7 +429,9 @@ def gguf_ladder(cells: pd.DataFrame) -> Plot:
     if drift is not None:
         values = drift[0].to_numpy(float)
         fit = fit_axis(values)
-        norm = matplotlib.colors.LogNorm(fit.low, fit.high) if fit.log else matplotlib.colors.Normalize(fit.low, fit.high)
+        norm = (
+            matplotlib.colors.LogNorm(fit.low, fit.high) if fit.log else matplotlib.colors.Normalize(fit.low, fit.high)
+        )
     for index, cell in gguf.iterrows():
         n = series.index(variants[index])
         x = types.index(cell["quant_type"]) + offsets[variants[index]]
