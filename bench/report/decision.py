@@ -8,6 +8,7 @@ reserved memory), otherwise `DEFAULT_CONTEXT_BYTES` stands in and the report say
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 
 import numpy as np
@@ -134,7 +135,7 @@ def context_bytes(frame: pd.DataFrame, cells: pd.DataFrame) -> tuple[pd.Series, 
 
 def is_synthetic_block_gguf(options: object) -> bool:
     """GGUF cells whose blocks hold random values rather than the weights quantized: no drift view shows them."""
-    return isinstance(options, str) and '"synthetic_blocks": true' in options.replace("True", "true")
+    return isinstance(options, str) and json.loads(options).get("synthetic_blocks") is True
 
 
 def drift_view(cells: pd.DataFrame) -> pd.DataFrame:
@@ -194,7 +195,7 @@ def decide(frame: pd.DataFrame, cells: pd.DataFrame, device: str, budgets_gb: tu
             )
     smallest = pick(candidates.loc[candidates["needs"].idxmin()]) if gpu_memory and not candidates.empty else None
 
-    memory, memory_label, scale = _memory_for_front(ok)
+    memory, what, scale, unit = memory_measure(ok)
     speed_front = _front(ok, memory, ok["step"], scale)
     viewed = drift_view(ok)
     drift = drift_axis(viewed) if not viewed.empty else None
@@ -211,7 +212,7 @@ def decide(frame: pd.DataFrame, cells: pd.DataFrame, device: str, budgets_gb: tu
         speed_front=speed_front,
         drift_front=drift_front,
         drift_label=drift[1] if drift is not None else None,
-        memory_label=memory_label,
+        memory_label=f"{what} ({unit})",
     )
 
 
@@ -223,14 +224,15 @@ def _bf16_eager(ok: pd.DataFrame) -> pd.Series | None:
     return None if base.empty else base.iloc[0]
 
 
-def _memory_for_front(ok: pd.DataFrame) -> tuple[pd.Series, str, float]:
-    """Peak reserved GPU memory, else (CPU runs) the transformer's stored size, in GiB or (below 1 GiB) MiB."""
-    if ok["peak_reserved_bytes"].notna().any():
-        values, what = ok["peak_reserved_bytes"], "peak reserved"
+def memory_measure(cells: pd.DataFrame) -> tuple[pd.Series, str, float, str]:
+    """What memory the cells are compared by, in bytes: peak reserved GPU memory, else (CPU runs) the
+    transformer's stored size; with its name, and the unit to show it in (GiB at real size, MiB below 1 GiB)."""
+    if cells["peak_reserved_bytes"].notna().any():
+        values, what = cells["peak_reserved_bytes"], "peak reserved GPU memory"
     else:
-        values, what = ok["transformer_tensor_bytes"], "transformer size"
+        values, what = cells["transformer_tensor_bytes"], "transformer tensor size (no GPU memory on this run)"
     scale, unit = (GIB, "GiB") if values.max() >= GIB else (1024**2, "MiB")
-    return values, f"{what} {unit}", scale
+    return values, what, scale, unit
 
 
 def _front(ok: pd.DataFrame, memory: pd.Series, value: pd.Series, scale: float) -> list[FrontPoint]:

@@ -33,7 +33,7 @@ from matplotlib.figure import Figure  # noqa: E402
 from matplotlib.lines import Line2D  # noqa: E402
 
 from bench.cells import compile_variant  # noqa: E402
-from bench.report.decision import GIB, drift_axis, drift_view, pareto_front, step_seconds  # noqa: E402
+from bench.report.decision import drift_axis, drift_view, memory_measure, pareto_front, step_seconds  # noqa: E402
 
 FAMILY_COLOURS = {
     "baseline": "#333333",
@@ -130,15 +130,11 @@ def fit_axis(values: np.ndarray, *, start_at_zero: bool = False) -> AxisFit:
     return AxisFit(False, low if start_at_zero else low - pad, high + pad, side)
 
 
-def memory_values(cells: pd.DataFrame) -> tuple[pd.Series, str]:
-    """Peak reserved GPU memory when measured, else the transformer's stored tensor size (CPU runs), in GiB
-    at real size or MiB below 1 GiB, with its axis label."""
-    if cells["peak_reserved_bytes"].notna().any():
-        values, what = cells["peak_reserved_bytes"], "peak reserved GPU memory"
-    else:
-        values, what = cells["transformer_tensor_bytes"], "transformer tensor size (no GPU memory on this run)"
-    scale, unit = (GIB, "GiB") if values.max() >= GIB else (1024**2, "MiB")
-    return values / scale, f"{what} ({unit})"
+def memory_values(cells: pd.DataFrame) -> tuple[pd.Series, str, str]:
+    """The memory the cells are compared by (bench.report.decision.memory_measure) in its unit, with the axis
+    label and the unit."""
+    values, what, scale, unit = memory_measure(cells)
+    return values / scale, f"{what} ({unit})", unit
 
 
 def hover_text(cell: pd.Series, x_text: str, y_text: str) -> str:
@@ -291,8 +287,7 @@ def scatter(cells: pd.DataFrame, x: pd.Series, y: pd.Series, labels: tuple[str, 
 
 
 def memory_vs_step(cells: pd.DataFrame) -> Plot:
-    memory, memory_label = memory_values(cells)
-    unit = memory_label.rsplit("(", 1)[1].rstrip(")")
+    memory, memory_label, unit = memory_values(cells)
     return scatter(
         cells, memory, step_seconds(cells), (memory_label, "denoising step, median (s)"), (unit, "s/step"),
         "Step time vs memory",
@@ -306,8 +301,7 @@ def memory_vs_drift(cells: pd.DataFrame) -> Plot:
     if drift is None:
         return Plot(title, reason="no drift metric was measured on real weights in this run")
     viewed = viewed[~((viewed["method"] == "baseline") & (viewed["compile"] == "off"))]  # the reference itself
-    memory, memory_label = memory_values(viewed)
-    unit = memory_label.rsplit("(", 1)[1].rstrip(")")
+    memory, memory_label, unit = memory_values(viewed)
     return scatter(viewed, memory, drift[0][viewed.index], (memory_label, drift[1]), (unit, ""), title)
 
 
@@ -375,7 +369,7 @@ def compile_comparison(cells: pd.DataFrame) -> Plot:
     for _, group in bars.groupby("key", sort=False):
         for n, (index, cell) in enumerate(group.iterrows()):
             number = variants.index(cell["variant"])
-            side = fit_axis_side(fit, cell["step"])
+            side = 1 if cell["step"] > fit.high else 0  # bars start at the low edge: only the long ones run off
             drawn = fit.high if side > 0 else cell["step"]
             bar = ax.barh(y, drawn - base, left=base, height=0.8, color=SERIES_COLOURS[number % len(SERIES_COLOURS)])
             gid = f"{POINT_ID}{index}"
@@ -402,10 +396,6 @@ def compile_comparison(cells: pd.DataFrame) -> Plot:
     return Plot(title, figure, hover=hover, notes=notes)
 
 
-def fit_axis_side(fit: AxisFit, value: float) -> int:
-    return 1 if value > fit.high else (-1 if value < fit.low and fit.log else 0)
-
-
 def gguf_ladder(cells: pd.DataFrame) -> Plot:
     """Memory of each GGUF type, ordered by bits per weight; coloured by drift on real weights."""
     title = "GGUF type ladder"
@@ -416,8 +406,7 @@ def gguf_ladder(cells: pd.DataFrame) -> Plot:
         return Plot(title, reason="no GGUF cells of a known type ran")
     gguf["bits"] = gguf["quant_type"].map(GGUF_BITS)
     types = sorted(set(gguf["quant_type"]), key=lambda t: (GGUF_BITS[t], t))
-    memory, memory_label = memory_values(gguf)
-    unit = memory_label.rsplit("(", 1)[1].rstrip(")")
+    memory, memory_label, unit = memory_values(gguf)
     viewed = drift_view(gguf)
     drift = drift_axis(viewed) if not viewed.empty else None
     figure, ax = plt.subplots(figsize=(7.5, 4), dpi=100)
