@@ -90,7 +90,7 @@ def test_the_report_opens_with_what_to_pick_and_puts_the_environment_below(flux_
         body.index('<section id="what-to-pick">') < body.index("<h2>Summary</h2>") < body.index("<h2>Environment</h2>")
     )
     section = body.split('<section id="what-to-pick">')[1].split("</section>")[0]
-    assert section.count('<tr><td class="text"><strong>') == 5, "one row per default budget"
+    assert section.count('<tr><td class="text card"><strong>') == 5, "one row per default budget"
     assert "a default of 1.0 GiB" in section and "Pareto front: memory vs step time" in section
     assert "Pareto front: memory vs drift" not in section, "synthetic weights: no drift front"
 
