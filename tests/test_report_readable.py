@@ -53,12 +53,12 @@ def test_each_budget_gets_the_fastest_fitting_finished_cell_eager_and_compiled_a
                 assert pick is None
                 continue
             assert pick.step_s == pytest.approx(subset["step_latency_median_s"].min())
-            assert pick.needs_gib <= row.budget_gb
+            assert pick.needs_bytes <= row.budget_gb * GIB
     by_budget = {row.budget_gb: row for row in decision.budgets}
     assert by_budget[24].eager.label == "bnb_4bit bf16" and by_budget[24].compiled.compile_s > 0
     assert by_budget[80].eager.is_baseline
     assert by_budget[12].eager is None and by_budget[12].compiled is None
-    assert decision.smallest.needs_gib > 12 and not decision.context_measured
+    assert decision.smallest.needs_bytes > 12 * GIB and not decision.context_measured
 
 
 def test_the_cuda_context_measured_by_a_run_replaces_the_default(frames):
@@ -69,7 +69,7 @@ def test_the_cuda_context_measured_by_a_run_replaces_the_default(frames):
     assert measured.context_measured and measured.context_gib == pytest.approx(3.0)
     assert default.budgets[0].eager.label == "bnb_4bit bf16" != measured.budgets[0].eager.label
     peak = cells.set_index("cell_id").loc[measured.budgets[0].eager.cell_id, "peak_reserved_bytes"]
-    assert measured.budgets[0].eager.needs_gib == pytest.approx(peak / GIB + 3) and peak / GIB + 3 <= 23
+    assert measured.budgets[0].eager.needs_bytes == pytest.approx(peak + 3 * GIB) and peak / GIB + 3 <= 23
 
 
 def test_with_real_weights_and_gates_only_passing_cells_are_picked(frames):
@@ -174,6 +174,11 @@ def test_memory_is_in_mib_for_tiny_models_and_gib_at_real_size(frames):
     assert memory_values(cells)[1].endswith("(GiB)")
     tiny = cells.assign(peak_reserved_bytes=cells["peak_reserved_bytes"] / 1000)
     assert memory_values(tiny)[1].endswith("(MiB)")
+    _, decision = _decision(frames["flux"].assign(peak_reserved_bytes=frames["flux"]["peak_reserved_bytes"] / 1000))
+    compiled = decision.budgets[-1].compiled  # 12 GB: every tiny cell fits with the 1 GiB context
+    assert re.fullmatch(
+        r"needs 1\.0 GiB · [\d.]+ s/step · compile \d+ s · saves \d+ MiB \(\d+%\), .*", compiled.facts()
+    )
 
 
 def test_a_folder_without_images_says_so_once_and_tracebacks_fold_away(flux_html):

@@ -27,27 +27,36 @@ class Pick:
 
     cell_id: str
     label: str
-    needs_gib: float  # peak reserved + CUDA context
+    needs_bytes: float  # peak reserved + CUDA context
     step_s: float
     compile_s: float | None
-    memory_saved_gib: float | None  # against bf16 eager, same device and placement
+    memory_saved_bytes: float | None  # against bf16 eager, same device and placement
     memory_saved_share: float | None
     speedup: float | None  # bf16 eager step time / this cell's step time
     is_baseline: bool
 
     def facts(self) -> str:
-        """E.g. `needs 20.8 GiB · 0.193 s/step · compile 77 s · saves 16.1 GiB (44 %), 0.95× the speed of bf16`."""
-        parts = [f"needs {self.needs_gib:.1f} GiB", f"{self.step_s:.3g} s/step"]
+        """E.g. `needs 20.8 GiB · 0.193 s/step · compile 77 s · saves 16.1 GiB (44%), 0.95× the speed of bf16
+        eager`; a cell that needs more memory than bf16 says how much more."""
+        parts = [f"needs {size_text(self.needs_bytes)}", f"{self.step_s:.3g} s/step"]
         if self.compile_s is not None:
             parts.append(f"compile {self.compile_s:.0f} s")
         if self.is_baseline:
             parts.append("bf16 itself")
-        elif self.speedup is not None and self.memory_saved_gib is not None:
-            parts.append(
-                f"saves {self.memory_saved_gib:.1f} GiB ({self.memory_saved_share:.0%}), "
-                f"{self.speedup:.2f}× the speed of bf16 eager"
+        elif self.speedup is not None and self.memory_saved_bytes is not None:
+            saved = self.memory_saved_bytes
+            memory = (
+                f"saves {size_text(saved)} ({self.memory_saved_share:.0%})"
+                if saved >= 0
+                else f"uses {size_text(-saved)} more than bf16 (+{-self.memory_saved_share:.0%})"
             )
+            parts.append(f"{memory}, {self.speedup:.2f}× the speed of bf16 eager")
         return " · ".join(parts)
+
+
+def size_text(size_bytes: float) -> str:
+    """Bytes as GiB with one decimal, or as MiB below 1 GiB (tiny models)."""
+    return f"{size_bytes / GIB:.1f} GiB" if size_bytes >= GIB else f"{size_bytes / 1024**2:.0f} MiB"
 
 
 @dataclass(frozen=True)
@@ -168,16 +177,16 @@ def decide(frame: pd.DataFrame, cells: pd.DataFrame, device: str, budgets_gb: tu
     def pick(chosen: pd.Series) -> Pick:
         saved = speed = share = None
         if base is not None:
-            saved = (base["peak_reserved_bytes"] - chosen["peak_reserved_bytes"]) / GIB
+            saved = base["peak_reserved_bytes"] - chosen["peak_reserved_bytes"]
             share = 1 - chosen["peak_reserved_bytes"] / base["peak_reserved_bytes"]
             speed = base["step"] / chosen["step"]
         return Pick(
             cell_id=chosen["cell_id"],
             label=chosen["cell_label"],
-            needs_gib=chosen["needs"] / GIB,
+            needs_bytes=chosen["needs"],
             step_s=chosen["step"],
             compile_s=None if pd.isna(chosen["compile_s"]) else float(chosen["compile_s"]),
-            memory_saved_gib=saved,
+            memory_saved_bytes=saved,
             memory_saved_share=share,
             speedup=speed,
             is_baseline=base is not None and chosen["cell_id"] == base["cell_id"],
