@@ -61,6 +61,15 @@ def test_each_budget_gets_the_fastest_fitting_finished_cell_eager_and_compiled_a
     assert decision.smallest.needs_bytes > 12 * GIB and not decision.context_measured
 
 
+def test_a_run_without_compiled_cells_says_so_rather_than_nothing_fits(frames):
+    frame = frames["flux"]
+    _, decision = _decision(frame[frame["compile"] == "off"], (80,))
+    assert decision.budgets[0].eager is not None and decision.budgets[0].compiled is None
+    html = render(frame[frame["compile"] == "off"], FLUX, budgets_gb=(80,))
+    section = html.split('<section id="what-to-pick">')[1].split("</section>")[0]
+    assert "no compiled cell finished" in section and "nothing fits" not in section
+
+
 def test_the_cuda_context_measured_by_a_run_replaces_the_default(frames):
     frame = frames["flux"].copy()
     frame["cuda_context_bytes"] = 3 * GIB  # a large context: bnb_4bit eager (20.3 GiB peak) no longer fits 23 GiB

@@ -17,7 +17,7 @@ from bench.baseline import ReferenceCache
 from bench.cache import InductorCacheContents
 from bench.errors import UserError
 from bench.heartbeat import CompileCounts, warmup_step_speed_in_log
-from bench.report.decision import DEFAULT_BUDGETS_GB, decide
+from bench.report.decision import DEFAULT_BUDGETS_GB, decide, none_text
 from bench.report.plots import SYNTHETIC_DRIFT_REASON, Plot, all_plots, colour, figure_svg, roofline
 from bench.store import ResultsFolder, read_results, read_runs
 from bench.summary import cell_summary, device_label, phases_run, run_times, time_breakdown
@@ -88,6 +88,7 @@ def render(
         kernels["roofline"] = _plot_html(kernels["roofline"], "roofline")
     environment = Environment(loader=PackageLoader("bench.report"), autoescape=select_autoescape(default=True))
     environment.filters["family_colour"] = colour
+    environment.globals["none_text"] = none_text
     return environment.get_template("report.html.j2").render(**context)
 
 

@@ -87,6 +87,8 @@ class Decision:
     real_weights: bool
     gated: bool  # only cells passing the drift gates were candidates
     smallest: Pick | None  # the cell needing least memory, for budgets nothing fits
+    eager_ran: bool  # any candidate cell eager / compiled at all: "nothing fits" only says so when one did
+    compiled_ran: bool
     speed_front: list[FrontPoint]
     drift_front: list[FrontPoint]
     drift_label: str | None
@@ -99,14 +101,21 @@ def decision_table(decision: Decision) -> pd.DataFrame:
         [
             {
                 "card": f"{row.budget_gb} GB",
-                "fastest eager": row.eager.label if row.eager else "nothing fits",
+                "fastest eager": row.eager.label if row.eager else none_text(decision.eager_ran, "eager"),
                 "eager": row.eager.facts() if row.eager else "",
-                "fastest compiled": row.compiled.label if row.compiled else "nothing fits",
+                "fastest compiled": row.compiled.label
+                if row.compiled
+                else none_text(decision.compiled_ran, "compiled"),
                 "compiled": row.compiled.facts() if row.compiled else "",
             }
             for row in decision.budgets
         ]
     )
+
+
+def none_text(ran: bool, mode: str) -> str:
+    """What a budget's empty pick says: nothing fits, or no cell of that mode was a candidate at all."""
+    return "nothing fits" if ran else f"no {mode} cell finished"
 
 
 def front_table(front: list[FrontPoint], memory_label: str, value_label: str) -> pd.DataFrame:
@@ -218,6 +227,8 @@ def decide(frame: pd.DataFrame, cells: pd.DataFrame, device: str, budgets_gb: tu
         real_weights=real,
         gated=gated,
         smallest=smallest,
+        eager_ran=bool((candidates["compile"] == "off").any()),
+        compiled_ran=bool((candidates["compile"] != "off").any()),
         speed_front=speed_front,
         drift_front=drift_front,
         drift_label=drift[1] if drift is not None else None,

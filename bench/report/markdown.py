@@ -9,7 +9,7 @@ from typing import Any
 
 import pandas as pd
 
-from bench.report.decision import Decision, Pick
+from bench.report.decision import Decision, Pick, none_text
 
 
 def render_markdown(
@@ -87,7 +87,11 @@ def _decision(decision: Decision, several_devices: bool) -> list[str]:
             "| card | fastest eager | fastest compiled (compile time) |",
             "|---|---|---|",
         ]
-        lines += [f"| **{r.budget_gb} GB** | {_pick(r.eager)} | {_pick(r.compiled)} |" for r in decision.budgets]
+        lines += [
+            f"| **{r.budget_gb} GB** | {_pick(r.eager, decision.eager_ran, 'eager')} | "
+            f"{_pick(r.compiled, decision.compiled_ran, 'compiled')} |"
+            for r in decision.budgets
+        ]
         lines.append("")
         if decision.smallest and any(r.eager is None and r.compiled is None for r in decision.budgets):
             lines += [f"Where nothing fits, the cell needing least memory is {_cell(decision.smallest.label)} "
@@ -108,8 +112,8 @@ def _decision(decision: Decision, several_devices: bool) -> list[str]:
     return lines
 
 
-def _pick(pick: Pick | None) -> str:
-    return "*nothing fits*" if pick is None else f"{_cell(pick.label)}<br>{pick.facts()}"
+def _pick(pick: Pick | None, ran: bool, mode: str) -> str:
+    return f"*{none_text(ran, mode)}*" if pick is None else f"{_cell(pick.label)}<br>{pick.facts()}"
 
 
 def _summary(rows: list[dict[str, Any]], memory_unit: str) -> list[str]:
