@@ -56,9 +56,19 @@ def build_parser() -> argparse.ArgumentParser:
         "seconds, or with a unit, e.g. 540, 25m, 1.5h",
     )
 
-    report = verbs.add_parser("report", help="write a self-contained HTML report of a results folder")
+    report = verbs.add_parser("report", help="write a self-contained HTML (or Markdown) report of a results folder")
     report.add_argument("results", type=Path, help="results folder or Parquet file")
-    report.add_argument("-o", "--output", type=Path, required=True, help="HTML file to write")
+    report.add_argument("-o", "--output", type=Path, required=True, help="HTML (or Markdown) file to write")
+    report.add_argument(
+        "--format",
+        choices=("html", "md"),
+        default="html",
+        help="html (default) or md: GitHub-flavoured Markdown, PNG plots beside it",
+    )
+    report.add_argument(
+        "--budgets", type=_budgets, default=(80, 48, 24, 16, 12), metavar="GB,GB,...",
+        help="GPU memory budgets of the what-to-pick table, in GB (default: 80,48,24,16,12)",
+    )  # fmt: skip
     report.add_argument(
         "--kernels", type=Path, help="also show the layer benchmarks of this `nox -s kernels` JSON, with a roofline"
     )
@@ -75,6 +85,16 @@ def _device_list(text: str) -> list[str]:
     if not devices:
         raise argparse.ArgumentTypeError("expected device ids such as 0,1")
     return devices
+
+
+def _budgets(text: str) -> tuple[int, ...]:
+    try:
+        budgets = tuple(int(entry) for entry in text.split(",") if entry.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected whole GB such as 80,24,12, got {text!r}") from None
+    if not budgets or min(budgets) <= 0:
+        raise argparse.ArgumentTypeError(f"expected GB above 0 such as 80,24,12, got {text!r}")
+    return tuple(sorted(set(budgets), reverse=True))
 
 
 def _duration(text: str) -> float:
@@ -132,7 +152,7 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.verb == "report":
         from bench.report import write_report
 
-        path = write_report(args.results, args.output, args.kernels)
+        path = write_report(args.results, args.output, args.kernels, args.format, args.budgets)
         print(f"report written to {path}")
         return 0
     from bench.compare import compare_runs

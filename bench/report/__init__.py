@@ -1,4 +1,5 @@
-"""`quantbench report`: one self-contained HTML file (plots and images embedded) from a results folder."""
+"""`quantbench report`: one self-contained HTML file (plots and images embedded), or GitHub-flavoured Markdown
+with PNG plots beside it, from a results folder. Both open with what to pick for each GPU memory budget."""
 
 from __future__ import annotations
 
@@ -18,7 +19,8 @@ from bench.contract import Status
 from bench.errors import UserError
 from bench.heartbeat import CompileCounts, warmup_step_speed_in_log
 from bench.reference_cache import ReferenceCache
-from bench.report.plots import all_plots, colour, roofline
+from bench.report.decision import DEFAULT_BUDGETS_GB, decide, none_text
+from bench.report.plots import SYNTHETIC_DRIFT_REASON, Plot, all_plots, colour, figure_svg, roofline
 from bench.store import ResultsFolder, read_results, read_runs
 from bench.summary import cell_summary, device_label, phases_run, run_times, time_breakdown
 
@@ -37,9 +39,21 @@ DRIFT_COLUMNS = (
 )
 
 
-def write_report(results: Path, output: Path, kernels: Path | None = None) -> Path:
-    """Render the report of `results` (a folder or a Parquet file) to `output`, with the layer benchmarks
-    of `kernels` (a `nox -s kernels` JSON) and their roofline when given."""
+REPORT_FORMATS = ("html", "md")
+
+
+def write_report(
+    results: Path,
+    output: Path,
+    kernels: Path | None = None,
+    report_format: str = "html",
+    budgets_gb: tuple[int, ...] = DEFAULT_BUDGETS_GB,
+) -> Path:
+    """Render the report of `results` (a folder or a Parquet file) to `output` as HTML or Markdown (`md`: the
+    plots as PNG files beside it), with the layer benchmarks of `kernels` (a `nox -s kernels` JSON) and their
+    roofline when given; `budgets_gb` are the GPU memory budgets of the what-to-pick table."""
+    if report_format not in REPORT_FORMATS:
+        raise UserError(f"--format {report_format!r}: allowed {', '.join(REPORT_FORMATS)}")
     results = Path(results)
     if not results.exists():
         raise UserError(f"{results}: no such results folder or file")
@@ -47,21 +61,58 @@ def write_report(results: Path, output: Path, kernels: Path | None = None) -> Pa
     if frame.empty:
         raise UserError(f"{results}: holds no result rows (run a matrix first)")
     root = results if results.is_dir() else results.parent
-    html = render(frame, root, _kernel_section(kernels) if kernels else None)
     output = Path(output)
     output.parent.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(output, html)
+    section = _kernel_section(kernels) if kernels else None
+    if report_format == "md":
+        from bench.report.markdown import render_markdown
+
+        text = render_markdown(frame, root, output, section, budgets_gb)
+    else:
+        text = render(frame, root, section, budgets_gb)
+    write_text_atomic(output, text)
     return output
 
 
-def render(frame: pd.DataFrame, root: Path, kernels: dict[str, Any] | None = None) -> str:
-    cells = cell_summary(frame)
-    runs = read_runs(root)
+def render(
+    frame: pd.DataFrame,
+    root: Path,
+    kernels: dict[str, Any] | None = None,
+    budgets_gb: tuple[int, ...] = DEFAULT_BUDGETS_GB,
+) -> str:
+    """The HTML report: plots as inline SVG (each point names its cell on hover), images as thumbnails."""
+    context = report_context(frame, root, kernels, budgets_gb)
+    for number, group in enumerate(context["gpu_groups"]):
+        group["plots"] = [_plot_html(plot, f"g{number}p{index}") for index, plot in enumerate(group["plots"])]
+    if kernels:
+        kernels["roofline"] = _plot_html(kernels["roofline"], "roofline")
     environment = Environment(loader=PackageLoader("bench.report"), autoescape=select_autoescape(default=True))
     environment.filters["family_colour"] = colour
-    template = environment.get_template("report.html.j2")
+    environment.globals["none_text"] = none_text
+    return environment.get_template("report.html.j2").render(**context)
+
+
+def _plot_html(plot: Plot, salt: str) -> dict[str, Any]:
+    import matplotlib.pyplot as plt
+
+    drawn = {"title": plot.title, "svg": figure_svg(plot, salt) if plot.figure else None, "reason": plot.reason,
+             "notes": plot.notes}  # fmt: skip
+    if plot.figure:
+        plt.close(plot.figure)
+    return drawn
+
+
+def report_context(
+    frame: pd.DataFrame, root: Path, kernels: dict[str, Any] | None, budgets_gb: tuple[int, ...]
+) -> dict[str, Any]:
+    """What the HTML and Markdown reports show, with each device's plots as `Plot`s still to be drawn out."""
+    cells = cell_summary(frame)
+    runs = read_runs(root)
     first = frame.iloc[0]
-    return template.render(
+    image_grid = _image_grid(frame, cells, root)
+    tiles = [tile for group in image_grid for tile in group["tiles"]]
+    images_present = any(tile["image"] for tile in tiles)
+    return dict(
         matrix_name=first["matrix_name"],
         matrix_path=first["matrix_path"],
         harness_commits=sorted(set(frame["harness_commit"].dropna())) or ["unknown"],
@@ -70,18 +121,27 @@ def render(frame: pd.DataFrame, root: Path, kernels: dict[str, Any] | None = Non
         environment=_environment(frame),
         model=f"{first['model_source']} ({first['pipeline_class']})",
         generation=f"{first['width']}x{first['height']}, {first['num_inference_steps']} steps, guidance {first['guidance_scale']:g}, {first['repeats']} timed repeats",
-        gpu_groups=_gpu_groups(cells),
-        drift_headers=[label for _, label in DRIFT_COLUMNS],
-        image_grid=_image_grid(frame, cells, root),
-        not_run=[
-            {**cell.to_dict(), "ran": phases_run(cell)} for _, cell in cells.iterrows() if cell["status"] != Status.OK
-        ],
+        gpu_groups=_gpu_groups(frame, cells, budgets_gb),
+        synthetic_drift=SYNTHETIC_DRIFT_REASON if (cells["weights"] == "synthetic").all() else None,
+        image_grid=image_grid if images_present else [],
+        images_absent=len(tiles) if tiles and not images_present else 0,
+        not_run=[_not_run(cell) for _, cell in cells.iterrows() if cell["status"] != Status.OK],
         unfinished=_unfinished_cells(runs, set(frame["cell_id"]), root),
         metric_notes=_metric_notes(frame),
         gpu_memory_notes=sorted(set(frame["gpu_memory_note"].dropna())),
         kernels=kernels,
         time_spent=_time_spent(frame, runs),
     )
+
+
+def _not_run(cell: pd.Series) -> dict[str, Any]:
+    """A cell that did not finish: its reason in a line (a traceback's last line, the exception) and the whole
+    text, when longer, to fold away."""
+    lines = [
+        line for line in (cell["error"] if isinstance(cell["error"], str) else "").strip().splitlines() if line.strip()
+    ]
+    whole = "\n".join(lines) if len(lines) > 1 else ""
+    return {**cell.to_dict(), "ran": phases_run(cell), "reason": lines[-1] if lines else "", "reason_whole": whole}
 
 
 def _time_spent(frame: pd.DataFrame, runs: list[dict[str, Any]]) -> dict[str, Any] | None:
@@ -164,7 +224,6 @@ def _kernel_section(path: Path) -> dict[str, Any]:
     from bench.kernels.results import read_kernel_results
 
     cases, peaks = read_kernel_results(path)
-    plot = roofline(cases, peaks)
     cases = cases.sort_values(["shape", "tokens", "family", "method", "compiled"])
     rows = [
         {
@@ -187,22 +246,30 @@ def _kernel_section(path: Path) -> dict[str, Any]:
         "source": str(path),
         "device": peaks.device_name,
         "shape_sets": sorted(set(cases["shape_set"])),
-        "roofline": _figure_png(plot.figure),
+        "roofline": roofline(cases, peaks),
         "peaks": peaks,
         "rows": rows,
     }
 
 
-def _gpu_groups(cells: pd.DataFrame) -> list[dict[str, Any]]:
-    """The summary rows and plots of each GPU (or the CPU) on its own: cells from different devices are
-    never put side by side in one table or plot."""
+def _gpu_groups(frame: pd.DataFrame, cells: pd.DataFrame, budgets_gb: tuple[int, ...]) -> list[dict[str, Any]]:
+    """The decision, summary rows and plots of each GPU (or the CPU) on its own: cells from different devices
+    are never put side by side in one table or plot."""
     groups = []
     for device, group in cells.groupby(cells["gpu_name"].map(device_label), sort=True):
-        plots = [
-            {"title": p.title, "image": _figure_png(p.figure) if p.figure else None, "reason": p.reason}
-            for p in all_plots(group)
-        ]
-        groups.append({"device": device, "rows": [_summary_row(cell) for _, cell in group.iterrows()], "plots": plots})
+        rows = frame[frame["cell_id"].isin(group["cell_id"])]
+        shown = {metric for metric, _ in DRIFT_COLUMNS if group[metric].notna().any()}  # the others: missing metrics
+        scale, unit = (1024**3, "GiB") if group["peak_reserved_bytes"].max() >= 1024**3 else (1024**2, "MiB")
+        groups.append(
+            {
+                "device": device,
+                "decision": decide(rows, group, device, budgets_gb),
+                "memory_unit": unit,
+                "rows": [_summary_row(cell, shown, scale) for _, cell in group.iterrows()],
+                "drift_headers": [label for metric, label in DRIFT_COLUMNS if metric in shown],
+                "plots": all_plots(group),
+            }
+        )
     return groups
 
 
@@ -222,15 +289,18 @@ def _number(value: Any, fmt: str) -> str | None:
     return fmt.format(value)
 
 
-def _summary_row(cell: pd.Series) -> dict[str, Any]:
-    def gib(column: str) -> str | None:
-        return _number(cell[column] / 1024**3 if cell[column] is not None else None, "{:.2f}")
+def _summary_row(cell: pd.Series, drift_shown: set[str], memory_scale: float) -> dict[str, Any]:
+    """One summary table row; GPU memory in bytes / `memory_scale` (GiB at real size, MiB for tiny models)."""
+
+    def memory(column: str) -> str | None:
+        return _number(cell[column] / memory_scale if cell[column] is not None else None, "{:.2f}")
 
     drift = []
     for metric, _ in DRIFT_COLUMNS:
         value = _number(cell[metric], "{:.4g}")
         low, high = _number(cell[f"{metric}_ci_low"], "{:.3g}"), _number(cell[f"{metric}_ci_high"], "{:.3g}")
-        drift.append({"value": value, "ci": f"[{low}, {high}]" if low and high else None})
+        ci = f"95% CI [{low}, {high}]" if low and high else None
+        drift.append({"value": value, "ci": ci, "shown": metric in drift_shown})
     counts_json = cell["compile_counts"]  # compiled cells only
     counts = CompileCounts(**json.loads(counts_json)) if isinstance(counts_json, str) else None
     return {
@@ -238,8 +308,8 @@ def _summary_row(cell: pd.Series) -> dict[str, Any]:
         "label": cell["cell_label"],
         "family": cell["method_family"],
         "status": cell["status"],
-        "resident": gib("resident_reserved_bytes"),
-        "peak": gib("peak_reserved_bytes"),
+        "resident": memory("resident_reserved_bytes"),
+        "peak": memory("peak_reserved_bytes"),
         "tensor_mib": _number(cell["transformer_tensor_bytes"] / 1024**2, "{:.2f}"),
         "footprint_mib": _number(cell["transformer_footprint_bytes"] / 1024**2, "{:.2f}"),
         "step": _number(cell["step_latency_median_s"], "{:.4f}"),
@@ -269,7 +339,7 @@ def _step_against_eager(step_s: float, eager_step_s: float) -> dict[str, Any] | 
     title = f"the same cell uncompiled: {eager_step_s:.4f} s a step (median)"
     if step_s > eager_step_s:
         return {"text": f"slower than eager ({eager_step_s:.4f} s)", "slower": True, "title": title}
-    return {"text": f"{eager_step_s / step_s:.2f}× faster than eager", "slower": False, "title": title}
+    return {"text": f"{eager_step_s / step_s:.2f}× faster", "slower": False, "title": title + ", slower than this"}
 
 
 def _compile_flags(counts: CompileCounts) -> list[dict[str, str]]:
@@ -308,15 +378,6 @@ def _compile_work(counts: CompileCounts | None, cache_json: Any) -> str | None:
     if isinstance(cache_json, str):
         parts.append(f"Inductor's cache at the start: {InductorCacheContents(**json.loads(cache_json)).describe()}")
     return "; ".join(parts) or None
-
-
-def _figure_png(figure: Any) -> str:
-    import matplotlib.pyplot as plt
-
-    buffer = io.BytesIO()
-    figure.savefig(buffer, format="png")
-    plt.close(figure)
-    return base64.b64encode(buffer.getvalue()).decode()
 
 
 def _thumbnail(path: Path) -> str | None:
