@@ -14,6 +14,8 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
+from bench.contract import Status
+
 GIB = 1024**3
 DEFAULT_BUDGETS_GB = (80, 48, 24, 16, 12)
 DEFAULT_CONTEXT_BYTES = GIB  # what a CUDA 12 context with cuBLAS/cuDNN takes on recent GPUs: 0.5-1 GiB
@@ -172,7 +174,7 @@ def drift_axis(cells: pd.DataFrame) -> tuple[pd.Series, str] | None:
 
 def decide(frame: pd.DataFrame, cells: pd.DataFrame, device: str, budgets_gb: tuple[int, ...]) -> Decision:
     """The picks per budget and the Pareto fronts of `cells` (one device's summary rows)."""
-    ok = cells[(cells["status"] == "ok") & step_seconds(cells).notna()].copy()
+    ok = cells[(cells["status"] == Status.OK) & step_seconds(cells).notna()].copy()
     gpu_memory = bool(ok["peak_reserved_bytes"].notna().any())
     context, measured = context_bytes(frame, ok)
     ok["needs"] = ok["peak_reserved_bytes"] + context
