@@ -2,11 +2,13 @@
 the checkpoint once (cached by everything that produced it), and times loading it through diffusers'
 `AutoRoundQuantizer` (which only loads pre-quantized checkpoints).
 
-`iters = 0` is AutoRound's model-free route: round-to-nearest of the transformer's safetensors into AutoRound's
-packed format, with no calibration. `iters > 0` tunes the rounding (signed gradient descent) on activations the
-pipeline produces for `calibration_prompts`, written to a local caption file, so nothing is downloaded. AutoRound
-names the weights `model.safetensors`; they are renamed to diffusers' `diffusion_pytorch_model.safetensors`. Each
-row's `method_notes` count the quantized linear classes, which name the kernel backend AutoRound chose.
+`iters = 0` rounds to nearest into AutoRound's packed format; `iters > 0` tunes the rounding (signed gradient
+descent) on activations the pipeline produces for `calibration_prompts`, written to a local caption file, so nothing
+is downloaded. Both take AutoRound's regular flow: its model-free route (auto-round 0.16.1) also quantizes
+`proj_out` and `norm_out.linear`, which its checkpoint config leaves out of `block_name_to_quantize`, so diffusers'
+load leaves them meta. AutoRound reads and writes the weights as `model.safetensors`: it reads them through a
+linked view of the pipeline folder, and the checkpoint is renamed to diffusers' `diffusion_pytorch_model.safetensors`.
+Each row's `method_notes` count the quantized linear classes, which name the kernel backend AutoRound chose.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from bench.cache import build_once, cache_dir
 from bench.methods.base import Component, Method, MethodOptions, MethodUnavailable, method_notes
 from bench.methods.gguf import content_digest
 
-WRITER_VERSION = "1"  # bump when the produced checkpoints change
+WRITER_VERSION = "3"  # bump when the produced checkpoints change
 DEFAULT_CALIBRATION = (
     "a red apple on a wooden table",
     "a street sign that says OPEN",
@@ -69,14 +71,11 @@ class AutoRound(Method):
 
     def write_checkpoint(self, component: Component, folder: Path) -> None:
         """Quantize `component` with AutoRound into `folder/<component name>/`, under diffusers' weight names."""
+        import torch
         from auto_round import AutoRound as Quantizer
 
-        # AutoRound takes a pipeline folder; one holding only this component gets only it quantized and copied
-        staging = folder / "staging"
-        staging.mkdir()
-        (staging / component.name).symlink_to((component.folder / component.name).resolve())
-        (staging / "model_index.json").write_text((component.folder / "model_index.json").read_text())
-        captions = staging / "captions.tsv"
+        staging = pipeline_view(component, folder / "pipeline")
+        captions = folder / "captions.tsv"
         rows = [f"{index}\t{' '.join(prompt.split())}" for index, prompt in enumerate(self.options.calibration_prompts)]
         captions.write_text("\n".join(["id\tcaption", *rows]) + "\n")
         output = folder / "quantized"
@@ -89,8 +88,9 @@ class AutoRound(Method):
             iters=self.options.iters,
             nsamples=len(self.options.calibration_prompts),
             dataset=str(captions),
-            device_map="cpu",
+            device_map="cuda" if torch.cuda.is_available() else "cpu",
             disable_opt_rtn=True,
+            disable_model_free=True,
             enable_torch_compile=False,
         ).quantize_and_save(str(output), format="auto_round")
         produced = output / component.name
@@ -98,8 +98,9 @@ class AutoRound(Method):
             if (produced / name).exists():
                 (produced / name).rename(produced / name.replace("model", "diffusion_pytorch_model", 1))
         produced.rename(folder / component.name)
-        for leftover in (staging, output):  # rmtree unlinks the staging symlink, never what it points to
-            shutil.rmtree(leftover)
+        for leftover in (output, staging):  # the other components, copied unchanged; the view's links
+            shutil.rmtree(leftover)  # rmtree unlinks links, never what they point to
+        captions.unlink()
 
     def load_component(self, component: Component, cell) -> Any:
         return component.load(cell)  # the checkpoint's config.json carries its AutoRound quantization config
@@ -109,3 +110,23 @@ class AutoRound(Method):
 
         linears = Counter(type(module).__name__ for module in pipe.transformer.modules() if hasattr(module, "qweight"))
         return method_notes(auto_round_linears=dict(sorted(linears.items())), iters=self.options.iters)
+
+
+def pipeline_view(component: Component, view: Path) -> Path:
+    """The pipeline folder as links, with the component's weights also under the names AutoRound reads.
+
+    AutoRound's regular flow loads the whole pipeline (its calibration runs it, iters = 0 included) and then
+    rereads each block's weights from `<component>/model.safetensors` (or its index), where diffusers names them
+    `diffusion_pytorch_model.safetensors`.
+    """
+    view.mkdir()
+    for entry in component.folder.iterdir():
+        if entry.name != component.name:
+            (view / entry.name).symlink_to(entry.resolve())
+    weights = view / component.name
+    weights.mkdir()
+    for entry in (component.folder / component.name).iterdir():
+        (weights / entry.name).symlink_to(entry.resolve())
+        if entry.name.startswith("diffusion_pytorch_model.safetensors"):
+            (weights / entry.name.replace("diffusion_pytorch_model", "model", 1)).symlink_to(entry.resolve())
+    return view

@@ -102,6 +102,7 @@ def write_bfl_checkpoint(component: Component, target: Path, quant_type: str) ->
     from safetensors.torch import save_file
 
     linears = linear_weight_names(component)
+    device = "cuda" if torch.cuda.is_available() else "cpu"  # FLUX.1-dev's 12 B weights quantize in seconds there
     tensors: dict[str, torch.Tensor] = {}
     for source in sorted((component.folder / component.name).glob("*.safetensors")):
         with safe_open(str(source), framework="pt") as handle:
@@ -111,11 +112,12 @@ def write_bfl_checkpoint(component: Component, target: Path, quant_type: str) ->
                 if name not in linears or (quant_type == "nvfp4" and tensor.shape[1] % NVFP4_BLOCK):
                     tensors[name] = tensor
                 elif quant_type == "fp8r":
-                    tensors[name], tensors[f"{prefix}.weight_scale"] = quantize_fp8r(tensor)
+                    weight, row_scales = quantize_fp8r(tensor.to(device))
+                    tensors[name], tensors[f"{prefix}.weight_scale"] = weight.cpu(), row_scales.cpu()
                 else:
-                    weight, block_scales, global_scale = quantize_nvfp4(tensor)
-                    tensors[name], tensors[f"{prefix}.weight_scale"] = weight, block_scales
-                    tensors[f"{prefix}.weight_scale_2"] = global_scale.reshape(())
+                    weight, block_scales, global_scale = quantize_nvfp4(tensor.to(device))
+                    tensors[name], tensors[f"{prefix}.weight_scale"] = weight.cpu(), block_scales.cpu()
+                    tensors[f"{prefix}.weight_scale_2"] = global_scale.reshape(()).cpu()
                     tensors[f"{prefix}.input_scale"] = torch.ones((), dtype=torch.float32)
     metadata = {"quantbench.quant_type": quant_type, "quantbench.input_scale": "uncalibrated (1.0)"}
     save_file({name: tensor.contiguous() for name, tensor in tensors.items()}, str(target), metadata=metadata)
