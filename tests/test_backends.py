@@ -20,7 +20,7 @@ from bench.environment import Machine
 from bench.measure import tensor_bytes
 from bench.methods import method_class
 from bench.methods.base import Component
-from bench.methods.modelopt import FIRST_LIST_CONFIG
+from bench.methods.modelopt import FIRST_SUBMODULE_COMPRESS
 from bench.models.builtin import build_builtin
 
 CPU = Machine(cuda_available=False)
@@ -166,7 +166,7 @@ def test_bfl_takes_a_type_or_a_file():
 def test_auto_round_writes_a_packed_checkpoint_that_diffusers_loads(tiny_flux, quantbench_cache):
     options = {"bits": 4, "group_size": 32}
     model = load("auto_round", options, tiny_flux)
-    assert model.config.quantization_config["quant_method"] == "auto-round"
+    assert model.hf_quantizer.quantization_config.quant_method == "auto-round"
     layer = model.transformer_blocks[0].attn.to_q
     assert hasattr(layer, "qweight") and layer.qweight.dtype == torch.int32
     assert tensor_bytes(model) < 0.8 * bf16_bytes(tiny_flux)
@@ -181,7 +181,7 @@ def test_auto_round_writes_a_packed_checkpoint_that_diffusers_loads(tiny_flux, q
 def modelopt_matching_diffusers() -> bool:
     """Whether the installed nvidia-modelopt predates the config format diffusers 0.42 cannot read."""
     try:
-        return Version(importlib.metadata.version("nvidia-modelopt")) < FIRST_LIST_CONFIG
+        return Version(importlib.metadata.version("nvidia-modelopt")) < FIRST_SUBMODULE_COMPRESS
     except importlib.metadata.PackageNotFoundError:
         return False
 
@@ -197,7 +197,11 @@ def test_modelopt_after_its_config_format_change_is_unsupported_with_the_error_d
     with_modelopt(monkeypatch, "0.47.0")
     verdict = check_cell(Cell("modelopt", {"quant_type": "FP8"}, components=("transformer",)), H100)
     assert verdict.status == "unsupported"
-    assert "TypeError: 'list' object is not a mapping" in verdict.reason and "0.43.0" in verdict.reason
+    assert "TypeError: 'list' object is not a mapping" in verdict.reason and "0.37.0 matches" in verdict.reason
+    with_modelopt(monkeypatch, "0.43.0")
+    verdict = check_cell(Cell("modelopt", {"quant_type": "FP8"}, components=("transformer",)), H100)
+    assert verdict.status == "unsupported"
+    assert "must be Tensor, not FP8QTensor" in verdict.reason and "0.37.0 matches" in verdict.reason
 
 
 @pytest.mark.parametrize(
@@ -213,7 +217,7 @@ def test_modelopt_after_its_config_format_change_is_unsupported_with_the_error_d
     ],
 )
 def test_modelopt_nvfp4_needs_blackwell(monkeypatch, quant_type, machine, status, reason):
-    with_modelopt(monkeypatch, "0.43.0")
+    with_modelopt(monkeypatch, "0.37.0")
     verdict = check_cell(Cell("modelopt", {"quant_type": quant_type}, components=("transformer",)), machine)
     assert verdict.status == status
     if reason:
@@ -228,13 +232,15 @@ def test_modelopt_quant_types_are_weights_or_weights_and_activations():
             options(quant_type=bad)
 
 
-@pytest.mark.skipif(not modelopt_matching_diffusers(), reason="diffusers 0.42 needs nvidia-modelopt < 0.44")
-@pytest.mark.parametrize("quant_type", ["FP8", "INT8_INT8", "INT4"])
-def test_modelopt_inserts_quantizers_in_the_transformer_linears(tiny_flux, quant_type):
+@pytest.mark.skipif(not modelopt_matching_diffusers(), reason="diffusers 0.42 needs nvidia-modelopt < 0.39")
+@pytest.mark.parametrize("quant_type", ["FP8", "INT8", "FP8_FP8", "INT8_INT8"])
+def test_modelopt_compresses_the_transformer_linears(tiny_flux, quant_type):
     model = load("modelopt", {"quant_type": quant_type}, tiny_flux)
     layer = model.transformer_blocks[0].attn.to_q
-    assert layer.weight_quantizer.is_enabled
+    assert type(layer.weight).__name__ == "QTensorWrapper"
     assert layer.input_quantizer.is_enabled == ("_" in quant_type)
+    assert tensor_bytes(model) < 0.6 * bf16_bytes(tiny_flux)
+    assert layer(torch.randn(2, layer.in_features, dtype=torch.bfloat16)).shape == (2, layer.out_features)
     assert sum(notes("modelopt", {"quant_type": quant_type}, model)["modelopt_linears"].values()) > 0
 
 

@@ -2,10 +2,11 @@
 
 `quant_type` is diffusers' `<weights>` (weight-only) or `<weights>_<activations>` (activations quantized too),
 each of FP8, INT8, INT4, NF4, NVFP4. NVFP4 needs Blackwell's FP4 tensor cores: `skipped` below compute
-capability 10.0. diffusers 0.42.1 builds its modelopt config by spreading `mtq.config._default_disabled_quantizer_cfg`
-as a dict, which nvidia-modelopt 0.44 turned into a list: with 0.44 or newer every type fails in `from_pretrained`
-with `TypeError: 'list' object is not a mapping`, so those cells are `unsupported`; 0.43.0 is the last release
-that matches. Each row's `method_notes` count the quantized linear classes and how their weights are stored.
+capability 10.0. diffusers 0.42.1 matches nvidia-modelopt up to 0.37.0; newer releases are `unsupported`, with the
+error they give: 0.44 turned `mtq.config._default_disabled_quantizer_cfg`, which diffusers spreads as a dict, into a
+list (`TypeError: 'list' object is not a mapping` in `from_pretrained`), and 0.39 stopped `mtq.compress` from
+compressing the module it is given, which diffusers calls on each linear layer (the weights stay unquantized and
+the first forward fails in `F.linear` on an `FP8QTensor`). Each row's `method_notes` count the quantized linear classes and how their weights are stored.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from bench.methods.base import Component, Method, MethodOptions, MethodUnavailab
 
 NUMERIC_TYPES = ("FP8", "INT8", "INT4", "NF4", "NVFP4")  # NVIDIAModelOptConfig.quanttype_to_numbits
 FIRST_LIST_CONFIG = Version("0.44.0")  # the modelopt release whose _default_disabled_quantizer_cfg is a list
+FIRST_SUBMODULE_COMPRESS = Version("0.39.0")  # the modelopt release whose compress skips the module it is given
 LAST_DICT_DIFFUSERS = Version("0.42.1")  # the newest diffusers checked to spread it as a dict
 
 
@@ -63,7 +65,15 @@ class ModelOpt(Method):
                 "unsupported",
                 f"diffusers {diffusers}'s NVIDIAModelOptConfig spreads modelopt's _default_disabled_quantizer_cfg as "
                 f"a dict, a list since nvidia-modelopt {FIRST_LIST_CONFIG} (installed: {modelopt}): every type fails "
-                "in from_pretrained with `TypeError: 'list' object is not a mapping`; nvidia-modelopt 0.43.0 matches",
+                "in from_pretrained with `TypeError: 'list' object is not a mapping`; nvidia-modelopt 0.37.0 matches",
+            )
+        if modelopt >= FIRST_SUBMODULE_COMPRESS and diffusers <= LAST_DICT_DIFFUSERS:
+            raise MethodUnavailable(
+                "unsupported",
+                f"diffusers {diffusers} compresses each linear layer with mtq.compress(layer), which since "
+                f"nvidia-modelopt {FIRST_SUBMODULE_COMPRESS} (installed: {modelopt}) compresses only a module's "
+                "submodules: the weights stay unquantized and the first forward fails with `TypeError: linear(): "
+                "argument 'weight' (position 2) must be Tensor, not FP8QTensor`; nvidia-modelopt 0.37.0 matches",
             )
         if "NVFP4" in self.options.quant_type:
             needs_cuda(machine, "modelopt NVFP4 (FP4 tensor cores, Blackwell)", min_capability=(10, 0))
