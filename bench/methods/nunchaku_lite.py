@@ -43,7 +43,7 @@ class NunchakuLite(Method):
                 "nunchaku_lite needs a pre-quantized checkpoint (`file`): diffusers cannot quantize to it, and "
                 f"its kernels come from the Hub ({KERNEL_REPO}), which this machine cannot reach",
             )
-        for precision in checkpoint_precisions(self.checkpoint_folder()):
+        for precision in checkpoint_precisions(self.checkpoint_folder()) & MIN_CAPABILITY.keys():
             needs_cuda(machine, f"nunchaku_lite {precision}", min_capability=MIN_CAPABILITY[precision])
         if importlib.util.find_spec("kernels") is None:
             raise MethodUnavailable(
