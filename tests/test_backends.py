@@ -211,17 +211,28 @@ def test_modelopt_after_its_config_format_change_is_unsupported_with_the_error_d
         ("FP8_FP8", H100, "run", None),
         ("NVFP4", H100, "skipped", "compute capability >= 10.0; this GPU has 9.0"),
         ("INT8_NVFP4", H100, "skipped", "compute capability >= 10.0"),
-        ("NVFP4", B200, "run", None),
         ("NVFP4", CPU, "skipped", "needs a CUDA GPU"),
-        ("INT4", CPU, "run", None),
+        ("INT8", CPU, "run", None),
+        ("NVFP4", B200, "unsupported", "only in blocks"),
+        ("INT4", H100, "unsupported", "Real quantization not supported for this format."),
+        ("NF4_FP8", CPU, "unsupported", "Real quantization not supported for this format."),
     ],
 )
-def test_modelopt_nvfp4_needs_blackwell(monkeypatch, quant_type, machine, status, reason):
+def test_modelopt_nvfp4_needs_blackwell_and_4_bit_weights_need_blocks(monkeypatch, quant_type, machine, status, reason):
     with_modelopt(monkeypatch, "0.37.0")
     verdict = check_cell(Cell("modelopt", {"quant_type": quant_type}, components=("transformer",)), machine)
     assert verdict.status == status
     if reason:
         assert reason in verdict.reason
+
+
+def test_modelopt_4_bit_blocks_are_unsupported_with_the_error_diffusers_config_gives(monkeypatch):
+    with_modelopt(monkeypatch, "0.37.0")
+    options = {"quant_type": "INT4", "channel_quantize": -1, "block_quantize": 64}
+    verdict = check_cell(Cell("modelopt", options, components=("transformer",)), H100)
+    assert (
+        verdict.status == "unsupported" and "'<' not supported between instances of 'str' and 'int'" in verdict.reason
+    )
 
 
 def test_modelopt_quant_types_are_weights_or_weights_and_activations():

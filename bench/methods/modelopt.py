@@ -6,7 +6,9 @@ capability 10.0. diffusers 0.42.1 matches nvidia-modelopt up to 0.37.0; newer re
 error they give: 0.44 turned `mtq.config._default_disabled_quantizer_cfg`, which diffusers spreads as a dict, into a
 list (`TypeError: 'list' object is not a mapping` in `from_pretrained`), and 0.39 stopped `mtq.compress` from
 compressing the module it is given, which diffusers calls on each linear layer (the weights stay unquantized and
-the first forward fails in `F.linear` on an `FP8QTensor`). Each row's `method_notes` count the quantized linear classes and how their weights are stored.
+the first forward fails in `F.linear` on an `FP8QTensor`). INT4, NF4 and NVFP4 weights are real-quantized only in
+blocks, and diffusers 0.42.1's block configuration breaks modelopt 0.37: `unsupported` too, with both errors. Each
+row's `method_notes` count the quantized linear classes and how their weights are stored.
 """
 
 from __future__ import annotations
@@ -22,7 +24,8 @@ from bench.methods.base import Component, Method, MethodOptions, MethodUnavailab
 NUMERIC_TYPES = ("FP8", "INT8", "INT4", "NF4", "NVFP4")  # NVIDIAModelOptConfig.quanttype_to_numbits
 FIRST_LIST_CONFIG = Version("0.44.0")  # the modelopt release whose _default_disabled_quantizer_cfg is a list
 FIRST_SUBMODULE_COMPRESS = Version("0.39.0")  # the modelopt release whose compress skips the module it is given
-LAST_DICT_DIFFUSERS = Version("0.42.1")  # the newest diffusers checked to spread it as a dict
+LAST_CHECKED_DIFFUSERS = Version("0.42.1")  # the newest diffusers these rules were checked against
+BLOCK_ONLY = ("INT4", "NF4", "NVFP4")  # weights modelopt real-quantizes only in blocks
 
 
 class ModelOptOptions(MethodOptions):
@@ -60,14 +63,14 @@ class ModelOpt(Method):
         except importlib.metadata.PackageNotFoundError:
             raise MethodUnavailable("unsupported", "modelopt needs the `nvidia-modelopt` package") from None
         diffusers = Version(importlib.metadata.version("diffusers"))
-        if modelopt >= FIRST_LIST_CONFIG and diffusers <= LAST_DICT_DIFFUSERS:
+        if modelopt >= FIRST_LIST_CONFIG and diffusers <= LAST_CHECKED_DIFFUSERS:
             raise MethodUnavailable(
                 "unsupported",
                 f"diffusers {diffusers}'s NVIDIAModelOptConfig spreads modelopt's _default_disabled_quantizer_cfg as "
                 f"a dict, a list since nvidia-modelopt {FIRST_LIST_CONFIG} (installed: {modelopt}): every type fails "
                 "in from_pretrained with `TypeError: 'list' object is not a mapping`; nvidia-modelopt 0.37.0 matches",
             )
-        if modelopt >= FIRST_SUBMODULE_COMPRESS and diffusers <= LAST_DICT_DIFFUSERS:
+        if modelopt >= FIRST_SUBMODULE_COMPRESS and diffusers <= LAST_CHECKED_DIFFUSERS:
             raise MethodUnavailable(
                 "unsupported",
                 f"diffusers {diffusers} compresses each linear layer with mtq.compress(layer), which since "
@@ -77,6 +80,19 @@ class ModelOpt(Method):
             )
         if "NVFP4" in self.options.quant_type:
             needs_cuda(machine, "modelopt NVFP4 (FP4 tensor cores, Blackwell)", min_capability=(10, 0))
+        weights = self.options.quant_type.split("_")[0]
+        if weights in BLOCK_ONLY and diffusers <= LAST_CHECKED_DIFFUSERS:
+            if self.options.block_quantize is None:
+                raise MethodUnavailable(
+                    "unsupported",
+                    f"modelopt real-quantizes {weights} weights only in blocks (block_quantize, channel_quantize); "
+                    "without them: `AssertionError: Real quantization not supported for this format.`",
+                )
+            raise MethodUnavailable(
+                "unsupported",
+                f"diffusers {diffusers}'s NVIDIAModelOptConfig adds 'type': 'dynamic' to the block sizes, which "
+                "modelopt compares as numbers: `TypeError: '<' not supported between instances of 'str' and 'int'`",
+            )
 
     def quantization_config(self, component: Component, cell) -> Any:
         from diffusers import NVIDIAModelOptConfig
