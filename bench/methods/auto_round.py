@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import importlib.metadata
 import importlib.util
 import json
 import shutil
@@ -109,7 +110,11 @@ class AutoRound(Method):
         from collections import Counter
 
         linears = Counter(type(module).__name__ for module in pipe.transformer.modules() if hasattr(module, "qweight"))
-        return method_notes(auto_round_linears=dict(sorted(linears.items())), iters=self.options.iters)
+        return method_notes(
+            auto_round_linears=dict(sorted(linears.items())),
+            iters=self.options.iters,
+            auto_round_version=importlib.metadata.version("auto-round"),
+        )
 
 
 def pipeline_view(component: Component, view: Path) -> Path:

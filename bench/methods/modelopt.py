@@ -116,4 +116,7 @@ class ModelOpt(Method):
         for module in pipe.transformer.modules():
             if hasattr(module, "weight_quantizer"):
                 linears[f"{type(module).__name__} ({type(module.weight).__name__} {module.weight.dtype})"] += 1
-        return method_notes(modelopt_linears=dict(sorted(linears.items())))
+        return method_notes(
+            modelopt_linears=dict(sorted(linears.items())),
+            modelopt_version=importlib.metadata.version("nvidia-modelopt"),
+        )

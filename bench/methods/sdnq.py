@@ -8,6 +8,7 @@ matrices set it to 0. Each row's `method_notes` name the forward functions SDNQ 
 
 from __future__ import annotations
 
+import importlib.metadata
 import importlib.util
 import re
 from typing import Any, ClassVar, Literal
@@ -77,4 +78,6 @@ class Sdnq(Method):
             for module in getattr(pipe, name).modules()
             if hasattr(module, "sdnq_dequantizer")
         )
-        return method_notes(sdnq_forward_functions=dict(sorted(forwards.items())))
+        return method_notes(
+            sdnq_forward_functions=dict(sorted(forwards.items())), sdnq_version=importlib.metadata.version("sdnq")
+        )
