@@ -109,6 +109,7 @@ class ResultRow:
     serialize_reload_s: float | None = None
     checkpoint_bytes: int | None = None
     serialization_status: str | None = None
+    method_notes: str | None = None  # JSON of method-specific facts (which kernel path ran, deprecations)
     # memory (bytes)
     resident_reserved_bytes: int | None = None
     peak_reserved_bytes: int | None = None

@@ -10,12 +10,17 @@ if TYPE_CHECKING:
     from bench.methods.base import Method
 
 _REGISTRY: dict[str, str] = {
+    "auto_round": "bench.methods.auto_round:AutoRound",
     "baseline": "bench.methods.baseline:Baseline",
+    "bfl": "bench.methods.bfl:Bfl",
     "bnb_8bit": "bench.methods.bitsandbytes:EightBit",
     "bnb_4bit": "bench.methods.bitsandbytes:FourBit",
     "gguf": "bench.methods.gguf:Gguf",
     "layerwise_fp8": "bench.methods.layerwise:LayerwiseCasting",
+    "modelopt": "bench.methods.modelopt:ModelOpt",
+    "nunchaku_lite": "bench.methods.nunchaku_lite:NunchakuLite",
     "quanto": "bench.methods.quanto:Quanto",
+    "sdnq": "bench.methods.sdnq:Sdnq",
     "torchao": "bench.methods.torchao:TorchAo",
 }
 

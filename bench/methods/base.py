@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -53,6 +54,11 @@ def needs_cuda(machine: Machine, what: str, min_capability: tuple[int, int] | No
         wanted = ".".join(map(str, min_capability))
         have = ".".join(map(str, machine.cuda_capability))
         raise MethodUnavailable("skipped", f"{what} needs compute capability >= {wanted}; this GPU has {have}")
+
+
+def method_notes(**facts: Any) -> dict[str, str]:
+    """Method-specific facts for the row's `method_notes` column (JSON), as `Method.after_load` returns them."""
+    return {"method_notes": json.dumps(facts, sort_keys=True, default=str)}
 
 
 @dataclass(frozen=True)

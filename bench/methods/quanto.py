@@ -1,11 +1,17 @@
-"""optimum-quanto through diffusers' `QuantoConfig` (transformers' for the text encoders): int8/int4/int2/float8 weights."""
+"""optimum-quanto through diffusers' `QuantoConfig` (transformers' for the text encoders): int8/int4/int2/float8 weights.
+
+diffusers has deprecated `QuantoConfig` (huggingface/diffusers#13180) and plans to remove it in 1.0; each row's
+`method_notes` say so.
+"""
 
 from __future__ import annotations
 
 import importlib.util
 from typing import Any, ClassVar, Literal
 
-from bench.methods.base import Component, ConfigOptions, Method, MethodOptions, MethodUnavailable
+from bench.methods.base import Component, ConfigOptions, Method, MethodOptions, MethodUnavailable, method_notes
+
+DEPRECATION = "diffusers deprecated QuantoConfig (huggingface/diffusers#13180); removal planned for diffusers 1.0"
 
 
 class QuantoOptions(ConfigOptions):
@@ -29,3 +35,6 @@ class Quanto(Method):
         return component.config_class("QuantoConfig")(
             **{dtype_key: self.options.weights_dtype}, modules_to_not_convert=self.options.modules_to_not_convert
         )
+
+    def after_load(self, pipe: Any, cell) -> dict[str, Any]:
+        return method_notes(deprecated=DEPRECATION)
