@@ -140,7 +140,60 @@ METHOD_OPTIONS = {
     "weights_dtype": "The quanto weight type.",
     "modules_to_not_convert": "Modules left unquantized.",
     "group_size": "Group size of grouped types (e.g. `int4wo`).",
+    "use_quantized_matmul": "`SDNQConfig(use_quantized_matmul=...)`: int8 / fp8 GEMMs on quantized activations "
+    "instead of dequantizing the weight in each forward; `method_notes` name the forward SDNQ chose.",
+    "quantized_matmul_dtype": "`SDNQConfig(quantized_matmul_dtype=...)`: the dtype of the quantized matmul; "
+    "default: SDNQ's choice for the weight dtype.",
+    "minimum_allowed_numel": "`SDNQConfig(minimum_allowed_numel=...)`: layers with fewer weights stay unquantized; "
+    "default: SDNQ's 16,384. `0` quantizes every linear layer (the tiny models need it).",
+    "channel_quantize": "`NVIDIAModelOptConfig(channel_quantize=...)`: the axis the weights are quantized along.",
+    "block_quantize": "`NVIDIAModelOptConfig(block_quantize=...)`: block size along that axis; INT4, NF4 and NVFP4 "
+    "are real-quantized only in blocks.",
+    "scale_channel_quantize": "`NVIDIAModelOptConfig(scale_channel_quantize=...)`: the axis the scales are "
+    "quantized along (NF4, NVFP4).",
+    "scale_block_quantize": "`NVIDIAModelOptConfig(scale_block_quantize=...)`: block size of the scales' own "
+    "quantization.",
+    "disable_conv_quantization": "`NVIDIAModelOptConfig(disable_conv_quantization=...)`: leave convolutions "
+    "unquantized.",
+    "bits": "AutoRound's weight bits: scheme `W<bits>A16` (activations stay in the cell's dtype).",
+    "sym": "Symmetric quantization (no zero point).",
+    "iters": "AutoRound's tuning steps: `0` rounds to nearest; more tune the rounding (signed gradient descent) on "
+    "activations of `calibration_prompts`.",
+    "calibration_prompts": "Prompts whose activations calibrate AutoRound (written to a local caption file; nothing "
+    "is downloaded); part of the checkpoint's cache key.",
 }
+
+# Where an option of one method means something else than the same name elsewhere.
+METHOD_OPTIONS_BY_METHOD: dict[str, dict[str, str]] = {
+    "sdnq": {
+        "weights_dtype": "`SDNQConfig(weights_dtype=...)`: `int1`…`int16`, `uint1`…`uint16` or `floatN_eAmB[fn|fnu]` "
+        "(e.g. `float8_e4m3fn`); one the installed sdnq does not accept is `unsupported`.",
+        "group_size": "`SDNQConfig(group_size=...)`: weights sharing a scale; default: SDNQ's choice for the dtype; "
+        "`-1`: per row.",
+    },
+    "modelopt": {
+        "quant_type": "`<weights>` (weight-only) or `<weights>_<activations>`, each of `FP8`, `INT8`, `INT4`, `NF4`, "
+        "`NVFP4`: `NVIDIAModelOptConfig(quant_type=..., weight_only=...)`.",
+    },
+    "bfl": {
+        "quant_type": "`fp8r` or `nvfp4`: quantbench writes that checkpoint from the pipeline's own transformer. Give "
+        "exactly one of `quant_type` and `file`.",
+        "file": "Your own BFL checkpoint (`.safetensors`) instead of one quantbench writes.",
+    },
+    "auto_round": {
+        "group_size": "Weights sharing a scale; `-1`: per output channel.",
+    },
+    "nunchaku_lite": {
+        "file": "A Nunchaku Lite transformer folder (its `config.json` holds the `quantization_config`), or a "
+        "pipeline folder with a `transformer/` subfolder. Required: diffusers cannot quantize to it.",
+    },
+}
+
+
+def method_option_descriptions(method: str) -> dict[str, str]:
+    """The descriptions of `method`'s options: the shared ones, with the method's own taking precedence."""
+    return {**METHOD_OPTIONS, **METHOD_OPTIONS_BY_METHOD.get(method, {})}
+
 
 COLUMN_GROUPS: dict[str, dict[str, str]] = {
     "Identity": {
@@ -157,8 +210,12 @@ COLUMN_GROUPS: dict[str, dict[str, str]] = {
     },
     "Axes": {
         "method": "The `method` axis value.",
-        "method_family": "Library family (bitsandbytes, gguf, torchao, quanto, layerwise, baseline).",
+        "method_family": "Library family (bitsandbytes, gguf, torchao, quanto, layerwise, sdnq, modelopt, bfl, "
+        "auto_round, nunchaku, baseline).",
         "method_options": "JSON of the method's options.",
+        "method_notes": "JSON of what the method observed after loading (sdnq, modelopt, auto_round, bfl, quanto): "
+        "the forward functions or linear classes that ran (which kernel path), the library version, quanto's "
+        "deprecation; null for the other methods.",
         "dtype": "The `dtype` axis.",
         "threshold": "`llm_int8_threshold` (bitsandbytes 8-bit only).",
         "compile": "`torch.compile` mode or `off`.",
@@ -372,14 +429,14 @@ def matrix_page(spec: type, method_names: list[str], method_class: Callable[[str
     )
     for method in method_names:
         options = method_class(method).Options
-        rows = _field_rows(options, f"method.{method}.", METHOD_OPTIONS)
+        rows = _field_rows(options, f"method.{method}.", method_option_descriptions(method))
         parts.append(f"### `{method}`\n")
         parts.append(_table(header, rows) if rows else "No options.\n")
     return "\n".join(parts)
 
 
 def method_options_snippet(method: str, method_class: Callable[[str], type]) -> str:
-    rows = _field_rows(method_class(method).Options, "", METHOD_OPTIONS)
+    rows = _field_rows(method_class(method).Options, "", method_option_descriptions(method))
     if not rows:
         return "`[method." + method + "]` takes no options.\n"
     return _table(["option", "type", "default", "allowed", "description"], rows)

@@ -64,6 +64,8 @@ def test_every_matrix_key_and_method_option_has_a_description():
     assert set(docs_pages.MATRIX_KEYS) <= keys, "descriptions of keys the schema no longer has"
     options = {option for method in method_names for option in method_class(method).Options.model_fields}
     assert set(docs_pages.METHOD_OPTIONS) <= options, "descriptions of options no method has"
+    for method, described in docs_pages.METHOD_OPTIONS_BY_METHOD.items():
+        assert set(described) <= set(method_class(method).Options.model_fields), f"{method}: options it lacks"
 
 
 def test_every_result_column_has_exactly_one_description():
