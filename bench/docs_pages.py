@@ -185,7 +185,8 @@ METHOD_OPTIONS_BY_METHOD: dict[str, dict[str, str]] = {
     },
     "nunchaku_lite": {
         "file": "A Nunchaku Lite transformer folder (its `config.json` holds the `quantization_config`), or a "
-        "pipeline folder with a `transformer/` subfolder. Required: diffusers cannot quantize to it.",
+        "pipeline folder with a `transformer/` subfolder. Without it the cell is `unsupported`: diffusers cannot "
+        "quantize to the format.",
     },
 }
 
