@@ -43,6 +43,11 @@ FAMILY_COLOURS = {
     "torchao": "#d62728",
     "quanto": "#9467bd",
     "layerwise": "#ff7f0e",
+    "sdnq": "#8c564b",
+    "modelopt": "#76b900",
+    "bfl": "#e377c2",
+    "auto_round": "#17becf",
+    "nunchaku": "#bcbd22",
 }
 SERIES_COLOURS = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#17becf", "#bcbd22", "#7f7f7f")  # fmt: skip
 SERIES_MARKERS = ("o", "s", "^", "D", "v")
