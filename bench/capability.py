@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 from dataclasses import dataclass
 
+from bench.attention import check_attention
 from bench.cells import Cell
 from bench.environment import Machine
 from bench.methods import method_class
@@ -29,6 +30,7 @@ def check_cell(cell: Cell, machine: Machine) -> Verdict:
         if cell.inductor == "torchao" and importlib.util.find_spec("torchao") is None:
             raise MethodUnavailable("unsupported", "inductor = 'torchao' needs the `torchao` package")
         cls(cls.Options.model_validate(cell.options)).check(cell, machine)
+        check_attention(cell.attention, cell.dtype, machine)
     except MethodUnavailable as unavailable:
         return Verdict(unavailable.status, unavailable.reason)
     return Verdict("run")

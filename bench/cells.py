@@ -17,7 +17,22 @@ def torch_dtype(name: str) -> Any:
     return getattr(torch, DTYPES[name])
 
 
-AXES = ("method", "dtype", "threshold", "compile", "fullgraph", "inductor", "regional", "components", "placement")
+AXES = (
+    "method",
+    "dtype",
+    "threshold",
+    "compile",
+    "fullgraph",
+    "inductor",
+    "regional",
+    "dynamic",
+    "components",
+    "placement",
+    "attention",
+    "batch_size",
+)
+# Axes added after cells had ids: at these values they are left out of the id, so those cells keep theirs.
+ID_DEFAULTS = {"inductor": None, "regional": None, "dynamic": None, "attention": "native", "batch_size": 1}
 
 
 @dataclass(frozen=True)
@@ -32,16 +47,19 @@ class Cell:
     fullgraph: bool | None = None
     inductor: str | None = None  # None: not compiled, or the `default` preset (settings as loading left them)
     regional: bool | None = None  # True: only the denoiser's repeated blocks are compiled; None: all of it, or none
+    dynamic: bool | None = None  # torch.compile(dynamic=...) of a compiled cell; None: torch's default, or not compiled
     components: tuple[str, ...] | None = None
     placement: str = "device"
+    attention: str = "native"  # the attention backend (bench.attention)
+    batch_size: int = 1  # images per prompt in one pipeline call (num_images_per_prompt)
     id: str = ""
 
     def axes(self) -> dict[str, Any]:
         """The cell's axes and method options as plain data (what its id hashes, with model and generation)."""
         data = asdict(self)
         data.pop("id")
-        for axis in ("inductor", "regional"):
-            if data[axis] is None:
+        for axis, default in ID_DEFAULTS.items():
+            if data[axis] == default:
                 data.pop(axis)  # cells from before the axis existed keep their ids
         data["components"] = list(self.components) if self.components is not None else None
         return data
@@ -55,7 +73,7 @@ class Cell:
     @property
     def compile_variant(self) -> str:
         """The compile axes in one word, e.g. `off` or `default+inductor=torchao+regional`."""
-        return compile_variant(self.compile, self.fullgraph, self.inductor, self.regional)
+        return compile_variant(self.compile, self.fullgraph, self.inductor, self.regional, self.dynamic)
 
     @property
     def label(self) -> str:
@@ -70,6 +88,10 @@ class Cell:
             parts.append("+".join(self.components))
         if self.placement != "device":
             parts.append(self.placement)
+        if self.attention != "native":
+            parts.append(f"attention={self.attention}")
+        if self.batch_size != 1:
+            parts.append(f"batch={self.batch_size}")
         return " ".join(parts)
 
     @property
@@ -82,7 +104,7 @@ class Cell:
         return cls(**{**data, "components": tuple(components) if components is not None else None, "id": cell_id})
 
 
-def compile_variant(mode: str, fullgraph: Any, inductor: Any, regional: Any) -> str:
+def compile_variant(mode: str, fullgraph: Any, inductor: Any, regional: Any, dynamic: Any = None) -> str:
     """`mode` with the settings that vary a compiled cell appended (missing values, as in older rows, add nothing)."""
     if mode == "off":
         return mode
@@ -91,6 +113,7 @@ def compile_variant(mode: str, fullgraph: Any, inductor: Any, regional: Any) -> 
         + ("+fullgraph" if _flag(fullgraph) else "")
         + (f"+inductor={inductor}" if isinstance(inductor, str) else "")
         + ("+regional" if _flag(regional) else "")
+        + (f"+dynamic={str(bool(dynamic)).lower()}" if isinstance(dynamic, bool) else "")
     )
 
 

@@ -49,7 +49,7 @@ class ReferenceComparison:
             return found, None
         self.ran_reference = True
         cell = Cell(method="baseline", dtype=self.dtype).with_id({"reference": list(keys.values())})
-        generation = {**self.ready.matrix.generation.model_dump(), "repeats": 1, "warmup": 0}
+        generation = {**self.ready.matrix.generation.model_dump(), "repeats": 1, "warmup": 0, "resolutions": None}
         try:
             outcome = self.submit(cell, generation).result()
         except Exception as error:

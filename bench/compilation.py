@@ -1,4 +1,4 @@
-"""How a cell's denoiser is compiled (the compile, fullgraph, regional and inductor axes): torch.compile and
+"""How a cell's denoiser is compiled (the compile, fullgraph, regional, dynamic and inductor axes): torch.compile and
 the Inductor presets."""
 
 from __future__ import annotations
@@ -70,12 +70,18 @@ def restore_inductor_settings(copy: dict[str, Any]) -> None:
 
 
 def compile_denoiser(
-    pipe: Any, mode: str, fullgraph: bool, inductor: str | None, regional: bool, at_start: dict[str, Any]
+    pipe: Any,
+    mode: str,
+    fullgraph: bool,
+    inductor: str | None,
+    regional: bool,
+    at_start: dict[str, Any],
+    dynamic: bool | None = None,
 ) -> CompiledDenoiser | None:
     """`torch.compile` the denoiser in place (compilation itself happens at the first call), with Inductor
     set up as the `inductor` preset says (`at_start`: the settings when the process started);
-    `regional` compiles only its repeated blocks, as diffusers' `compile_repeated_blocks()` does. None when
-    `mode` is off.
+    `regional` compiles only its repeated blocks, as diffusers' `compile_repeated_blocks()` does; `dynamic` is
+    `torch.compile(dynamic=...)` (None: torch's default, static until a shape changes). None when `mode` is off.
     """
     if mode == "off":
         return None
@@ -88,9 +94,9 @@ def compile_denoiser(
         changes[f"dynamo.{name}"] = getattr(dynamo, name)
     model = denoiser(pipe)
     if not regional:
-        model.compile(mode=mode, fullgraph=fullgraph)
+        model.compile(mode=mode, fullgraph=fullgraph, dynamic=dynamic)
         return CompiledDenoiser(changes, 1)
-    model.compile_repeated_blocks(mode=mode, fullgraph=fullgraph)
+    model.compile_repeated_blocks(mode=mode, fullgraph=fullgraph, dynamic=dynamic)
     blocks = set(model._repeated_blocks)
     return CompiledDenoiser(changes, sum(type(module).__name__ in blocks for module in model.modules()))
 

@@ -85,6 +85,9 @@ class Measurements:
     host: str | None = None
     cuda_visible_devices: str | None = None
     attempts: int | None = None
+    # attention backend and resolution changes
+    attention_backend: str | None = None  # the backends the denoiser's attention modules ran (bench.attention)
+    per_resolution: str | None = None  # JSON list of SizeRun, one per `[generation] resolutions` entry
 
     def update(self, values: dict[str, Any]) -> None:
         """Set several measurements by name (a method's `after_load`); an unknown name raises."""
@@ -160,6 +163,19 @@ class Sample:
     step_latency_s: list[float]
     image_file: str | None
     image_finite: bool
+
+
+@dataclass
+class SizeRun:
+    """The timed generations at one size of `[generation] resolutions` (the first prompt and seed)."""
+
+    height: int
+    width: int
+    e2e_latency_s: list[float]  # each generation: the first includes any recompile the size caused
+    step_latency_median_s: float | None
+    timed_compiles: int | None  # graphs compiled during them (compiled cells)
+    peak_reserved_bytes: int | None  # CUDA peaks over them; None without CUDA
+    peak_allocated_bytes: int | None
 
 
 @dataclass

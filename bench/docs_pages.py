@@ -80,6 +80,10 @@ MATRIX_KEYS = {
     "generation.warmup": "Untimed generations first; a compiled cell compiles in the first.",
     "generation.extrapolate_to_steps": "Time few steps, also report end-to-end time at this many: e2e + "
     "(N − steps) × step median, in `e2e_latency_extrapolated_s`. Changes no cell id.",
+    "generation.resolutions": "`[[height, width], ...]`: after the timed runs, time `repeats` generations of the "
+    "first prompt and seed at each size, in order (the warm-up and the timed runs are at the first, which sets "
+    "`height` and `width`): what a change of size costs, above all a compiled cell's recompiles (see "
+    "`axes.dynamic`). Per size in `per_resolution`.",
     "run": "How cells run.",
     "run.device": "`auto` takes CUDA when present.",
     "run.timeout_s": "Wall-clock limit of one cell; past it the cell is a `timeout` row with the phases it finished.",
@@ -107,6 +111,15 @@ MATRIX_KEYS = {
     "`vae`), checked against `model_index.json`; does not vary the baseline.",
     "axes.placement": "`device` (`pipe.to`), `device_map` (`balanced`), `model_cpu_offload`, "
     "`sequential_cpu_offload`, `group_offload` (denoiser streamed at leaf level).",
+    "axes.dynamic": "`torch.compile(dynamic=...)` of compiled cells: `auto` (torch's default: static, then "
+    "dynamic once a shape changes), `true`, `false` (a recompile at every new size).",
+    "axes.attention": "The attention backend the denoiser dispatches to (`set_attention_backend`), any name of "
+    "diffusers' `AttentionBackendName`: `native` (torch's SDPA, the default), `_native_cudnn`, `_native_flash`, "
+    "`_native_efficient`, `_native_math`, `flex`, `flash` (flash-attn), `xformers`, `sage*` (SageAttention's "
+    "INT8 kernels), `*_hub` (kernels from the Hub). A backend whose package, GPU or dtype is missing gives a "
+    "`skipped` or `unsupported` row with the reason before any cell runs. Drift is against the `native` reference.",
+    "axes.batch_size": "Images per pipeline call (`num_images_per_prompt`); rows add per-image latency and "
+    "images per second. The first image of a batch is the one compared with the reference.",
     "drift": "How images are compared with the reference run (the `baseline` in `reference_dtype`).",
     "drift.enabled": "Compute drift metrics at all.",
     "drift.reference_dtype": "dtype of the baseline every cell is compared with.",
@@ -225,6 +238,10 @@ COLUMN_GROUPS: dict[str, dict[str, str]] = {
         "regional": "True: only the repeated blocks were compiled.",
         "components": "JSON list of quantized components.",
         "placement": "The `placement` axis.",
+        "attention": "The `attention` axis: the attention backend asked for.",
+        "attention_backend": "The backends the denoiser's attention modules dispatched to, comma-separated (what ran).",
+        "dynamic": "`torch.compile(dynamic=...)` of a compiled cell; null: torch's default, or not compiled.",
+        "batch_size": "The `batch_size` axis: images per pipeline call; latency columns are per call.",
     },
     "Model and generation": {
         "model_source": "Built-in name, folder or hub id.",
@@ -265,6 +282,11 @@ COLUMN_GROUPS: dict[str, dict[str, str]] = {
         "step_latency_iqr_s": "Its interquartile range.",
         "extrapolated_to_steps": "Set only when `e2e_latency_extrapolated_s` is.",
         "e2e_latency_extrapolated_s": "e2e median + (extrapolated_to_steps − steps) × step median.",
+        "e2e_latency_per_image_s": "e2e median / `batch_size`.",
+        "images_per_s": "`batch_size` / e2e median.",
+        "per_resolution": "JSON list, one entry per `[generation] resolutions` size: `height`, `width`, "
+        "`e2e_latency_s` (each run; the first includes any recompile), `step_latency_median_s`, `timed_compiles` "
+        "(graphs compiled at that size), `peak_reserved_bytes`, `peak_allocated_bytes` (null without CUDA).",
         "cell_wall_s": "Wall time of the cell's process.",
         "serialize_save_s": "Serialization round trip: `save_pretrained` time.",
         "serialize_reload_s": "Serialization round trip: reload time.",

@@ -48,6 +48,9 @@ def cell_rows(
         "regional": cell.regional,
         "components": ",".join(cell.components) if cell.components is not None else None,
         "placement": cell.placement,
+        "attention": cell.attention,
+        "dynamic": cell.dynamic,
+        "batch_size": cell.batch_size,
         "model_source": model.source,
         "model_revision": model.revision,
         "pipeline_class": model.pipeline_class,
@@ -124,6 +127,9 @@ def _apply_gates(rows: list[ResultRow], gates: dict[str, float]) -> None:
 def _fill_sample(row: ResultRow, sample: Any) -> None:
     e2e = Stats.of(sample.e2e_latency_s)
     row.e2e_latency_median_s, row.e2e_latency_iqr_s = e2e.median, e2e.iqr
+    batch = row.batch_size or 1
+    row.e2e_latency_per_image_s = e2e.median / batch
+    row.images_per_s = batch / e2e.median if e2e.median > 0 else None
     if sample.step_latency_s:
         steps = Stats.of(sample.step_latency_s)
         row.step_latency_median_s, row.step_latency_iqr_s = steps.median, steps.iqr

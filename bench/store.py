@@ -77,6 +77,15 @@ class ResultRow:
     guidance_scale: float
     max_sequence_length: int
     repeats: int
+    # attention backend, batch size and resolution changes
+    attention: str | None = None  # the `attention` axis: the backend asked for
+    attention_backend: str | None = None  # the backends the denoiser's attention modules ran, comma-separated
+    dynamic: bool | None = None  # torch.compile(dynamic=...) of a compiled cell; None: torch's default, or not compiled
+    batch_size: int | None = None  # images per pipeline call (num_images_per_prompt); latency columns are per call
+    e2e_latency_per_image_s: float | None = None  # e2e median / batch_size
+    images_per_s: float | None = None  # batch_size / e2e median
+    per_resolution: str | None = None  # JSON list of contract.SizeRun: each `[generation] resolutions` size's
+    # latencies, graphs compiled and peak memory
     log_tail: str | None = None
     # timings (seconds)
     import_s: float | None = None

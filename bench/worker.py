@@ -12,12 +12,13 @@ import os
 import sys
 import time
 import traceback
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 from bench.cache import InductorCacheContents
-from bench.contract import CellResult, CellSpec, Sample, Status
+from bench.contract import CellResult, CellSpec, Sample, SizeRun, Status
 from bench.errors import classify, describe
 from bench.faults import inject, injected_fault
 from bench.heartbeat import COMPILE_PROGRESS, CompileCounts, graph_break_reasons, heartbeat, warmup_step_speed
@@ -25,6 +26,7 @@ from bench.parent_death import die_with_parent
 from bench.time_limit import time_limit
 
 PROCESS_START = time.perf_counter()
+Generate = Callable[..., tuple[Any, Any]]  # (prompt, seed, size) -> (images, latency)
 PHASE_PREFIX = "[quantbench] "
 
 
@@ -53,6 +55,7 @@ def run_cell(spec: CellSpec, result: CellResult) -> None:
     """The story of a cell, filling `result.measurements` and `result.samples` as it goes."""
     import torch
 
+    from bench.attention import set_attention
     from bench.cells import Cell
     from bench.compilation import compile_denoiser, inductor_settings
     from bench.measure import tensor_bytes
@@ -84,19 +87,22 @@ def run_cell(spec: CellSpec, result: CellResult) -> None:
     model = denoiser(pipe)
     m.transformer_footprint_bytes = int(model.get_memory_footprint())
     m.transformer_tensor_bytes = tensor_bytes(model)
+    m.attention_backend = set_attention(model, cell.attention)
     compiled = compile_denoiser(
-        pipe, cell.compile, bool(cell.fullgraph), cell.inductor, bool(cell.regional), inductor_at_start
+        pipe, cell.compile, bool(cell.fullgraph), cell.inductor, bool(cell.regional), inductor_at_start, cell.dynamic
     )
     if compiled is not None:
         m.inductor_settings = json.dumps(compiled.inductor_changes, sort_keys=True, default=str)
         m.compiled_modules = compiled.modules
 
     with track_memory(cuda) as memory:
-        _generate(pipe, spec, result, clock, fault)
+        generate = _generate(pipe, spec, result, clock, fault)
     if cuda:
         m.peak_reserved_bytes = memory.peak_reserved_bytes
         m.peak_allocated_bytes = memory.peak_allocated_bytes
     m.cpu_peak_rss_bytes = memory.cpu_peak_rss_bytes
+    if spec.generation.get("resolutions"):
+        _time_resolutions(generate, spec, result, cuda)
 
 
 def _describe_gpu(spec: CellSpec, result: CellResult) -> None:
@@ -175,8 +181,9 @@ def _round_trip(
     result.measurements.serialization_status = "; ".join(statuses)
 
 
-def _generate(pipe: Any, spec: CellSpec, result: CellResult, clock: Any, fault: str | None) -> None:
-    """Warm up (compilation happens here), then time every (prompt, seed) `repeats` times."""
+def _generate(pipe: Any, spec: CellSpec, result: CellResult, clock: Any, fault: str | None) -> Generate:
+    """Warm up (compilation happens here), then time every (prompt, seed) `repeats` times; return the
+    function that generates (for `_time_resolutions`)."""
     import numpy as np
     import torch
 
@@ -191,6 +198,9 @@ def _generate(pipe: Any, spec: CellSpec, result: CellResult, clock: Any, fault: 
         "max_sequence_length": gen["max_sequence_length"],
         "output_type": "np",
     }
+    batch_size = spec.cell.get("batch_size", 1)
+    if batch_size != 1:
+        call["num_images_per_prompt"] = batch_size
     m = result.measurements
     progress = Progress(spec, result)
     running: list[Latency] = []  # the generation running now
@@ -208,14 +218,17 @@ def _generate(pipe: Any, spec: CellSpec, result: CellResult, clock: Any, fault: 
             inject(fault, "timed step")
         return kwargs
 
-    def generate(prompt: str, seed: int) -> tuple[Any, Latency]:
+    def generate(prompt: str, seed: int, size: tuple[int, int] | None = None) -> tuple[Any, Latency]:
+        """The images of one pipeline call (`batch_size` of them, the first drawn as a batch of one would be)
+        at `size` (height, width; default the matrix's), and its latency."""
         generator = torch.Generator("cpu").manual_seed(seed)
+        sized = {**call, "height": size[0], "width": size[1]} if size else call
         with track_latency(clock) as latency:
             running[:] = [latency]
             # The pipeline's own torch.no_grad(), as users run it: inference_mode on top breaks quanto's int4
             # matmul on CUDA ("Cannot set version_counter for inference tensor"), which users never see.
-            image = pipe(prompt, generator=generator, callback_on_step_end=on_step_end, **call).images[0]
-        return image, latency
+            images = pipe(prompt, generator=generator, callback_on_step_end=on_step_end, **sized).images
+        return images, latency
 
     compiled = spec.cell.get("compile", "off") != "off"
     if compiled:  # a recompile after the warm-up would be timed: the log says why it happened
@@ -274,15 +287,16 @@ def _generate(pipe: Any, spec: CellSpec, result: CellResult, clock: Any, fault: 
             )
             with beat:
                 for _ in range(gen["repeats"]):
-                    image, latency = generate(prompt, seed)
+                    images, latency = generate(prompt, seed)
                     e2e.append(latency.s)
                     steps.extend(latency.step_s())
             if fault == "nan":
-                image = np.full_like(image, np.nan)
-            finite = bool(np.isfinite(image).all())
+                images = np.full_like(images, np.nan)
+            finite = bool(np.isfinite(images).all())  # every image of the batch
             stem = f"p{prompt_index}_s{seed}"
-            path = _save_png(image, spec.images_dir / f"{stem}.png") if finite else None
-            _save_latents(final_latents[0], spec.latents_dir / f"{stem}.safetensors")
+            # the first image of a batch and its latents: what the reference (a batch of one) is compared with
+            path = _save_png(images[0], spec.images_dir / f"{stem}.png") if finite else None
+            _save_latents(final_latents[0][:1], spec.latents_dir / f"{stem}.safetensors")
             result.samples.append(Sample(prompt_index, seed, e2e, steps, path, finite))
             progress(f"timed prompt {prompt_index}, seed {seed}: e2e median {np.median(e2e):.3f} s")
     if compiled:
@@ -291,6 +305,39 @@ def _generate(pipe: Any, spec: CellSpec, result: CellResult, clock: Any, fault: 
             progress(f"the timed runs compiled {recompiled} more graphs: their latency includes compiling")
     if compiled and warmups:  # compilation happens in the first call, which warmed up on the first prompt and seed
         m.compile_s = max(0.0, warmups[0].s - float(np.median(result.samples[0].e2e_latency_s)))
+    return generate
+
+
+def _time_resolutions(generate: Generate, spec: CellSpec, result: CellResult, cuda: bool) -> None:
+    """Time `repeats` generations of the first prompt and seed at each of `[generation] resolutions`, in order,
+    after the warm-up and the timed runs at the first: the latency, the graphs compiled (a compiled cell
+    recompiles at a new size unless `dynamic`) and the peak memory of each size, in `per_resolution`."""
+    import numpy as np
+
+    from bench.trackers.memory import track_memory
+
+    gen = spec.generation
+    compiled = spec.cell.get("compile", "off") != "off"
+    progress = Progress(spec, result)
+    runs: list[SizeRun] = []
+    for height, width in gen["resolutions"]:
+        graphs_before = CompileCounts.now().graphs if compiled else 0
+        with track_memory(cuda) as memory, heartbeat(f"size {height}x{width}", progress, compiling=compiled):
+            latencies = [generate(gen["prompts"][0], gen["seeds"][0], (height, width))[1] for _ in range(gen["repeats"])]
+        steps = [step for latency in latencies for step in latency.step_s()]
+        run = SizeRun(
+            height=height,
+            width=width,
+            e2e_latency_s=[latency.s for latency in latencies],
+            step_latency_median_s=float(np.median(steps)) if steps else None,
+            timed_compiles=CompileCounts.now().graphs - graphs_before if compiled else None,
+            peak_reserved_bytes=memory.peak_reserved_bytes,
+            peak_allocated_bytes=memory.peak_allocated_bytes,
+        )
+        runs.append(run)
+        result.measurements.per_resolution = json.dumps([asdict(r) for r in runs])
+        compiles = f", {run.timed_compiles} graphs compiled" if compiled else ""
+        progress(f"size {height}x{width}: e2e median {np.median(run.e2e_latency_s):.3f} s{compiles}")
 
 
 def _save_png(image: Any, path: Path) -> str:

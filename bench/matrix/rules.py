@@ -77,16 +77,32 @@ def _components_axis(axes: Axes, cls: type) -> list[list[str] | None]:
 def _product(axes: Axes, method: str, options: dict[str, Any]) -> list[Cell]:
     cls = method_class(method)
     cells = []
-    for dtype, threshold, compile_mode, fullgraph, inductor, regional, components, placement in itertools.product(
+    for (
+        dtype,
+        threshold,
+        compile_mode,
+        fullgraph,
+        inductor,
+        regional,
+        dynamic,
+        components,
+        placement,
+        attention,
+        batch_size,
+    ) in itertools.product(
         axes.dtype,
         axes.threshold if cls.uses_threshold else [None],
         axes.compile,
         axes.fullgraph,
         axes.inductor,
         axes.regional,
+        axes.dynamic,
         _components_axis(axes, cls),
         axes.placement,
+        axes.attention,
+        axes.batch_size,
     ):
+        compiled = compile_mode != "off"
         cells.append(
             Cell(
                 method=method,
@@ -94,11 +110,14 @@ def _product(axes: Axes, method: str, options: dict[str, Any]) -> list[Cell]:
                 dtype=dtype,
                 threshold=threshold,
                 compile=compile_mode,
-                fullgraph=fullgraph if compile_mode != "off" else None,
-                inductor=inductor if compile_mode != "off" and inductor != "default" else None,
-                regional=True if compile_mode != "off" and regional else None,
+                fullgraph=fullgraph if compiled else None,
+                inductor=inductor if compiled and inductor != "default" else None,
+                regional=True if compiled and regional else None,
+                dynamic=dynamic if compiled and dynamic != "auto" else None,
                 components=tuple(components) if components is not None else None,
                 placement=placement,
+                attention=attention,
+                batch_size=batch_size,
             )
         )
     return cells
@@ -155,6 +174,9 @@ def matches(path: Path, rule: dict[str, Any], cell: Cell, key: str) -> bool:
         **cell.axes(),
         "inductor": cell.inductor or "default",
         "regional": bool(cell.regional),
+        "dynamic": "auto" if cell.dynamic is None else cell.dynamic,
+        "attention": cell.attention,
+        "batch_size": cell.batch_size,
     }
     return all(values.get(name) in _candidates(name, wanted) for name, wanted in rule.items())
 

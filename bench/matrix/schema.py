@@ -9,6 +9,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from bench.attention import ATTENTION_BACKENDS
 from bench.cells import DTYPES, Cell
 from bench.compilation import INDUCTOR_PRESETS
 from bench.drift import METRICS
@@ -20,6 +21,10 @@ COMPILE_MODES = ("off", "default", "max-autotune", "reduce-overhead", "max-autot
 PLACEMENTS = ("device", "device_map", "model_cpu_offload", "sequential_cpu_offload", "group_offload")
 MAX_SECONDS = 7 * 24 * 3600
 Seconds = typing.Annotated[float, Field(gt=0, le=MAX_SECONDS)]
+
+
+Pixels = typing.Annotated[int, Field(ge=16, le=8192, multiple_of=16)]
+ImageSize = typing.Annotated[list[Pixels], Field(min_length=2, max_length=2)]  # [height, width]
 
 
 class _Strict(BaseModel):
@@ -58,8 +63,8 @@ class Generation(_Strict):
     prompts: list[typing.Annotated[str, Field(min_length=1, max_length=2000)]] = Field(default=[], max_length=1000)
     prompt_file: str | None = None  # a .txt or .jsonl file (relative to the matrix), or "builtin:quantbench-v1"
     seeds: list[typing.Annotated[int, Field(ge=0, lt=2**63)]] = Field(default=[0], min_length=1, max_length=1000)
-    height: int = Field(default=1024, ge=16, le=8192, multiple_of=16)
-    width: int = Field(default=1024, ge=16, le=8192, multiple_of=16)
+    height: Pixels = 1024
+    width: Pixels = 1024
     num_inference_steps: int = Field(default=28, ge=1, le=1000)
     guidance_scale: float = Field(default=3.5, ge=0, le=100)
     max_sequence_length: int = Field(default=512, ge=1, le=4096)
@@ -68,6 +73,28 @@ class Generation(_Strict):
     # Time few steps, report the end-to-end time of this many: e2e + (N - steps) x median step time, in columns
     # that say so. Changes no cell (not part of the cell id).
     extrapolate_to_steps: int | None = Field(default=None, ge=1, le=1000)
+    # [height, width] sizes, each timed `repeats` times on the first prompt and seed after the timed runs (the
+    # warm-up and the timed runs are at the first, which sets height and width): what a change of size costs a
+    # compiled cell (recompiles, latency, peak memory), in the `per_resolution` column.
+    resolutions: list[ImageSize] | None = Field(default=None, min_length=1, max_length=16)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _size_from_first_resolution(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("resolutions") and isinstance(data["resolutions"][0], list):
+            first = data["resolutions"][0]
+            if len(first) == 2:
+                data = {"height": first[0], "width": first[1], **data}
+        return data
+
+    @model_validator(mode="after")
+    def _first_resolution_is_the_size(self) -> Generation:
+        if self.resolutions and self.resolutions[0] != [self.height, self.width]:
+            raise ValueError(
+                f"resolutions[0] ({self.resolutions[0]}) is the size of the warm-up and the timed runs: it must be"
+                f" [height, width] ([{self.height}, {self.width}]); leave height and width out to take it from there"
+            )
+        return self
 
     @model_validator(mode="after")
     def _one_prompt_source(self) -> Generation:
@@ -86,7 +113,8 @@ class Generation(_Strict):
 
     def identity(self) -> dict[str, Any]:
         """The settings that change what a cell computes (its id depends on them)."""
-        return self.model_dump(exclude={"extrapolate_to_steps"})
+        unset = {"resolutions"} if self.resolutions is None else set()  # ids from before the key stay
+        return self.model_dump(exclude={"extrapolate_to_steps", *unset})
 
 
 class DriftSettings(_Strict):
@@ -153,6 +181,11 @@ class Axes(_Strict):
         default=[["transformer"]], min_length=1
     )
     placement: list[Literal[PLACEMENTS]] = Field(default=["device"], min_length=1)  # type: ignore[valid-type]
+    # torch.compile(dynamic=...) of compiled cells: "auto" (torch's default: static first, dynamic after a shape
+    # change), true, false
+    dynamic: list[Literal["auto"] | bool] = Field(default=["auto"], min_length=1)
+    attention: list[Literal[ATTENTION_BACKENDS]] = Field(default=["native"], min_length=1)  # type: ignore[valid-type]
+    batch_size: list[typing.Annotated[int, Field(ge=1, le=256)]] = Field(default=[1], min_length=1)
 
     @field_validator("method")
     @classmethod
