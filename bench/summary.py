@@ -19,7 +19,7 @@ from bench.heartbeat import warmup_step_speed
 
 CELL_COLUMNS = (
     "cell_label", "method", "method_family", "method_options", "dtype", "threshold", "compile", "fullgraph", "inductor", "regional",
-    "components", "placement", "weights", "gpu_name", "device", "resident_reserved_bytes", "peak_reserved_bytes",
+    "components", "placement", "attention", "attention_backend", "dynamic", "batch_size", "per_resolution", "weights", "gpu_name", "device", "resident_reserved_bytes", "peak_reserved_bytes",
     "peak_allocated_bytes", "dequantized_reserved_bytes", "transformer_footprint_bytes", "transformer_tensor_bytes",
     "gpu_memory_note", "load_s", "quantize_s", "warmup_s", "warmup_step_median_s", "compile_s", "timed_compiles", "compile_counts", "inductor_cache_at_start", "prepare_s", "import_s", "cell_wall_s",
     "extrapolated_to_steps", "gate_status", "gate_failures",
@@ -53,6 +53,8 @@ def cell_summary(frame: pd.DataFrame) -> pd.DataFrame:
         record["step_latency_median_s"] = rows["step_latency_median_s"].median()
         record["step_latency_iqr_s"] = rows["step_latency_iqr_s"].median()
         record["e2e_latency_extrapolated_s"] = rows["e2e_latency_extrapolated_s"].median()
+        record["e2e_latency_per_image_s"] = rows["e2e_latency_per_image_s"].median()
+        record["images_per_s"] = rows["images_per_s"].median()
         ok = rows[rows["status"] == Status.OK]
         for metric in METRICS:
             mean, low, high = mean_ci(ok[metric]) if metric in ok else (None, None, None)

@@ -323,7 +323,9 @@ def _time_resolutions(generate: Generate, spec: CellSpec, result: CellResult, cu
     for height, width in gen["resolutions"]:
         graphs_before = CompileCounts.now().graphs if compiled else 0
         with track_memory(cuda) as memory, heartbeat(f"size {height}x{width}", progress, compiling=compiled):
-            latencies = [generate(gen["prompts"][0], gen["seeds"][0], (height, width))[1] for _ in range(gen["repeats"])]
+            latencies = [
+                generate(gen["prompts"][0], gen["seeds"][0], (height, width))[1] for _ in range(gen["repeats"])
+            ]
         steps = [step for latency in latencies for step in latency.step_s()]
         run = SizeRun(
             height=height,
