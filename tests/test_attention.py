@@ -160,3 +160,47 @@ def test_the_cpu_attention_matrix_runs_each_backend_batch_and_size(tmp_path):
         assert all(len(s["e2e_latency_s"]) == 2 and s["peak_reserved_bytes"] is None for s in sizes)
     default_second = json.loads(rows.loc["baseline bf16 compile=default", "per_resolution"])[1]
     assert default_second["timed_compiles"] > 0  # torch's default recompiles at a new size
+
+
+def test_the_report_names_the_largest_batch_each_method_fits_on_each_card(tmp_path):
+    from bench.report import render
+    from bench.report.decision import GIB, decide
+    from bench.store import ResultRow, ResultsFolder, read_results
+    from bench.summary import cell_summary
+
+    def row(cell_id: str, method: str, options: str, batch: int, peak_gib: float, e2e_s: float) -> ResultRow:
+        label = f"{method} bf16" + (f" batch={batch}" if batch > 1 else "")
+        return ResultRow(
+            schema_version=1, matrix_name="m", matrix_path="m.toml", cell_id=cell_id, cell_label=label,
+            timestamp_utc="t", status="ok", error=None, method=method, method_family=method,
+            method_options=options, dtype="bf16", threshold=None, compile="off", fullgraph=None, inductor=None,
+            regional=None, components=None, placement="device", model_source="builtin:flux-dev-shape",
+            model_revision=None, pipeline_class="FluxPipeline", weights="synthetic", prompt_index=0, prompt="p",
+            seed=0, height=1024, width=1024, num_inference_steps=4, guidance_scale=3.5, max_sequence_length=512,
+            repeats=2, batch_size=batch, e2e_latency_median_s=e2e_s, step_latency_median_s=e2e_s / 4,
+            images_per_s=batch / e2e_s, peak_reserved_bytes=int(peak_gib * GIB), transformer_tensor_bytes=GIB,
+            device="cuda", image_path=f"images/{cell_id}/p0_s0.png", image_finite=True,
+        )  # fmt: skip
+
+    folder = ResultsFolder(tmp_path)
+    folder.create()
+    for cell in (
+        row("a", "baseline", "{}", 1, 30, 2.0),
+        row("b", "baseline", "{}", 4, 60, 7.0),
+        row("c", "torchao", '{"quant_type": "float8dq"}', 1, 18, 1.5),
+        row("d", "torchao", '{"quant_type": "float8dq"}', 4, 40, 5.0),
+    ):
+        folder.write_cell(cell.cell_id, [cell])
+    frame = read_results(tmp_path)
+    decision = decide(frame, cell_summary(frame), "H200", (80, 48, 24))
+    picks = {(b.budget_gb, b.method): (b.batch_size, b.label) for b in decision.largest_batches}
+    assert picks[(80, "baseline")] == (4, "baseline bf16 batch=4")
+    assert picks[(48, "baseline")] == (1, "baseline bf16")  # 60 GiB + the context does not fit 48 GB
+    assert picks[(48, "torchao[float8dq]")] == (4, "torchao bf16 batch=4")
+    assert picks[(24, "torchao[float8dq]")] == (1, "torchao bf16")
+    assert (24, "baseline") not in picks  # nothing of it fits
+    one_batch = frame[frame["batch_size"] == 1]
+    assert decide(one_batch, cell_summary(one_batch), "H200", (80,)).largest_batches == []
+    html = render(frame, tmp_path, budgets_gb=(80, 48, 24))
+    assert "The largest batch (<code>batch_size</code>) of each method" in html
+    assert '<td>4</td><td>0.8</td><td class="text">torchao bf16 batch=4</td>' in html

@@ -1,4 +1,5 @@
-"""What to pick: the fastest finished cell that fits each GPU memory budget, and the Pareto front.
+"""What to pick: the fastest finished cell that fits each GPU memory budget, the largest batch each method fits
+in it (runs with a `batch_size` axis), and the Pareto front.
 
 A cell fits a card when its peak reserved memory plus the CUDA context (the driver's context, cuBLAS and
 cuDNN handles and loaded kernels, which PyTorch's allocator does not count) fits the card's memory. The
@@ -69,6 +70,17 @@ class BudgetRow:
 
 
 @dataclass(frozen=True)
+class BatchPick:
+    """The largest batch of a method that fits a budget, from the cell with the most images per second at it."""
+
+    budget_gb: int
+    method: str  # the method with its options, e.g. `torchao[float8dq]`
+    batch_size: int
+    images_per_s: float | None
+    label: str
+
+
+@dataclass(frozen=True)
 class FrontPoint:
     number: int
     cell_id: str
@@ -95,6 +107,7 @@ class Decision:
     drift_front: list[FrontPoint]
     drift_label: str | None
     memory_label: str
+    largest_batches: list[BatchPick]  # empty unless the run had more than one batch size
 
 
 def decision_table(decision: Decision) -> pd.DataFrame:
@@ -235,7 +248,33 @@ def decide(frame: pd.DataFrame, cells: pd.DataFrame, device: str, budgets_gb: tu
         drift_front=drift_front,
         drift_label=drift[1] if drift is not None else None,
         memory_label=f"{what} ({unit})",
+        largest_batches=largest_batches(candidates, budgets_gb) if gpu_memory else [],
     )
+
+
+def largest_batches(candidates: pd.DataFrame, budgets_gb: tuple[int, ...]) -> list[BatchPick]:
+    """For each budget and method (with its options), the largest `batch_size` among the candidate cells that
+    fit, from its cell with the most images per second; [] when the cells have a single batch size."""
+    batch = candidates["batch_size"].fillna(1).astype(int) if "batch_size" in candidates else None
+    if batch is None or batch.nunique() < 2:
+        return []
+    cells = candidates.assign(batch=batch, method_label=candidates.apply(_method_label, axis=1))
+    picks = []
+    for budget in budgets_gb:
+        fits = cells[cells["needs"] <= budget * GIB]
+        for method, group in fits.groupby("method_label", sort=False):
+            largest = group[group["batch"] == group["batch"].max()]
+            speed = largest["images_per_s"]
+            best = largest.loc[speed.idxmax()] if speed.notna().any() else largest.iloc[0]
+            rate = None if pd.isna(best["images_per_s"]) else float(best["images_per_s"])
+            picks.append(BatchPick(budget, method, int(best["batch"]), rate, best["cell_label"]))
+    return picks
+
+
+def _method_label(cell: pd.Series) -> str:
+    """`method[option values]`, as cell labels begin."""
+    options = json.loads(cell["method_options"]) if isinstance(cell["method_options"], str) else {}
+    return f"{cell['method']}[{','.join(map(str, options.values()))}]" if options else cell["method"]
 
 
 def _bf16_eager(ok: pd.DataFrame) -> pd.Series | None:

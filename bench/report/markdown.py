@@ -96,6 +96,15 @@ def _decision(decision: Decision, several_devices: bool) -> list[str]:
         if decision.smallest and any(r.eager is None and r.compiled is None for r in decision.budgets):
             lines += [f"Where nothing fits, the cell needing least memory is {_cell(decision.smallest.label)} "
                       f"({decision.smallest.facts()}); a placement that offloads to the CPU may still run it.", ""]  # fmt: skip
+    if decision.largest_batches:
+        lines += ["Largest batch (`batch_size`) of each method that fits each card, with its images per second:", "",
+                  "| card | method | batch | images/s | cell |", "|---|---|--:|--:|---|"]  # fmt: skip
+        lines += [
+            f"| {b.budget_gb} GB | {_cell(b.method)} | {b.batch_size} | "
+            f"{'' if b.images_per_s is None else f'{b.images_per_s:.3g}'} | {_cell(b.label)} |"
+            for b in decision.largest_batches
+        ]
+        lines.append("")
     for title, front, value in (
         ("memory vs step time", decision.speed_front, "s/step"),
         ("memory vs drift", decision.drift_front, decision.drift_label),
