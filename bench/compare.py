@@ -50,19 +50,18 @@ class Thresholds:
 
 @dataclass(frozen=True)
 class LatencyChange:
-    """A cell's latency change, new / old - 1 of the medians, with its bootstrap interval (None without one)."""
+    """A cell's latency change, new / old - 1 of the medians, with its bootstrap interval."""
 
-    samples: str  # what it was computed from, e.g. "18 -> 18 steps"
+    samples: str  # what it was computed from, e.g. "28 -> 28 steps"
     change: float
-    low: float | None = None
-    high: float | None = None
+    low: float
+    high: float
 
     def regressed(self, thresholds: Thresholds) -> bool:
-        return self.low is not None and self.low > thresholds.latency_increase
+        return self.low > thresholds.latency_increase
 
     def describe(self) -> str:
-        interval = f" [{self.low:+.1%}, {self.high:+.1%}]" if self.low is not None else ""
-        return f"{self.change:+.1%}{interval}"
+        return f"{self.change:+.1%} [{self.low:+.1%}, {self.high:+.1%}]"
 
 
 SAMPLE_COLUMNS = (("step_times_s", "steps"), ("e2e_times_s", "e2e times"))
@@ -98,7 +97,7 @@ def latency_change(old_rows: pd.DataFrame, new_rows: pd.DataFrame, thresholds: T
             confidence_level=thresholds.latency_confidence,
             n_resamples=thresholds.latency_resamples,
             method="percentile",
-            rng=np.random.default_rng(thresholds.latency_seed),
+            random_state=np.random.default_rng(thresholds.latency_seed),  # (`rng` only from scipy 1.15)
         ).confidence_interval
         return LatencyChange(
             f"{len(old)} -> {len(new)} {kind}",
