@@ -14,8 +14,8 @@ the first 1, 2, ... of the matrix's repeats (the rows keep every sample, so fewe
   they are (A/A) and with the odd ones' samples scaled by 1.05 and 1.10: the rule's own false alarms and
   detection, free of the machine's drift between runs (which the line above the table measures).
 Prints one table; `--output` writes the same numbers as JSON. On a GPU, pass a CUDA matrix (e.g. the nightly).
-Cells run with one CPU thread unless OMP_NUM_THREADS says otherwise: on a shared CPU, threads that wait for each
-other turn other processes' load into stalls many times a step long.
+A matrix that does not ask for CUDA runs its cells with one CPU thread unless OMP_NUM_THREADS says otherwise: on a
+shared CPU, threads that wait for each other turn other processes' load into stalls many times a step long.
 """
 
 from __future__ import annotations
@@ -181,7 +181,8 @@ def main() -> None:
     if args.clean_runs < 2:
         parser.error(f"--clean-runs {args.clean_runs}: an A/A comparison needs at least 2")
     thresholds = [float(t) / 100 for t in args.thresholds.split(",")]
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    if load_matrix(args.matrix).spec.run.device != "cuda":
+        os.environ.setdefault("OMP_NUM_THREADS", "1")
     with tempfile.TemporaryDirectory() as scratch:
         root = args.keep or Path(scratch)
         clean, slowed = run_all(args.matrix, args.clean_runs, root)
