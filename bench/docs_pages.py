@@ -265,6 +265,9 @@ COLUMN_GROUPS: dict[str, dict[str, str]] = {
         "step_latency_iqr_s": "Its interquartile range.",
         "extrapolated_to_steps": "Set only when `e2e_latency_extrapolated_s` is.",
         "e2e_latency_extrapolated_s": "e2e median + (extrapolated_to_steps − steps) × step median.",
+        "step_times_s": "Every timed denoising step's duration (after each generation's first step): the samples "
+        "`quantbench compare` decides latency regressions from.",
+        "e2e_times_s": "Every timed generation's end-to-end time.",
         "cell_wall_s": "Wall time of the cell's process.",
         "serialize_save_s": "Serialization round trip: `save_pretrained` time.",
         "serialize_reload_s": "Serialization round trip: reload time.",

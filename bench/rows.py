@@ -124,6 +124,7 @@ def _apply_gates(rows: list[ResultRow], gates: dict[str, float]) -> None:
 def _fill_sample(row: ResultRow, sample: Any) -> None:
     e2e = Stats.of(sample.e2e_latency_s)
     row.e2e_latency_median_s, row.e2e_latency_iqr_s = e2e.median, e2e.iqr
+    row.e2e_times_s, row.step_times_s = list(sample.e2e_latency_s), list(sample.step_latency_s)
     if sample.step_latency_s:
         steps = Stats.of(sample.step_latency_s)
         row.step_latency_median_s, row.step_latency_iqr_s = steps.median, steps.iqr

@@ -29,7 +29,7 @@ from bench.atomic import atomic_path, write_bytes_atomic
 from bench.contract import ROW_STATUSES, Measurements, Status, worst_status
 from bench.errors import UserError
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: step_times_s and e2e_times_s
 STATUSES = ROW_STATUSES  # (WORST_FIRST and worst_status: bench.contract)
 INTERRUPTED_LOG_SUFFIX = ".interrupted.log"  # logs/<cell id>.interrupted.log: a cell stopped while running
 INTERRUPTED_PROGRESS_SUFFIX = ".interrupted.json"  # what its last stopped try had measured (contract.Measurements)
@@ -104,6 +104,9 @@ class ResultRow:
     step_latency_iqr_s: float | None = None
     extrapolated_to_steps: int | None = None  # set only when the next column is extrapolated
     e2e_latency_extrapolated_s: float | None = None  # e2e median + (extrapolated_to_steps - steps) x step median
+    # every timed sample, for compare's verdict (rows before schema 2 lack them; compare then uses median and IQR)
+    step_times_s: list[float] | None = None  # each timed denoising step after the first of each generation
+    e2e_times_s: list[float] | None = None  # each timed generation, end to end
     cell_wall_s: float | None = None
     serialize_save_s: float | None = None
     serialize_reload_s: float | None = None
@@ -167,6 +170,8 @@ _ARROW_TYPES = {str: pa.string(), int: pa.int64(), float: pa.float64(), bool: pa
 
 def _arrow_type(annotation: Any) -> pa.DataType:
     args = [a for a in typing.get_args(annotation) if a is not type(None)] or [annotation]
+    if typing.get_origin(args[0]) is list:
+        return pa.list_(_arrow_type(typing.get_args(args[0])[0]))
     return _ARROW_TYPES[args[0]]
 
 

@@ -19,7 +19,7 @@ from typing import Any
 from bench.cache import InductorCacheContents
 from bench.contract import CellResult, CellSpec, Sample, Status
 from bench.errors import classify, describe
-from bench.faults import inject, injected_fault
+from bench.faults import StepSlowdown, inject, injected_fault, injected_slowdown
 from bench.heartbeat import COMPILE_PROGRESS, CompileCounts, graph_break_reasons, heartbeat, warmup_step_speed
 from bench.parent_death import die_with_parent
 from bench.time_limit import time_limit
@@ -201,8 +201,13 @@ def _generate(pipe: Any, spec: CellSpec, result: CellResult, clock: Any, fault: 
         steps = len(running[0].step_ends) if running else 0
         return f"{steps} of {gen['num_inference_steps']} denoising steps done"
 
+    slowdown = injected_slowdown(spec.cell_id)
+    slow = StepSlowdown(slowdown) if slowdown else None
+
     def on_step_end(pipe: Any, step: int, timestep: Any, kwargs: dict[str, Any]) -> dict[str, Any]:
         running[0].step_ended()
+        if slow:
+            slow.after_step(step)
         final_latents[:] = [kwargs["latents"]]
         if timing:
             inject(fault, "timed step")
