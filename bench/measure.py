@@ -1,10 +1,14 @@
-"""Measurement arithmetic: latency statistics and the real byte size of a model's tensors (the trackers in
-bench/trackers/ take the measurements)."""
+"""Measurement arithmetic: latency statistics, the real byte size of a model's tensors, and whether quantizing
+shrank it (the trackers in bench/trackers/ take the measurements)."""
 
 from __future__ import annotations
 
+import json
+import math
+import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -56,3 +60,34 @@ def _leaf_tensors(tensor: Any) -> list[Any]:
         names, _ = data.__tensor_flatten__()
         return [leaf for name in names for leaf in _leaf_tensors(getattr(data, name))]
     return [data]
+
+
+EFFECTIVE_RATIO = 0.98  # a quantized component must hold under 98 % of its bf16 bytes (buffers and rounding aside)
+
+
+def bf16_bytes(folder: Path) -> int | None:
+    """Bytes a component folder's weights take in bf16: the parameter counts in its safetensors headers x 2
+    (read from the headers alone, whatever dtype the files hold); None without safetensors files."""
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        return None
+    parameters = 0
+    for path in files:
+        with open(path, "rb") as handle:
+            header = json.loads(handle.read(struct.unpack("<Q", handle.read(8))[0]))
+        parameters += sum(math.prod(entry["shape"]) for key, entry in header.items() if key != "__metadata__")
+    return 2 * parameters
+
+
+def quantization_effect(measured: dict[str, int], bf16: dict[str, int | None]) -> tuple[bool | None, str]:
+    """Did quantizing shrink every quantized component? (effective, note) from each one's measured tensor bytes
+    and bf16 bytes; effective is None where a bf16 size is unknown."""
+    parts, effective = [], True
+    for name, measured_bytes in measured.items():
+        reference = bf16.get(name)
+        if not reference or measured_bytes <= 0:
+            return None, f"{name}: its bf16 size is unknown (no safetensors headers) or nothing was measured"
+        ratio = measured_bytes / reference
+        parts.append(f"{name}: {measured_bytes} bytes, {ratio:.0%} of its {reference} bf16 bytes")
+        effective = effective and ratio < EFFECTIVE_RATIO
+    return effective, "; ".join(parts)
