@@ -91,3 +91,46 @@ def quantization_effect(measured: dict[str, int], bf16: dict[str, int | None]) -
         parts.append(f"{name}: {measured_bytes} bytes, {ratio:.0%} of its {reference} bf16 bytes")
         effective = effective and ratio < EFFECTIVE_RATIO
     return effective, "; ".join(parts)
+
+
+VALUE_DEPENDENT_NOTE = (
+    "This method's speed depends on the activations' values, not only on shapes (bitsandbytes LLM.int8 at a"
+    " threshold > 0 multiplies the columns over the threshold apart, in fp16): with synthetic weights its latency"
+    " is one sample, not the method's."
+)
+THROTTLED_NOTE = "NVML reported these clock-limiting reasons during the timed generations: latency may be lower"
+
+
+def _is_true(value: Any) -> bool:
+    return isinstance(value, bool | np.bool_) and bool(value)
+
+
+def measurement_flags(cell: Any) -> list[dict[str, str]]:
+    """Flags a cell's row shows beside its latency (text and hover title): value-dependent speed, limited clocks."""
+    flags = []
+    if _is_true(cell.get("value_dependent_latency")):
+        fraction = cell.get("int8_outlier_column_fraction")
+        held_back = (
+            f" ({fraction:.2%} of activation columns held back)"
+            if isinstance(fraction, float) and fraction == fraction
+            else ""
+        )
+        flags.append({"text": f"speed depends on values{held_back}", "title": VALUE_DEPENDENT_NOTE})
+    reasons = cell.get("gpu_throttle_reasons")
+    if isinstance(reasons, str) and reasons != "none":
+        flags.append({"text": f"clocks limited: {reasons}", "title": THROTTLED_NOTE})
+    return flags
+
+
+def measurement_footnotes(frame: Any, cell_ids: Any) -> list[str]:
+    """Lines under a comparison of `cell_ids` (rows of `frame`): which have value-dependent speed or limited clocks."""
+    rows = frame[frame["cell_id"].isin(set(cell_ids))].drop_duplicates("cell_id")
+    notes = []
+    if "value_dependent_latency" in rows and rows["value_dependent_latency"].map(_is_true).any():
+        count = int(rows["value_dependent_latency"].map(_is_true).sum())
+        notes.append(f"{count} compared cell(s) have value-dependent speed: {VALUE_DEPENDENT_NOTE}")
+    if "gpu_throttle_reasons" in rows:
+        limited = rows["gpu_throttle_reasons"].map(lambda r: isinstance(r, str) and r != "none")
+        if limited.any():
+            notes.append(f"{int(limited.sum())} compared cell(s) ran with limited clocks ({THROTTLED_NOTE.lower()})")
+    return notes

@@ -27,6 +27,7 @@ from bench.time_limit import time_limit
 
 PROCESS_START = time.perf_counter()
 PHASE_PREFIX = "[quantbench] "
+ENERGY_WINDOWS_PREFIX = "energy windows (Unix seconds): "
 
 
 def _say(text: str) -> None:
@@ -104,8 +105,13 @@ def run_cell(spec: CellSpec, result: CellResult) -> None:
         return
     steps = [s for sample in result.samples for s in sample.step_latency_s]
     m.update(asdict(energy.result(float(np.median(steps)) if steps else None)))
+    if energy.wall_windows:  # for an independent reading of the same windows (benchmarks/energy_crosscheck.py)
+        _say(f"{ENERGY_WINDOWS_PREFIX}{json.dumps([[round(a, 3), round(b, 3)] for a, b in energy.wall_windows])}")
     if method.value_dependent_latency(cell):
-        m.update(method.value_dependence(pipe, cell, lambda: _untimed_generation(pipe, spec)))
+        try:  # after the timed runs, untimed: a failure here costs only this column
+            m.update(method.value_dependence(pipe, cell, lambda: _untimed_generation(pipe, spec)))
+        except Exception as error:
+            _say(f"counting the value-dependent path failed: {type(error).__name__}: {error}")
 
 
 def _check_quantization(pipe: Any, cell: Any, model_folder: Path, result: CellResult) -> None:

@@ -242,3 +242,50 @@ def test_older_results_folders_read_with_the_new_columns_null():
     frame = read_results(folder)
     assert len(frame) and (frame["schema_version"] == 1).all()
     assert frame["energy_j_per_image"].isna().all() and frame["value_dependent_latency"].isna().all()
+
+
+def test_report_and_compare_flag_value_dependent_and_throttled_cells():
+    import pandas as pd
+
+    from bench.measure import measurement_flags, measurement_footnotes
+
+    flags = measurement_flags({"value_dependent_latency": True, "int8_outlier_column_fraction": 0.0123,
+                               "gpu_throttle_reasons": "sw_power_cap"})  # fmt: skip
+    assert [flag["text"] for flag in flags] == [
+        "speed depends on values (1.23% of activation columns held back)",
+        "clocks limited: sw_power_cap",
+    ]
+    assert measurement_flags({"value_dependent_latency": False, "gpu_throttle_reasons": "none"}) == []
+    frame = pd.DataFrame({"cell_id": ["a", "a", "b"], "value_dependent_latency": [True, True, None],
+                          "gpu_throttle_reasons": [None, None, "none"]})  # fmt: skip
+    notes = measurement_footnotes(frame, ["a", "b"])
+    assert len(notes) == 1 and notes[0].startswith("1 compared cell(s) have value-dependent speed")
+
+
+def _crosscheck():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("energy_crosscheck", "benchmarks/energy_crosscheck.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_crosscheck_integrates_power_samples_over_a_window_and_reads_windows_from_a_log(tmp_path):
+    crosscheck = _crosscheck()
+    samples = [(float(t) / 10, 700.0) for t in range(0, 31)]  # 700 W for 3 s, a sample every 0.1 s
+    assert crosscheck.energy_j(samples, 0.55, 2.55) == pytest.approx(1400.0)
+    assert crosscheck.energy_j(samples, 2.0, 4.0) is None  # past the last sample
+    log = tmp_path / "cell.log"
+    log.write_text(f"{crosscheck.PHASE_PREFIX}{crosscheck.ENERGY_WINDOWS_PREFIX}[[1.0, 2.5], [3.0, 4.0]]\n")
+    assert crosscheck.windows_in_log(log) == [(1.0, 2.5), (3.0, 4.0)]
+
+
+def test_the_committed_references_still_report_and_compare(tmp_path):
+    from bench.compare import compare_frames
+    from bench.report import write_report
+
+    folder = next(Path("results/reference/cpu").iterdir())
+    assert write_report(folder, tmp_path / "report.html").is_file()
+    frame = read_results(folder)
+    assert len(compare_frames(frame, frame)) == frame["cell_id"].nunique()

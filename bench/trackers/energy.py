@@ -141,14 +141,16 @@ class EnergyTracker:
         self.nvml = Nvml(gpu_uuid) if cuda else None
         self.clock = clock
         self.windows: list[tuple[float, float]] = []  # (seconds, joules)
+        self.wall_windows: list[tuple[float, float]] = []  # each window's (start, end) in Unix seconds
         self.samples = Samples()
         self.power_limit_w: float | None = None
         if self.nvml and self.nvml.ready:
             limit_mw = self.nvml.device("nvmlDeviceGetPowerManagementLimit")
             self.power_limit_w = limit_mw / 1000.0 if limit_mw is not None else None
 
-    def _counter_on_update(self) -> tuple[int, float] | None:
-        """(millijoules, time) just after the energy counter advanced (or after TICK_WAIT_S); None if it fails."""
+    def _counter_on_update(self) -> tuple[int, float, float] | None:
+        """(millijoules, tracker time, Unix time) just after the energy counter advanced (or after TICK_WAIT_S);
+        None if NVML fails."""
         first = self.nvml.device("nvmlDeviceGetTotalEnergyConsumption") if self.nvml else None
         if first is None:
             return None
@@ -159,7 +161,7 @@ class EnergyTracker:
             if value is None:
                 return None
             if value != first or now >= waited_until:
-                return value, now
+                return value, now, time.time()
             time.sleep(0.002)
 
     @contextlib.contextmanager
@@ -169,8 +171,9 @@ class EnergyTracker:
         start = self._counter_on_update() if self.cuda else None
         yield
         end = self._counter_on_update() if start is not None else None
-        if start is not None and end is not None and end[1] > start[1]:
+        if start is not None and end is not None and end[1] > start[1] and end[0] >= start[0]:  # no counter reset
             self.windows.append((end[1] - start[1], (end[0] - start[0]) / 1000.0))
+            self.wall_windows.append((start[2], end[2]))
 
     @contextlib.contextmanager
     def sampling(self) -> Iterator[None]:
