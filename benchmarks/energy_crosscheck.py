@@ -2,10 +2,10 @@
 process while `quantbench run` runs, and each timed generation's energy is integrated from those samples over
 the same windows the harness measured (its cells' logs give them, in Unix seconds).
 
-    python benchmarks/energy_crosscheck.py matrices/nightly.toml --results /tmp/energy-check [--select ...]
-        [--gpu 0] [--field power.draw.instant] [--tolerance 0.05]
+    python benchmarks/energy_crosscheck.py matrices/truth-h200.toml --results /tmp/energy-check
+        [--gpu 0] [--field power.draw.instant] [--tolerance 0.05] [any `quantbench run` flags: --select, --max-time]
 
-Prints, per cell, the harness's `energy_j_per_image` (NVML's energy counter) next to the median over the same
+Cells a resumed run did not rerun have no samples for their windows (n/a). Prints, per cell, the harness's `energy_j_per_image` (NVML's energy counter) next to the median over the same
 windows of nvidia-smi's power integrated in time (trapezoids at `-lms 100`), and their ratio; exit 1 when a
 cell differs by more than the tolerance. `power.draw.instant` (default) is the instantaneous reading; plain
 `power.draw` is averaged over about a second on recent drivers, which smooths the edges of short windows.
@@ -74,19 +74,19 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("matrix")
     parser.add_argument("--results", required=True, type=Path)
-    parser.add_argument("--select", action="append", default=[])
     parser.add_argument("--gpu", default="0", help="nvidia-smi's index of the GPU the cells use")
     parser.add_argument("--field", default="power.draw.instant")
     parser.add_argument("--tolerance", type=float, default=0.05)
-    args = parser.parse_args()
+    args, run_flags = parser.parse_known_args()
 
     samples: list[tuple[float, float]] = []
     stop = threading.Event()
     sampler = threading.Thread(target=sample_power, args=(args.gpu, args.field, samples, stop), daemon=True)
     sampler.start()
     time.sleep(1.0)  # the first samples before the first window
-    select = [item for value in args.select for item in ("--select", value)]
-    run = subprocess.run([sys.executable, "-m", "bench", "run", args.matrix, "--results", str(args.results), *select])
+    run = subprocess.run(
+        [sys.executable, "-m", "bench", "run", args.matrix, "--results", str(args.results), *run_flags]
+    )
     time.sleep(1.0)
     stop.set()
     sampler.join(timeout=10)
