@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
+import signal
 import subprocess
 import sys
 import threading
@@ -37,8 +39,10 @@ def sample_power(gpu: str, field: str, samples: list[tuple[float, float]], stop:
         "-lms",
         "100",
     ]
+    if shutil.which("stdbuf"):  # a line at a time through the pipe, so the last windows' samples are not lost
+        command = ["stdbuf", "-oL", *command]
     with subprocess.Popen(command, stdout=subprocess.PIPE, text=True, bufsize=1) as smi:
-        threading.Thread(target=lambda: (stop.wait(), smi.terminate()), daemon=True).start()
+        threading.Thread(target=lambda: (stop.wait(), smi.send_signal(signal.SIGINT)), daemon=True).start()
         for line in smi.stdout:
             stamp, _, watts = line.strip().partition(", ")
             try:
@@ -87,7 +91,7 @@ def main() -> int:
     run = subprocess.run(
         [sys.executable, "-m", "bench", "run", args.matrix, "--results", str(args.results), *run_flags]
     )
-    time.sleep(1.0)
+    time.sleep(2.0)  # samples past the last window's end
     stop.set()
     sampler.join(timeout=10)
     if not samples:
