@@ -289,3 +289,37 @@ def test_the_committed_references_still_report_and_compare(tmp_path):
     assert write_report(folder, tmp_path / "report.html").is_file()
     frame = read_results(folder)
     assert len(compare_frames(frame, frame)) == frame["cell_id"].nunique()
+
+
+def test_rows_from_other_library_versions_are_found_for_plan_and_run(tmp_path):
+    from bench.environment import collect_environment
+    from bench.runner import describe_versions, rows_from_other_versions
+    from bench.store import ResultRow, ResultsFolder
+    from tests.test_store import REQUIRED
+
+    current = collect_environment().as_dict()
+    folder = ResultsFolder(tmp_path)
+    folder.create()
+    same = {**REQUIRED, "method_family": "torchao", **current}
+    folder.write_cell("aaa", [ResultRow(cell_id="aaa", status="ok", **same)])
+    folder.write_cell("bbb", [ResultRow(cell_id="bbb", status="ok", **{**same, "torch_version": "1.0.0"})])
+    stale = rows_from_other_versions(folder)
+    assert list(stale) == ["bbb"]
+    assert describe_versions(stale["bbb"]) == f"torch 1.0.0 -> {current['torch_version']}"
+
+
+def test_a_local_model_folders_files_are_in_its_cell_ids(tmp_path):
+    from bench.matrix import load_matrix
+    from tests.conftest import matrix_data, write_matrix
+
+    model = tmp_path / "model"
+    (model / "transformer").mkdir(parents=True)
+    weights = model / "transformer" / "diffusion_pytorch_model.safetensors"
+    weights.write_bytes(b"x" * 8)
+    data = matrix_data(model={"path": "model"})
+    data["model"].pop("builtin", None)
+    path = write_matrix(tmp_path, data)
+    before = {cell.id for cell in load_matrix(path).cells}
+    assert before == {cell.id for cell in load_matrix(path).cells}
+    weights.write_bytes(b"y" * 9)
+    assert not before & {cell.id for cell in load_matrix(path).cells}
