@@ -323,3 +323,30 @@ def test_a_local_model_folders_files_are_in_its_cell_ids(tmp_path):
     assert before == {cell.id for cell in load_matrix(path).cells}
     weights.write_bytes(b"y" * 9)
     assert not before & {cell.id for cell in load_matrix(path).cells}
+
+
+@pytest.mark.slow
+def test_a_compiled_cell_slower_than_its_limit_ends_after_its_warm_up_keeping_its_step_time(tmp_path, quantbench_cache):
+    from bench.matrix import load_matrix
+    from bench.runner import run_matrix
+    from tests.conftest import matrix_data, write_matrix
+
+    data = matrix_data(
+        name="slow-warm-up",
+        generation={"prompts": ["a red apple"], "num_inference_steps": 3, "repeats": 1},
+        axes={"method": ["baseline"], "compile": ["default"]},
+        run={"max_warmup_step_s": 1e-6},
+        drift={"enabled": False},
+    )
+    summary = run_matrix(load_matrix(write_matrix(tmp_path, data)), tmp_path / "results")
+    row = read_results(tmp_path / "results").iloc[0]
+    assert summary.statuses == {"timeout": 1}
+    assert "warm-up steps took" in row["error"] and "run.max_warmup_step_s" in row["error"]
+    assert row["warmup_step_median_s"] > 1e-6 and pd_isna(row["e2e_latency_median_s"])
+    assert row["warmup_peak_reserved_bytes"] is None or pd_isna(row["warmup_peak_reserved_bytes"])  # CPU: no GPU peak
+
+
+def pd_isna(value) -> bool:
+    import pandas as pd
+
+    return bool(pd.isna(value))
