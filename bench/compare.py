@@ -33,6 +33,7 @@ import pandas as pd
 
 from bench.contract import Status
 from bench.errors import UserError
+from bench.measure import measurement_footnotes
 from bench.store import read_results
 from bench.summary import cell_summary, cells_that_ran, device_label, run_times
 
@@ -250,6 +251,8 @@ def compare_runs(old: Path, new: Path, output: Path | None = None) -> int:
             else "[green]none[/]",
         )
     console.print(view)
+    for note in measurement_footnotes(frames[1], table["cell_id"]):
+        console.print(f"[yellow]{escape(note)}[/]", soft_wrap=True)
     timing = wall_time_comparison(*frames)
     if timing:
         console.print(timing)

@@ -58,6 +58,7 @@ def cell_rows(
         "guidance_scale": generation.guidance_scale,
         "max_sequence_length": generation.max_sequence_length,
         "repeats": generation.repeats,
+        "value_dependent_latency": _method(cell).value_dependent_latency(cell),
         **context,
         **measurement_columns(result.measurements),
     }
@@ -81,6 +82,11 @@ def cell_rows(
             rows.append(row)
     _apply_gates(rows, matrix.spec.gates)
     return rows
+
+
+def _method(cell: Cell) -> Any:
+    cls = method_class(cell.method)
+    return cls(cls.Options.model_validate(cell.options))
 
 
 def measurement_columns(measurements: Measurements) -> dict[str, Any]:
