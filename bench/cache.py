@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import hashlib
 import json
 import os
 import shutil
@@ -136,3 +137,18 @@ def make_room(folder: Path, needed_bytes: int, keep: Path) -> list[Path]:
             f" {len(deleted)} least recently used cache entries"
         )
     return deleted
+
+
+def folder_fingerprint(folder: Path) -> str:
+    """A cheap content fingerprint of a model folder: every file's relative name, size and modification time
+    (no file is read), hashed; replacing or editing a file changes it."""
+    digest = hashlib.sha256()
+    for path in sorted(p for p in Path(folder).rglob("*") if p.is_file()):
+        stat = path.stat()
+        digest.update(f"{path.relative_to(folder)}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+    return digest.hexdigest()[:16]
+
+
+def versions_key(versions: dict[str, str | None]) -> str:
+    """A short hash of library versions, for cache entry names."""
+    return hashlib.sha256(json.dumps(versions, sort_keys=True).encode()).hexdigest()[:12]

@@ -1,8 +1,24 @@
 """`quantbench compare OLD NEW`: per-cell deltas between two runs, with noise-aware regression flags.
 
-Defaults: memory +2 %; latency beyond max(5 %, 3 x IQR); drift beyond the cell's gate (a gate that passed
-and now fails); more graph breaks in a compiled cell (where both rows counted them). Exit code 1 when any
-cell regressed.
+Defaults (`Thresholds`): memory +2 % (exact: memory is deterministic to the MiB across runs on one GPU model);
+drift beyond the cell's gate (a gate that passed and now fails); more graph breaks in a compiled cell (where both
+rows counted them); a status that was ok and is not. Exit code 1 when any cell regressed.
+
+Latency rule. Each run pools the cell's samples over its ok rows: every timed denoising step (`step_times_s`,
+steps x repeats x prompts x seeds of them), or, where a run has fewer than `latency_min_samples` steps, every
+end-to-end time (`e2e_times_s`). The change is median(new) / median(old) - 1, with a 95 % percentile bootstrap
+interval (scipy.stats.bootstrap, the two runs resampled independently, `latency_resamples` resamples, seeded so
+a verdict is reproducible). A cell regressed when the whole interval lies above +`latency_increase` (5 %): the
+change is then larger than the threshold with 95 % confidence (one-sided 97.5 %). A slowdown smaller than the
+threshold is never flagged, and one just above it only when the samples pin it down, so the threshold is the
+smallest slowdown worth a red build, not a noise allowance. Samples within a run are treated as independent;
+drift between runs (a busier machine, clocks) that shifts every sample is what the threshold absorbs.
+Rows written before per-sample columns existed (schema 1) fall back to the old rule, and the table says so: the
+e2e median beyond max(5 %, 3 x the larger IQR). `benchmarks/regression_detection.py` measures the rule's false
+alarms (A/A runs) and its detection of injected slowdowns (`QUANTBENCH_INJECT_FAULT=slow=10%`).
+
+When a cell regressed, compare also prints the library versions (and lock hash, harness commit) that differ
+between the two runs.
 """
 
 from __future__ import annotations
@@ -12,10 +28,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 
 from bench.contract import Status
 from bench.errors import UserError
+from bench.measure import measurement_footnotes
 from bench.store import read_results
 from bench.summary import cell_summary, cells_that_ran, device_label, run_times
 
@@ -23,20 +41,91 @@ from bench.summary import cell_summary, cells_that_ran, device_label, run_times
 @dataclass(frozen=True)
 class Thresholds:
     memory_increase: float = 0.02
-    latency_increase: float = 0.05
-    latency_iqr_multiple: float = 3.0
+    latency_increase: float = 0.05  # the smallest slowdown flagged: the whole interval must lie above it
+    latency_confidence: float = 0.95
+    latency_resamples: int = 2000
+    latency_min_samples: int = 5  # per run and kind of sample; fewer: the next kind, then the old rule
+    latency_seed: int = 0
+    latency_iqr_multiple: float = 3.0  # the old rule, for rows without samples
+
+
+@dataclass(frozen=True)
+class LatencyChange:
+    """A cell's latency change, new / old - 1 of the medians, with its bootstrap interval."""
+
+    samples: str  # what it was computed from, e.g. "28 -> 28 steps"
+    change: float
+    low: float
+    high: float
+
+    def regressed(self, thresholds: Thresholds) -> bool:
+        return self.low > thresholds.latency_increase
+
+    def describe(self) -> str:
+        return f"{self.change:+.1%} [{self.low:+.1%}, {self.high:+.1%}]"
+
+
+SAMPLE_COLUMNS = (("step_times_s", "steps"), ("e2e_times_s", "e2e times"))
+OLD_RULE = "medians and IQR (rows without per-sample times)"
+
+
+def pooled_samples(rows: pd.DataFrame, column: str) -> np.ndarray:
+    """Every sample of `column` (a list per row) in the cell's ok rows; empty for rows written without it."""
+    if column not in rows:
+        return np.empty(0)
+    lists = [values for values in rows.loc[rows["status"] == Status.OK, column] if _is_list(values)]
+    return np.concatenate([np.asarray(values, dtype=float) for values in lists]) if lists else np.empty(0)
+
+
+def _is_list(values: Any) -> bool:
+    return values is not None and not (isinstance(values, float) and np.isnan(values))
+
+
+def latency_change(old_rows: pd.DataFrame, new_rows: pd.DataFrame, thresholds: Thresholds) -> LatencyChange | None:
+    """The change of the first kind of sample both runs have enough of, with its bootstrap interval; None when
+    neither kind has enough (the caller then applies the old rule)."""
+    from scipy.stats import bootstrap
+
+    for column, kind in SAMPLE_COLUMNS:
+        old, new = pooled_samples(old_rows, column), pooled_samples(new_rows, column)
+        if min(len(old), len(new)) < thresholds.latency_min_samples or np.median(old) <= 0:
+            continue
+        interval = bootstrap(
+            (old, new),
+            _median_ratio,
+            vectorized=True,
+            paired=False,
+            confidence_level=thresholds.latency_confidence,
+            n_resamples=thresholds.latency_resamples,
+            method="percentile",
+            random_state=np.random.default_rng(thresholds.latency_seed),  # (`rng` only from scipy 1.15)
+        ).confidence_interval
+        return LatencyChange(
+            f"{len(old)} -> {len(new)} {kind}",
+            float(_median_ratio(old, new, axis=-1)),
+            float(interval.low),
+            float(interval.high),
+        )
+    return None
+
+
+def _median_ratio(old: np.ndarray, new: np.ndarray, axis: int) -> np.ndarray:
+    return np.median(new, axis=axis) / np.median(old, axis=axis) - 1
 
 
 MEMORY_COLUMNS = ("peak_reserved_bytes", "resident_reserved_bytes", "transformer_tensor_bytes")
 COMPARISON_COLUMNS = (
     "cell_id", "cell", "old_status", "new_status", "note",
-    *(f"{column}_change" for column in MEMORY_COLUMNS), "e2e_latency_change", "regressions",
+    *(f"{column}_change" for column in MEMORY_COLUMNS), "e2e_latency_change",
+    "latency_samples", "latency_change", "latency_change_low", "latency_change_high",
+    "regressions",
 )  # fmt: skip
 
 
 def compare_frames(old: pd.DataFrame, new: pd.DataFrame, thresholds: Thresholds = Thresholds()) -> pd.DataFrame:
     """One row per cell present in both runs: old and new values, deltas, and the regressions found."""
     old_cells, new_cells = cell_summary(old).set_index("cell_id"), cell_summary(new).set_index("cell_id")
+    old_rows, new_rows = dict(tuple(old.groupby("cell_id"))), dict(tuple(new.groupby("cell_id")))
     records = []
     for cell_id in new_cells.index.intersection(old_cells.index):
         before, after = old_cells.loc[cell_id], new_cells.loc[cell_id]
@@ -61,13 +150,8 @@ def compare_frames(old: pd.DataFrame, new: pd.DataFrame, thresholds: Thresholds 
             record[f"{column}_change"] = change
             if change is not None and change > thresholds.memory_increase:
                 regressions.append(f"{column} +{change:.1%} (limit +{thresholds.memory_increase:.0%})")
-        latency_change = _relative(before["e2e_latency_median_s"], after["e2e_latency_median_s"])
-        record["e2e_latency_change"] = latency_change
-        if latency_change is not None:
-            noise = thresholds.latency_iqr_multiple * max(before["e2e_latency_iqr_s"], after["e2e_latency_iqr_s"])
-            allowed = max(thresholds.latency_increase * before["e2e_latency_median_s"], noise)
-            if after["e2e_latency_median_s"] - before["e2e_latency_median_s"] > allowed:
-                regressions.append(f"e2e latency +{latency_change:.1%} (beyond max(5 %, 3 x IQR))")
+        record["e2e_latency_change"] = _relative(before["e2e_latency_median_s"], after["e2e_latency_median_s"])
+        regressions.extend(_latency_regression(record, before, after, old_rows[cell_id], new_rows[cell_id], thresholds))
         breaks_before, breaks_after = _graph_breaks(before["compile_counts"]), _graph_breaks(after["compile_counts"])
         if breaks_before is not None and breaks_after is not None and breaks_after > breaks_before:
             regressions.append(f"graph breaks {breaks_before} -> {breaks_after} (the cell's log gives the reasons)")
@@ -76,6 +160,43 @@ def compare_frames(old: pd.DataFrame, new: pd.DataFrame, thresholds: Thresholds 
         record["regressions"] = "; ".join(regressions)
         records.append(record)
     return pd.DataFrame.from_records(records, columns=COMPARISON_COLUMNS)
+
+
+def _latency_regression(
+    record: dict[str, Any],
+    before: pd.Series,
+    after: pd.Series,
+    old_rows: pd.DataFrame,
+    new_rows: pd.DataFrame,
+    thresholds: Thresholds,
+) -> list[str]:
+    """Fill the record's latency columns; the latency regression found, if any (module docstring: the rule)."""
+    change = latency_change(old_rows, new_rows, thresholds)
+    if change is not None:
+        record["latency_samples"] = change.samples
+        record["latency_change"], record["latency_change_low"], record["latency_change_high"] = (
+            change.change,
+            change.low,
+            change.high,
+        )
+        if change.regressed(thresholds):
+            return [
+                f"latency {change.describe()} ({change.samples}; the {thresholds.latency_confidence:.0%} interval"
+                f" lies above +{thresholds.latency_increase:.0%})"
+            ]
+        return []
+    old_change = record["e2e_latency_change"]
+    if old_change is None:
+        return []
+    record["latency_samples"], record["latency_change"] = OLD_RULE, old_change
+    noise = thresholds.latency_iqr_multiple * max(before["e2e_latency_iqr_s"], after["e2e_latency_iqr_s"])
+    allowed = max(thresholds.latency_increase * before["e2e_latency_median_s"], noise)
+    if after["e2e_latency_median_s"] - before["e2e_latency_median_s"] > allowed:
+        return [
+            f"e2e latency {old_change:+.1%} (beyond max({thresholds.latency_increase:.0%},"
+            f" {thresholds.latency_iqr_multiple:g} x IQR); {OLD_RULE})"
+        ]
+    return []
 
 
 def _graph_breaks(counts_json: Any) -> int | None:
@@ -112,7 +233,8 @@ def compare_runs(old: Path, new: Path, output: Path | None = None) -> int:
     if output:
         table.to_csv(output, index=False)
     view = Table(title=f"{old} -> {new}")
-    for column in ("cell id", "cell", "status", "peak memory", "transformer size", "e2e latency", "regression"):
+    for column in ("cell id", "cell", "status", "peak memory", "transformer size", "latency [95 % interval]",
+                   "regression"):  # fmt: skip
         view.add_column(column)
     for _, row in table.iterrows():
         view.add_row(
@@ -121,7 +243,7 @@ def compare_runs(old: Path, new: Path, output: Path | None = None) -> int:
             f"{row['old_status']} -> {row['new_status']}",
             _percent(row["peak_reserved_bytes_change"]),
             _percent(row["transformer_tensor_bytes_change"]),
-            _percent(row["e2e_latency_change"]),
+            latency_text(row),
             f"[red]{escape(row['regressions'])}[/]"
             if row["regressions"]
             else f"[yellow]{escape(row['note'])}[/]"
@@ -129,6 +251,8 @@ def compare_runs(old: Path, new: Path, output: Path | None = None) -> int:
             else "[green]none[/]",
         )
     console.print(view)
+    for note in measurement_footnotes(frames[1], table["cell_id"]):
+        console.print(f"[yellow]{escape(note)}[/]", soft_wrap=True)
     timing = wall_time_comparison(*frames)
     if timing:
         console.print(timing)
@@ -139,11 +263,46 @@ def compare_runs(old: Path, new: Path, output: Path | None = None) -> int:
             f"{len(not_rerun)} cell{'s' * many} of {old} {'are' if many else 'is'} not in {new}: not compared",
             soft_wrap=True,
         )
+    old_rule = int((table["latency_samples"] == OLD_RULE).sum())
+    if old_rule:
+        console.print(
+            f"latency of {old_rule} cell{'s' * (old_rule != 1)} judged by the old rule, e2e median beyond max(5 %,"
+            " 3 x IQR): their rows have no per-sample times (written before results schema 2)",
+            soft_wrap=True,
+        )
     regressed = int((table["regressions"] != "").sum())
     console.print(
         f"{regressed} of {len(table)} cells regressed" if regressed else f"no regression in {len(table)} cells"
     )
+    if regressed:
+        console.print(environment_difference(*frames), soft_wrap=True)
     return 1 if regressed else 0
+
+
+def latency_text(row: pd.Series) -> str:
+    """The latency change with its interval ("+10.2 % [+8.1 %, +12.4 %]", "+3.0 % (medians)" by the old rule)."""
+    change = row.get("latency_change")
+    if change is None or pd.isna(change):
+        return "n/a"
+    low, high = row.get("latency_change_low"), row.get("latency_change_high")
+    if low is None or pd.isna(low):
+        return f"{change:+.1%} (medians)"
+    return LatencyChange("", change, low, high).describe()
+
+
+def environment_difference(old: pd.DataFrame, new: pd.DataFrame) -> str:
+    """One line: the library versions, lock hash and harness commit that differ between the two runs."""
+    from bench.environment import differing_versions
+
+    before, after = old.iloc[0].to_dict(), new.iloc[0].to_dict()
+    differing = differing_versions(before, after)
+    commits = tuple(None if pd.isna(row.get("harness_commit")) else row["harness_commit"] for row in (before, after))
+    if commits[0] != commits[1]:
+        differing["harness_commit"] = commits
+    if not differing:
+        return "the two runs have the same library versions, lock and harness commit"
+    changes = ", ".join(f"{name.removesuffix('_version')} {a} -> {b}" for name, (a, b) in differing.items())
+    return f"differing between the two runs: {changes}"
 
 
 def wall_time_comparison(old: pd.DataFrame, new: pd.DataFrame) -> str | None:

@@ -13,6 +13,8 @@ from bench.atomic import write_text_atomic
 from bench.cells import Cell
 from bench.contract import CellResult, Status
 from bench.drift import METRICS, Drift, DriftScorer, load_image
+from bench.environment import MODEL_LIBRARIES, library_versions
+from bench.matrix.rules import model_identity
 from bench.reference_cache import Reference, ReferenceCache, reference_key
 from bench.store import ResultsFolder
 
@@ -35,8 +37,10 @@ class ReferenceComparison:
         matrix = self.ready.matrix
         device = self.ready.machine.gpu_name if self.ready.device == "cuda" else "cpu"
         generation = matrix.generation.identity()
+        # the model (a local folder's content fingerprint included) and the libraries that make the images
+        model = {**model_identity(matrix.spec, matrix.path), "libraries": library_versions(*MODEL_LIBRARIES)}
         return {
-            (index, seed): reference_key(matrix.model.key(), generation, prompt, seed, self.dtype, device)
+            (index, seed): reference_key(model, generation, prompt, seed, self.dtype, device)
             for index, prompt in enumerate(matrix.generation.prompts)
             for seed in matrix.generation.seeds
         }

@@ -53,6 +53,11 @@ def print_plan(ready, results_dir: Path) -> None:
         verdict = ready.verdicts[cell.id]
         if verdict.status != "run":
             console.print(f"{cell.id} {verdict.status}: {escape(verdict.reason)}", soft_wrap=True)
+    from bench.runner import describe_versions, rows_from_other_versions
+
+    for cell_id, differing in rows_from_other_versions(ResultsFolder(results_dir)).items():
+        console.print(f"{cell_id} has rows from other library versions ({describe_versions(differing)}): `run`"
+                      " runs it again", soft_wrap=True)  # fmt: skip
 
 
 def print_cells(matrix: Matrix, results_dir: Path) -> None:

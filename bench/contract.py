@@ -75,6 +75,19 @@ class Measurements:
     cpu_peak_rss_bytes: int | None = None
     transformer_footprint_bytes: int | None = None
     transformer_tensor_bytes: int | None = None
+    # measurement truth: steady-state peak, energy and clocks, value-dependent speed, quantization effect
+    warmup_peak_reserved_bytes: int | None = None
+    energy_j_per_image: float | None = None
+    energy_j_per_step: float | None = None
+    avg_power_w: float | None = None
+    gpu_sm_clock_mhz: float | None = None
+    gpu_power_limit_w: float | None = None
+    gpu_temperature_c: float | None = None
+    gpu_throttle_reasons: str | None = None
+    energy_note: str | None = None
+    int8_outlier_column_fraction: float | None = None
+    quantization_effective: bool | None = None
+    quantization_note: str | None = None
     # where it ran
     cpu_threads: int | None = None
     gpu_name: str | None = None
@@ -123,6 +136,8 @@ class CellSpec:
     device: str
     gpu_memory_limit_gib: float | None = None
     compile_timeout_s: float | None = None
+    warmup_step_limit_s: float | None = None  # a compiled cell whose warm-up steps are slower ends untimed
+    warmup_step_limit_reason: str = ""
     trust_pickled_checkpoints: bool = False
     attempt: int = 1
     output_dir: str = ""  # set by the launcher: images/, latents/ and result.json are written here

@@ -92,6 +92,10 @@ MATRIX_KEYS = {
     "with the kernels Inductor already cached.",
     "run.gpu_memory_limit_gib": "Cap each cell's CUDA memory (`set_per_process_memory_fraction`): what fits a "
     "smaller card? Past it the cell is an `oom` row.",
+    "run.slow_warmup_factor": "A compiled cell whose warm-up steps are slower than this × the same method's "
+    "eager step (an ok row of the results folder: same options, dtype, threshold, components, placement) ends after "
+    "its warm-up as a `timeout` row keeping the warm-up's step time (default 20).",
+    "run.max_warmup_step_s": "The same for compiled cells, as an absolute step time in seconds (default none).",
     "run.trust_pickled_checkpoints": "Let the serialization round trip reload a pickled checkpoint that "
     "quantbench itself wrote in that cell with `torch.load(weights_only=False)`.",
     "axes": "The grid: each list is an axis, cells are their product; an axis a method does not use collapses for it.",
@@ -282,6 +286,9 @@ COLUMN_GROUPS: dict[str, dict[str, str]] = {
         "step_latency_iqr_s": "Its interquartile range.",
         "extrapolated_to_steps": "Set only when `e2e_latency_extrapolated_s` is.",
         "e2e_latency_extrapolated_s": "e2e median + (extrapolated_to_steps − steps) × step median.",
+        "step_times_s": "Every timed denoising step's duration (after each generation's first step): the samples "
+        "`quantbench compare` decides latency regressions from.",
+        "e2e_times_s": "Every timed generation's end-to-end time.",
         "e2e_latency_per_image_s": "e2e median / `batch_size`.",
         "images_per_s": "`batch_size` / e2e median.",
         "per_resolution": "JSON list, one entry per `[generation] resolutions` size: `height`, `width`, "
@@ -296,14 +303,34 @@ COLUMN_GROUPS: dict[str, dict[str, str]] = {
     "Memory (bytes)": {
         "resident_reserved_bytes": "`torch.cuda.max_memory_reserved()` right after the pipeline is on the device "
         "(the diffusers guide's figure).",
-        "peak_reserved_bytes": "Peak reserved during generation (peak reset first).",
-        "peak_allocated_bytes": "Peak allocated during generation.",
+        "peak_reserved_bytes": "Peak reserved during the timed generations (the cache emptied and the peaks reset "
+        "after the warm-up).",
+        "peak_allocated_bytes": "Peak allocated during the timed generations.",
+        "warmup_peak_reserved_bytes": "Peak reserved during the warm-up (compiling and autotuning included).",
         "dequantized_reserved_bytes": "Reserved after `dequantize = true`.",
         "gpu_memory_note": "Why GPU columns are null (e.g. on a CPU); never 0 instead.",
         "cpu_peak_rss_bytes": "Peak resident set size of the cell's process.",
         "transformer_footprint_bytes": "`get_memory_footprint()` of the transformer (torchao's tensor "
         "subclasses report bf16 size).",
         "transformer_tensor_bytes": "Bytes measured from the transformer's stored tensors.",
+    },
+    "Energy, clocks, value-dependent speed, quantization effect": {
+        "energy_j_per_image": "NVML's total-energy counter over each timed generation (windows aligned to the "
+        "counter's 20-100 ms updates), median, divided by `batch_size`; the mean over all of them when generations are under 0.5 s.",
+        "energy_j_per_step": "`avg_power_w` × the median step time.",
+        "avg_power_w": "Energy over the timed generations / their time.",
+        "gpu_sm_clock_mhz": "Median SM clock sampled every 0.1 s during the timed generations.",
+        "gpu_power_limit_w": "NVML's power management limit.",
+        "gpu_temperature_c": "Highest GPU temperature sampled during the timed generations.",
+        "gpu_throttle_reasons": "NVML clock-event reasons other than idle seen then (`sw_power_cap`, ...), or `none`.",
+        "energy_note": "Why an energy column is null (on a CPU, an NVML call failed), or how it was computed.",
+        "value_dependent_latency": "The method's speed depends on the activations' values (bitsandbytes int8 at a "
+        "threshold > 0): synthetic weights' latency is one sample, not the method's.",
+        "int8_outlier_column_fraction": "bitsandbytes int8 at a threshold > 0: the share of activation columns "
+        "held back as outliers, over every int8 linear's calls in one untimed generation.",
+        "quantization_effective": "False when the quantized components hold at least 98 % of their bf16 bytes "
+        "(parameter counts × 2): the cell is then `failed`.",
+        "quantization_note": "The quantized components' measured and bf16 sizes.",
     },
     "Output and drift": {
         "image_path": "`images/<cell_id>/p<prompt>_s<seed>.png`.",

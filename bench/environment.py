@@ -73,6 +73,27 @@ def collect_environment() -> Environment:
     )
 
 
+MODEL_LIBRARIES = ("torch", "diffusers", "transformers")  # what builds, loads and runs every pipeline
+FAMILY_LIBRARY = {"bitsandbytes": "bitsandbytes", "torchao": "torchao", "gguf": "gguf"}  # row columns by family
+
+
+def library_versions(*names: str) -> dict[str, str | None]:
+    """The installed versions of `names` (package metadata, no import): what a cache entry is keyed by."""
+    return {name: _version(name) for name in names}
+
+
+def other_versions(row: dict[str, object], current: dict[str, object]) -> dict[str, tuple[object, object]]:
+    """The libraries whose version in a result `row` differs from `current` (an Environment's fields): the
+    pipeline's (torch, diffusers, transformers) and the row's method family's, as {field: (row's, current)}."""
+    family = FAMILY_LIBRARY.get(str(row.get("method_family")))
+    fields = [f"{name}_version" for name in (*MODEL_LIBRARIES, *([family] if family else []))]
+    return {
+        field: (row.get(field), current.get(field))
+        for field in fields
+        if _known(row.get(field)) is not None and _known(row.get(field)) != _known(current.get(field))
+    }
+
+
 def lock_sha256() -> str | None:
     """The SHA-256 of the lock file this environment was installed from, as QUANTBENCH_LOCK names it (the nox
     GPU sessions set it); None without one. A lock named but unreadable is a setup error, said at once."""

@@ -1,10 +1,14 @@
-"""Measurement arithmetic: latency statistics and the real byte size of a model's tensors (the trackers in
-bench/trackers/ take the measurements)."""
+"""Measurement arithmetic: latency statistics, the real byte size of a model's tensors, and whether quantizing
+shrank it (the trackers in bench/trackers/ take the measurements)."""
 
 from __future__ import annotations
 
+import json
+import math
+import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -56,3 +60,77 @@ def _leaf_tensors(tensor: Any) -> list[Any]:
         names, _ = data.__tensor_flatten__()
         return [leaf for name in names for leaf in _leaf_tensors(getattr(data, name))]
     return [data]
+
+
+EFFECTIVE_RATIO = 0.98  # a quantized component must hold under 98 % of its bf16 bytes (buffers and rounding aside)
+
+
+def bf16_bytes(folder: Path) -> int | None:
+    """Bytes a component folder's weights take in bf16: the parameter counts in its safetensors headers x 2
+    (read from the headers alone, whatever dtype the files hold); None without safetensors files."""
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        return None
+    parameters = 0
+    for path in files:
+        with open(path, "rb") as handle:
+            header = json.loads(handle.read(struct.unpack("<Q", handle.read(8))[0]))
+        parameters += sum(math.prod(entry["shape"]) for key, entry in header.items() if key != "__metadata__")
+    return 2 * parameters
+
+
+def quantization_effect(measured: dict[str, int], bf16: dict[str, int | None]) -> tuple[bool | None, str]:
+    """Did quantizing shrink every quantized component? (effective, note) from each one's measured tensor bytes
+    and bf16 bytes; effective is None where a bf16 size is unknown."""
+    parts, effective = [], True
+    for name, measured_bytes in measured.items():
+        reference = bf16.get(name)
+        if not reference or measured_bytes <= 0:
+            return None, f"{name}: its bf16 size is unknown (no safetensors headers) or nothing was measured"
+        ratio = measured_bytes / reference
+        parts.append(f"{name}: {measured_bytes} bytes, {ratio:.0%} of its {reference} bf16 bytes")
+        effective = effective and ratio < EFFECTIVE_RATIO
+    return effective, "; ".join(parts)
+
+
+VALUE_DEPENDENT_NOTE = (
+    "This method's speed depends on the activations' values, not only on shapes (bitsandbytes LLM.int8 at a"
+    " threshold > 0 multiplies the columns over the threshold apart, in fp16): with synthetic weights its latency"
+    " is one sample, not the method's."
+)
+THROTTLED_NOTE = "NVML reported these clock-limiting reasons during the timed generations: latency may be lower"
+
+
+def _is_true(value: Any) -> bool:
+    return isinstance(value, bool | np.bool_) and bool(value)
+
+
+def measurement_flags(cell: Any) -> list[dict[str, str]]:
+    """Flags a cell's row shows beside its latency (text and hover title): value-dependent speed, limited clocks."""
+    flags = []
+    if _is_true(cell.get("value_dependent_latency")):
+        fraction = cell.get("int8_outlier_column_fraction")
+        held_back = (
+            f" ({fraction:.2%} of activation columns held back)"
+            if isinstance(fraction, float) and fraction == fraction
+            else ""
+        )
+        flags.append({"text": f"speed depends on values{held_back}", "title": VALUE_DEPENDENT_NOTE})
+    reasons = cell.get("gpu_throttle_reasons")
+    if isinstance(reasons, str) and reasons != "none":
+        flags.append({"text": f"clocks limited: {reasons}", "title": THROTTLED_NOTE})
+    return flags
+
+
+def measurement_footnotes(frame: Any, cell_ids: Any) -> list[str]:
+    """Lines under a comparison of `cell_ids` (rows of `frame`): which have value-dependent speed or limited clocks."""
+    rows = frame[frame["cell_id"].isin(set(cell_ids))].drop_duplicates("cell_id")
+    notes = []
+    if "value_dependent_latency" in rows and rows["value_dependent_latency"].map(_is_true).any():
+        count = int(rows["value_dependent_latency"].map(_is_true).sum())
+        notes.append(f"{count} compared cell(s) have value-dependent speed: {VALUE_DEPENDENT_NOTE}")
+    if "gpu_throttle_reasons" in rows:
+        limited = rows["gpu_throttle_reasons"].map(lambda r: isinstance(r, str) and r != "none")
+        if limited.any():
+            notes.append(f"{int(limited.sum())} compared cell(s) ran with limited clocks ({THROTTLED_NOTE.lower()})")
+    return notes

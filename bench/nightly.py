@@ -89,6 +89,8 @@ def markdown_summary(
     comparison: pd.DataFrame | None, reference: Path, results: Path, run_code: int, compare_code: int
 ) -> str:
     """The job summary: the verdict, then the compare table (one line per cell both runs have)."""
+    from bench.compare import latency_text
+
     lines = [f"## Nightly GPU guard: {results} against {reference}", ""]
     if run_code == 3:
         lines.append(
@@ -105,7 +107,7 @@ def markdown_summary(
         if len(regressed)
         else f"**No regression** in {len(comparison)} cells"
     )
-    lines += [verdict, "", "| cell | status | peak memory | transformer size | e2e latency | regression |",
+    lines += [verdict, "", "| cell | status | peak memory | transformer size | latency [95 % interval] | regression |",
               "|---|---|---|---|---|---|"]  # fmt: skip
     for _, row in comparison.iterrows():
         regression = row["regressions"] if isinstance(row["regressions"], str) and row["regressions"] else ""
@@ -119,7 +121,7 @@ def markdown_summary(
                     f"{row['old_status']} → {row['new_status']}",
                     _percent(row.get("peak_reserved_bytes_change")),
                     _percent(row.get("transformer_tensor_bytes_change")),
-                    _percent(row.get("e2e_latency_change")),
+                    latency_text(row),
                     f"**{regression}**" if regression else note or "none",
                 )
             )

@@ -61,6 +61,7 @@ def cell_rows(
         "guidance_scale": generation.guidance_scale,
         "max_sequence_length": generation.max_sequence_length,
         "repeats": generation.repeats,
+        "value_dependent_latency": _method(cell).value_dependent_latency(cell),
         **context,
         **measurement_columns(result.measurements),
     }
@@ -84,6 +85,11 @@ def cell_rows(
             rows.append(row)
     _apply_gates(rows, matrix.spec.gates)
     return rows
+
+
+def _method(cell: Cell) -> Any:
+    cls = method_class(cell.method)
+    return cls(cls.Options.model_validate(cell.options))
 
 
 def measurement_columns(measurements: Measurements) -> dict[str, Any]:
@@ -127,6 +133,7 @@ def _apply_gates(rows: list[ResultRow], gates: dict[str, float]) -> None:
 def _fill_sample(row: ResultRow, sample: Any) -> None:
     e2e = Stats.of(sample.e2e_latency_s)
     row.e2e_latency_median_s, row.e2e_latency_iqr_s = e2e.median, e2e.iqr
+    row.e2e_times_s, row.step_times_s = list(sample.e2e_latency_s), list(sample.step_latency_s)
     batch = row.batch_size or 1
     row.e2e_latency_per_image_s = e2e.median / batch
     row.images_per_s = batch / e2e.median if e2e.median > 0 else None

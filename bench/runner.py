@@ -8,6 +8,7 @@ skips finished cells, with any executor.
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import subprocess
 import time
@@ -23,7 +24,7 @@ from bench.capability import Verdict, check_cell
 from bench.cells import Cell
 from bench.comparison import ReferenceComparison
 from bench.contract import CellResult, CellSpec, Status, worst_status
-from bench.environment import Machine, collect_environment, detect_machine
+from bench.environment import Machine, collect_environment, detect_machine, other_versions
 from bench.errors import UserError
 from bench.executors import Executor, WorkerLost
 from bench.executors.local import LocalExecutor
@@ -120,9 +121,18 @@ def run_matrix(
     summary = RunSummary(results_dir)
     with folder.exclusive(), executor or LocalExecutor() as pool:
         ready = plan(matrix, pool.machine())
+        run_settings = matrix.spec.run
         with _recorded_run(folder, pool, started) as run:
             run.plan_s = time.monotonic() - started
             done = set() if force else folder.completed_cell_ids()
+            stale = rows_from_other_versions(folder)
+            if stale.keys() & done:  # never mix versions silently: such cells run again and replace their rows
+                log.warning(
+                    "%d finished cells have rows from other library versions (%s): they run again",
+                    len(stale.keys() & done),
+                    describe_versions(next(iter(stale.values()))),
+                )
+                done -= stale.keys()
             todo = [cell for cell in matrix.cells if cell.id not in done]
             summary.already_done = len(matrix.cells) - len(todo)
             if progress:
@@ -143,11 +153,18 @@ def run_matrix(
                     drift = comparison.score(cell, result) if comparison else None
                 rows = cell_rows(matrix, ready.model, cell, result, context, drift)
                 folder.write_cell(cell.id, rows)
+                eager_steps.update(eager_step_times([asdict(row) for row in rows]))
                 status = worst_status({row.status for row in rows})
                 summary.statuses[status] += 1
                 run.count_cell(result)
                 if progress:
                     progress.cell_done(cell, status)
+
+            eager_steps = eager_step_times(folder.read_table().to_pylist())
+
+            def job(cell: Cell) -> CellJob:
+                limit, reason = warmup_step_limit(cell, run_settings, eager_steps)
+                return _job(ready, cell, warmup_step_limit=(limit, reason))
 
             waiting = deque()
             for cell in start_order(todo, results_dir, pool.slots):  # several slots: longest cells first
@@ -162,7 +179,7 @@ def run_matrix(
                 while waiting or running:
                     while waiting and len(running) < pool.slots and (deadline is None or time.monotonic() < deadline):
                         cell = waiting.popleft()
-                        running[submit_with_retry(pool, _job(ready, cell))] = cell
+                        running[submit_with_retry(pool, job(cell))] = cell
                         started_at[cell.id] = time.monotonic()
                         if progress:
                             progress.cell_started(cell)
@@ -287,7 +304,58 @@ def _collect(future: Future[CellOutcome], folder: ResultsFolder, cell_id: str) -
     return outcome.result
 
 
-def _job(ready: Plan, cell: Cell, generation: dict[str, Any] | None = None) -> CellJob:
+def rows_from_other_versions(folder: ResultsFolder) -> dict[str, dict[str, tuple[Any, Any]]]:
+    """The cells of `folder` whose rows came from other versions of the libraries their cells use (the
+    pipeline's and the method's) than the ones installed here: {cell id: {column: (row's, installed)}}."""
+    current = collect_environment().as_dict()
+    stale: dict[str, dict[str, tuple[Any, Any]]] = {}
+    for row in folder.read_table().to_pylist():
+        differing = other_versions(row, current)
+        if differing:
+            stale.setdefault(row["cell_id"], differing)
+    return stale
+
+
+def describe_versions(differing: dict[str, tuple[Any, Any]]) -> str:
+    """`torch 2.12.0 -> 2.13.0, diffusers ...`"""
+    return ", ".join(f"{field.removesuffix('_version')} {old} -> {new}" for field, (old, new) in differing.items())
+
+
+SAME_METHOD = ("method", "method_options", "dtype", "threshold", "components", "placement")
+
+
+def eager_step_times(rows: list[dict[str, Any]]) -> dict[tuple, float]:
+    """The median step time of each method setting's eager ok rows (keyed by SAME_METHOD's columns)."""
+    steps: dict[tuple, list[float]] = {}
+    for row in rows:
+        if row["status"] == Status.OK and row["compile"] == "off" and row.get("step_latency_median_s") is not None:
+            steps.setdefault(tuple(row[key] for key in SAME_METHOD), []).append(row["step_latency_median_s"])
+    return {key: sorted(values)[len(values) // 2] for key, values in steps.items()}
+
+
+def warmup_step_limit(cell: Cell, run: Any, eager_steps: dict[tuple, float]) -> tuple[float | None, str]:
+    """The warm-up step time past which a compiled `cell` ends untimed (run.slow_warmup_factor x the same
+    method's eager step, run.max_warmup_step_s), and why; (None, "") for eager cells or without either."""
+    if cell.compile == "off":
+        return None, ""
+    key = (cell.method, json.dumps(cell.options, sort_keys=True), cell.dtype, cell.threshold,
+           ",".join(cell.components) if cell.components is not None else None, cell.placement)  # fmt: skip
+    limits = []
+    if key in eager_steps:
+        eager = eager_steps[key]
+        limits.append((run.slow_warmup_factor * eager, f"run.slow_warmup_factor = {run.slow_warmup_factor:g} x the"
+                       f" eager step of {eager:.3f} s"))  # fmt: skip
+    if run.max_warmup_step_s is not None:
+        limits.append((run.max_warmup_step_s, "run.max_warmup_step_s"))
+    return min(limits) if limits else (None, "")
+
+
+def _job(
+    ready: Plan,
+    cell: Cell,
+    generation: dict[str, Any] | None = None,
+    warmup_step_limit: tuple[float | None, str] = (None, ""),
+) -> CellJob:
     run = ready.matrix.spec.run
     spec = CellSpec(
         cell=cell.axes(),
@@ -299,6 +367,8 @@ def _job(ready: Plan, cell: Cell, generation: dict[str, Any] | None = None) -> C
         gpu_memory_limit_gib=run.gpu_memory_limit_gib,
         compile_timeout_s=run.compile_limit_s(cell.compile),
         trust_pickled_checkpoints=run.trust_pickled_checkpoints,
+        warmup_step_limit_s=warmup_step_limit[0],
+        warmup_step_limit_reason=warmup_step_limit[1],
     )
     return CellJob.for_spec(spec, run.timeout_s)
 

@@ -29,7 +29,7 @@ from bench.atomic import atomic_path, write_bytes_atomic
 from bench.contract import ROW_STATUSES, Measurements, Status, worst_status
 from bench.errors import UserError
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: step_times_s and e2e_times_s; steady-state peaks, energy and clocks, value-dependent speed, quantization effect; attention backend, batch size, per_resolution
 STATUSES = ROW_STATUSES  # (WORST_FIRST and worst_status: bench.contract)
 INTERRUPTED_LOG_SUFFIX = ".interrupted.log"  # logs/<cell id>.interrupted.log: a cell stopped while running
 INTERRUPTED_PROGRESS_SUFFIX = ".interrupted.json"  # what its last stopped try had measured (contract.Measurements)
@@ -113,6 +113,9 @@ class ResultRow:
     step_latency_iqr_s: float | None = None
     extrapolated_to_steps: int | None = None  # set only when the next column is extrapolated
     e2e_latency_extrapolated_s: float | None = None  # e2e median + (extrapolated_to_steps - steps) x step median
+    # every timed sample, for compare's verdict (rows before schema 2 lack them; compare then uses median and IQR)
+    step_times_s: list[float] | None = None  # each timed denoising step after the first of each generation
+    e2e_times_s: list[float] | None = None  # each timed generation, end to end
     cell_wall_s: float | None = None
     serialize_save_s: float | None = None
     serialize_reload_s: float | None = None
@@ -128,6 +131,22 @@ class ResultRow:
     cpu_peak_rss_bytes: int | None = None
     transformer_footprint_bytes: int | None = None
     transformer_tensor_bytes: int | None = None
+    # measurement truth (bench/trackers/energy.py, bench/worker.py)
+    warmup_peak_reserved_bytes: int | None = None  # the warm-up's peak (compiling and autotuning included);
+    # peak_reserved_bytes is the timed generations' own (the cache is emptied and the peaks reset between)
+    energy_j_per_image: float | None = None  # NVML's energy counter: median over the timed generations, / batch_size
+    energy_j_per_step: float | None = None  # avg_power_w x the median step time
+    avg_power_w: float | None = None  # energy / time over the timed generations
+    gpu_sm_clock_mhz: float | None = None  # median SM clock sampled during the timed generations
+    gpu_power_limit_w: float | None = None
+    gpu_temperature_c: float | None = None  # max during the timed generations
+    gpu_throttle_reasons: str | None = None  # clock-event reasons other than idle seen then, or "none"
+    energy_note: str | None = None  # why an energy column is null, or how it was computed
+    value_dependent_latency: bool | None = None  # the method's speed depends on the activations' values
+    int8_outlier_column_fraction: float | None = None  # bnb int8 (threshold > 0): the activation columns that
+    # took the outlier path, over all int8 linears' calls in one untimed generation
+    quantization_effective: bool | None = None  # False: the quantized components are not smaller than in bf16
+    quantization_note: str | None = None  # their measured and bf16 sizes
     # output and drift against the reference (see bench/drift.py)
     image_path: str | None = None
     image_finite: bool | None = None
@@ -176,6 +195,8 @@ _ARROW_TYPES = {str: pa.string(), int: pa.int64(), float: pa.float64(), bool: pa
 
 def _arrow_type(annotation: Any) -> pa.DataType:
     args = [a for a in typing.get_args(annotation) if a is not type(None)] or [annotation]
+    if typing.get_origin(args[0]) is list:
+        return pa.list_(_arrow_type(typing.get_args(args[0])[0]))
     return _ARROW_TYPES[args[0]]
 
 

@@ -7,6 +7,7 @@ the results folder's tables.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
@@ -20,7 +21,7 @@ from typing import Any
 from bench.cache import InductorCacheContents
 from bench.contract import CellResult, CellSpec, Sample, SizeRun, Status
 from bench.errors import classify, describe
-from bench.faults import inject, injected_fault
+from bench.faults import StepSlowdown, inject, injected_fault, injected_slowdown
 from bench.heartbeat import COMPILE_PROGRESS, CompileCounts, graph_break_reasons, heartbeat, warmup_step_speed
 from bench.parent_death import die_with_parent
 from bench.time_limit import time_limit
@@ -28,6 +29,7 @@ from bench.time_limit import time_limit
 PROCESS_START = time.perf_counter()
 Generate = Callable[..., tuple[Any, Any]]  # (prompt, seed, size) -> (images, latency)
 PHASE_PREFIX = "[quantbench] "
+ENERGY_WINDOWS_PREFIX = "energy windows (Unix seconds): "
 
 
 def _say(text: str) -> None:
@@ -53,6 +55,7 @@ class Progress:
 
 def run_cell(spec: CellSpec, result: CellResult) -> None:
     """The story of a cell, filling `result.measurements` and `result.samples` as it goes."""
+    import numpy as np
     import torch
 
     from bench.attention import set_attention
@@ -60,8 +63,9 @@ def run_cell(spec: CellSpec, result: CellResult) -> None:
     from bench.compilation import compile_denoiser, inductor_settings
     from bench.measure import tensor_bytes
     from bench.placement import denoiser
+    from bench.trackers.energy import EnergyTracker
     from bench.trackers.latency import Clock
-    from bench.trackers.memory import gpu_max_reserved_bytes, reset_gpu_peak, track_memory
+    from bench.trackers.memory import gpu_max_reserved_bytes, reset_gpu_peak
 
     m = result.measurements
     progress = Progress(spec, result)
@@ -83,6 +87,10 @@ def run_cell(spec: CellSpec, result: CellResult) -> None:
     pipe, method = _load(spec, result, cell, clock, progress)
     if cuda:
         m.resident_reserved_bytes = gpu_max_reserved_bytes()
+    if method.quantizes and cell.components:  # before after_load, which may dequantize on purpose
+        _check_quantization(pipe, cell, Path(spec.model_folder), result)
+        if result.status is not Status.OK:
+            return
     m.update(method.after_load(pipe, cell))
     model = denoiser(pipe)
     m.transformer_footprint_bytes = int(model.get_memory_footprint())
@@ -95,14 +103,39 @@ def run_cell(spec: CellSpec, result: CellResult) -> None:
         m.inductor_settings = json.dumps(compiled.inductor_changes, sort_keys=True, default=str)
         m.compiled_modules = compiled.modules
 
-    with track_memory(cuda) as memory:
-        generate = _generate(pipe, spec, result, clock, fault)
-    if cuda:
-        m.peak_reserved_bytes = memory.peak_reserved_bytes
-        m.peak_allocated_bytes = memory.peak_allocated_bytes
-    m.cpu_peak_rss_bytes = memory.cpu_peak_rss_bytes
+    energy = EnergyTracker(cuda, m.gpu_uuid)
+    generate = _generate(pipe, spec, result, clock, fault, energy)
+    if generate is None or not result.samples:  # ended after its warm-up (too slow to time): nothing was timed
+        return
+    steps = [s for sample in result.samples for s in sample.step_latency_s]
+    m.update(asdict(energy.result(float(np.median(steps)) if steps else None)))
+    if m.energy_j_per_image is not None:
+        m.energy_j_per_image /= cell.batch_size  # each timed generation made `batch_size` images
+    if energy.wall_windows:  # for an independent reading of the same windows (benchmarks/energy_crosscheck.py)
+        _say(f"{ENERGY_WINDOWS_PREFIX}{json.dumps([[round(a, 3), round(b, 3)] for a, b in energy.wall_windows])}")
+    if method.value_dependent_latency(cell):
+        try:  # after the timed runs, untimed: a failure here costs only this column
+            m.update(method.value_dependence(pipe, cell, lambda: _untimed_generation(pipe, spec)))
+        except Exception as error:
+            _say(f"counting the value-dependent path failed: {type(error).__name__}: {error}")
     if spec.generation.get("resolutions"):
         _time_resolutions(generate, spec, result, cuda)
+
+
+def _check_quantization(pipe: Any, cell: Any, model_folder: Path, result: CellResult) -> None:
+    """A quantized cell whose quantized components are not smaller than in bf16 (a config ignored, a filter that
+    matched nothing) ends here as failed: its figures would be bf16's under the method's name."""
+    from bench.measure import bf16_bytes, quantization_effect, tensor_bytes
+
+    m = result.measurements
+    measured = {name: tensor_bytes(getattr(pipe, name)) for name in cell.components}
+    m.quantization_effective, m.quantization_note = quantization_effect(
+        measured, {name: bf16_bytes(model_folder / name) for name in cell.components}
+    )
+    if m.quantization_effective is False:
+        result.status = Status.FAILED
+        result.error = f"the quantization took no effect: {m.quantization_note}"
+        _say(result.error)
 
 
 def _describe_gpu(spec: CellSpec, result: CellResult) -> None:
@@ -181,16 +214,11 @@ def _round_trip(
     result.measurements.serialization_status = "; ".join(statuses)
 
 
-def _generate(pipe: Any, spec: CellSpec, result: CellResult, clock: Any, fault: str | None) -> Generate:
-    """Warm up (compilation happens here), then time every (prompt, seed) `repeats` times; return the
-    function that generates (for `_time_resolutions`)."""
-    import numpy as np
-    import torch
-
-    from bench.trackers.latency import Latency, track_latency
-
-    gen = spec.generation
-    call = {
+def _pipe_call(gen: dict[str, Any], batch_size: int = 1) -> dict[str, Any]:
+    """The pipeline's keyword arguments for one generation with the matrix's settings (`batch_size` images)."""
+    batch = {"num_images_per_prompt": batch_size} if batch_size != 1 else {}
+    return {
+        **batch,
         "height": gen["height"],
         "width": gen["width"],
         "num_inference_steps": gen["num_inference_steps"],
@@ -198,10 +226,36 @@ def _generate(pipe: Any, spec: CellSpec, result: CellResult, clock: Any, fault: 
         "max_sequence_length": gen["max_sequence_length"],
         "output_type": "np",
     }
-    batch_size = spec.cell.get("batch_size", 1)
-    if batch_size != 1:
-        call["num_images_per_prompt"] = batch_size
+
+
+def _untimed_generation(pipe: Any, spec: CellSpec) -> None:
+    """One generation of the first prompt and seed, eager even in a compiled cell (hooks would recompile it)."""
+    import torch
+
+    gen = spec.generation
+    with torch.compiler.set_stance("force_eager"):
+        pipe(gen["prompts"][0], generator=torch.Generator("cpu").manual_seed(gen["seeds"][0]), **_pipe_call(gen))
+
+
+def _generate(
+    pipe: Any, spec: CellSpec, result: CellResult, clock: Any, fault: str | None, energy: Any
+) -> Generate | None:
+    """Warm up (compilation happens here), then time every (prompt, seed) `repeats` times; return the function
+    that generates (for `_time_resolutions`), or None when the warm-up was too slow to go on.
+
+    Memory: the warm-up's peak is `warmup_peak_reserved_bytes`; the cache is emptied and the peaks reset after
+    it, so `peak_reserved_bytes` is the timed generations' own peak (not what compiling and autotuning took).
+    """
+    import numpy as np
+    import torch
+
+    from bench.trackers.latency import Latency, track_latency
+    from bench.trackers.memory import release_cached_memory, track_memory
+
+    gen = spec.generation
+    call = _pipe_call(gen, spec.cell.get("batch_size", 1))
     m = result.measurements
+    cuda = spec.device == "cuda"
     progress = Progress(spec, result)
     running: list[Latency] = []  # the generation running now
     final_latents: list[Any] = []
@@ -211,8 +265,13 @@ def _generate(pipe: Any, spec: CellSpec, result: CellResult, clock: Any, fault: 
         steps = len(running[0].step_ends) if running else 0
         return f"{steps} of {gen['num_inference_steps']} denoising steps done"
 
+    slowdown = injected_slowdown(spec.cell_id)
+    slow = StepSlowdown(slowdown) if slowdown else None
+
     def on_step_end(pipe: Any, step: int, timestep: Any, kwargs: dict[str, Any]) -> dict[str, Any]:
         running[0].step_ended()
+        if slow:
+            slow.after_step(step)
         final_latents[:] = [kwargs["latents"]]
         if timing:
             inject(fault, "timed step")
@@ -223,7 +282,9 @@ def _generate(pipe: Any, spec: CellSpec, result: CellResult, clock: Any, fault: 
         at `size` (height, width; default the matrix's), and its latency."""
         generator = torch.Generator("cpu").manual_seed(seed)
         sized = {**call, "height": size[0], "width": size[1]} if size else call
-        with track_latency(clock) as latency:
+        # the energy window holds the latency's block, so it reads NVML's counter after the final synchronisation
+        measured = timing and size is None  # the timed runs at the matrix's size
+        with energy.window() if measured else contextlib.nullcontext(), track_latency(clock) as latency:
             running[:] = [latency]
             # The pipeline's own torch.no_grad(), as users run it: inference_mode on top breaks quanto's int4
             # matmul on CUDA ("Cannot set version_counter for inference tensor"), which users never see.
@@ -255,9 +316,11 @@ def _generate(pipe: Any, spec: CellSpec, result: CellResult, clock: Any, fault: 
         _finish(spec, result)
 
     warm_up_beat = heartbeat("warm-up", progress, compiling=compiled, detail=steps_done)
-    with time_limit(spec.compile_timeout_s, compile_time_expired), warm_up_beat:
+    with time_limit(spec.compile_timeout_s, compile_time_expired), warm_up_beat, track_memory(cuda) as warm_memory:
         for _ in range(gen["warmup"]):
             warmups.append(generate(gen["prompts"][0], gen["seeds"][0])[1])
+    m.warmup_peak_reserved_bytes = warm_memory.peak_reserved_bytes
+    m.cpu_peak_rss_bytes = warm_memory.cpu_peak_rss_bytes
     m.warmup_s = sum(w.s for w in warmups)
     later_steps = warmups[-1].step_s() if warmups else []  # the last warm-up's steps after its first, which compiles
     m.warmup_step_median_s = float(np.median(later_steps)) if later_steps else None
@@ -268,37 +331,52 @@ def _generate(pipe: Any, spec: CellSpec, result: CellResult, clock: Any, fault: 
         progress(f"torch.compile: {counts.describe()}")
         for reason, count in graph_break_reasons():
             _say(f"graph break ({count} ×): {reason}")
+    limit = spec.warmup_step_limit_s
+    if limit is not None and m.warmup_step_median_s is not None and m.warmup_step_median_s > limit:
+        result.status = Status.TIMEOUT
+        result.error = (
+            f"warm-up steps took {m.warmup_step_median_s:.3f} s (median after the first), over the limit of"
+            f" {limit:.3f} s ({spec.warmup_step_limit_reason}): not timed; the row keeps the warm-up's step time"
+        )
+        progress(result.error)
+        return None
     inject(fault, "generate")
     graphs_before_timing = CompileCounts.now().graphs
     timing = True
+    if cuda:
+        release_cached_memory()
 
     spec.images_dir.mkdir(parents=True, exist_ok=True)
     spec.latents_dir.mkdir(parents=True, exist_ok=True)
-    for prompt_index, prompt in enumerate(gen["prompts"]):
-        for seed in gen["seeds"]:
-            e2e: list[float] = []
-            steps: list[float] = []
+    with track_memory(cuda) as memory, energy.sampling():
+        for prompt_index, prompt in enumerate(gen["prompts"]):
+            for seed in gen["seeds"]:
+                e2e: list[float] = []
+                steps: list[float] = []
 
-            def run_and_steps(e2e: list[float] = e2e) -> str:
-                return f"run {len(e2e) + 1} of {gen['repeats']}, {steps_done()}"
+                def run_and_steps(e2e: list[float] = e2e) -> str:
+                    return f"run {len(e2e) + 1} of {gen['repeats']}, {steps_done()}"
 
-            beat = heartbeat(
-                f"timed prompt {prompt_index}, seed {seed}", progress, compiling=compiled, detail=run_and_steps
-            )
-            with beat:
-                for _ in range(gen["repeats"]):
-                    images, latency = generate(prompt, seed)
-                    e2e.append(latency.s)
-                    steps.extend(latency.step_s())
-            if fault == "nan":
-                images = np.full_like(images, np.nan)
-            finite = bool(np.isfinite(images).all())  # every image of the batch
-            stem = f"p{prompt_index}_s{seed}"
-            # the first image of a batch and its latents: what the reference (a batch of one) is compared with
-            path = _save_png(images[0], spec.images_dir / f"{stem}.png") if finite else None
-            _save_latents(final_latents[0][:1], spec.latents_dir / f"{stem}.safetensors")
-            result.samples.append(Sample(prompt_index, seed, e2e, steps, path, finite))
-            progress(f"timed prompt {prompt_index}, seed {seed}: e2e median {np.median(e2e):.3f} s")
+                beat = heartbeat(
+                    f"timed prompt {prompt_index}, seed {seed}", progress, compiling=compiled, detail=run_and_steps
+                )
+                with beat:
+                    for _ in range(gen["repeats"]):
+                        images, latency = generate(prompt, seed)
+                        e2e.append(latency.s)
+                        steps.extend(latency.step_s())
+                if fault == "nan":
+                    images = np.full_like(images, np.nan)
+                finite = bool(np.isfinite(images).all())  # every image of the batch
+                stem = f"p{prompt_index}_s{seed}"
+                # the first image of a batch and its latents: what the reference (a batch of one) is compared with
+                path = _save_png(images[0], spec.images_dir / f"{stem}.png") if finite else None
+                _save_latents(final_latents[0][:1], spec.latents_dir / f"{stem}.safetensors")
+                result.samples.append(Sample(prompt_index, seed, e2e, steps, path, finite))
+                progress(f"timed prompt {prompt_index}, seed {seed}: e2e median {np.median(e2e):.3f} s")
+    m.peak_reserved_bytes = memory.peak_reserved_bytes
+    m.peak_allocated_bytes = memory.peak_allocated_bytes
+    m.cpu_peak_rss_bytes = memory.cpu_peak_rss_bytes
     if compiled:
         recompiled = m.timed_compiles = CompileCounts.now().graphs - graphs_before_timing
         if recompiled:
@@ -314,7 +392,7 @@ def _time_resolutions(generate: Generate, spec: CellSpec, result: CellResult, cu
     recompiles at a new size unless `dynamic`) and the peak memory of each size, in `per_resolution`."""
     import numpy as np
 
-    from bench.trackers.memory import track_memory
+    from bench.trackers.memory import release_cached_memory, track_memory
 
     gen = spec.generation
     compiled = spec.cell.get("compile", "off") != "off"
@@ -322,6 +400,8 @@ def _time_resolutions(generate: Generate, spec: CellSpec, result: CellResult, cu
     runs: list[SizeRun] = []
     for height, width in gen["resolutions"]:
         graphs_before = CompileCounts.now().graphs if compiled else 0
+        if cuda:  # each size's own peak, not the cache a larger size left
+            release_cached_memory()
         with track_memory(cuda) as memory, heartbeat(f"size {height}x{width}", progress, compiling=compiled):
             latencies = [
                 generate(gen["prompts"][0], gen["seeds"][0], (height, width))[1] for _ in range(gen["repeats"])

@@ -11,6 +11,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from bench.errors import UserError
@@ -298,3 +299,25 @@ def test_unreachable_hub_model_is_a_clear_error_before_any_cell(tmp_path, monkey
     with pytest.raises(UserError, match="cannot get hub model 'black-forest-labs/FLUX.1-dev'"):
         run_matrix(matrix, tmp_path / "results")
     assert not list((tmp_path / "results").glob("cells/*.parquet"))
+
+
+def test_the_slow_fault_slows_every_step_and_compare_flags_it(tmp_path, quantbench_cache, monkeypatch):
+    from bench.compare import compare_frames
+
+    data = matrix_data(
+        name="slowed",
+        generation={"prompts": ["a red apple"], "num_inference_steps": 6, "repeats": 3},
+        axes={"method": ["baseline"], "dtype": ["fp32"]},
+        drift={"enabled": False},
+    )
+    matrix = load_matrix(write_matrix(tmp_path, data))
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # one thread: a shared CPU's load stalls it least
+    run_matrix(matrix, tmp_path / "clean")
+    monkeypatch.setenv("QUANTBENCH_INJECT_FAULT", f"slow=100%@{matrix.cells[0].id}")
+    run_matrix(matrix, tmp_path / "slowed")
+    clean, slowed = read_results(tmp_path / "clean"), read_results(tmp_path / "slowed")
+    assert (slowed["status"] == "ok").all()
+    ratio = np.median(slowed["step_times_s"].iloc[0]) / np.median(clean["step_times_s"].iloc[0])
+    assert 1.5 < ratio < 3, f"every step paused about as long as it ran: x{ratio:.2f}"
+    (verdict,) = compare_frames(clean, slowed).to_dict("records")
+    assert verdict["regressions"].startswith("latency +"), verdict

@@ -109,7 +109,7 @@ def test_a_regression_fails_the_nightly_and_the_summary_and_csv_say_which_cell(r
     assert Path("reports/out/nightly.html").is_file()
     summary = runner["summary"].read_text()
     assert "**1 of 1 cells regressed**" in summary
-    assert "| cell c1 | ok → ok | +0.0% | n/a | +50.0% | **e2e latency +50.0%" in summary
+    assert "| cell c1 | ok → ok | +0.0% | n/a | +50.0% (medians) | **e2e latency +50.0%" in summary
 
 
 def test_a_run_stopped_by_its_time_limit_is_still_compared_and_fails_with_exit_code_3(runner):

@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 
@@ -24,7 +25,14 @@ def _first_row(results: Path) -> ResultRow:
     """The first row of a results folder, as a ResultRow to change and write as another cell."""
     names = {f.name for f in dataclasses.fields(ResultRow)}
     row = read_results(results).iloc[0].to_dict()
-    return ResultRow(**{k: (None if pd.isna(v) else v) for k, v in row.items() if k in names})
+    return ResultRow(**{k: _plain(v) for k, v in row.items() if k in names})
+
+
+def _plain(value: object) -> object:
+    """A value as a ResultRow holds it: lists for the sample columns, None for missing."""
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    return None if pd.isna(value) else value
 
 
 @pytest.fixture(scope="module")
@@ -197,9 +205,11 @@ def test_compare_flags_memory_and_latency_regressions_only(smoke_run):
         .astype("int64")
     )
     new.loc[torchao, "e2e_latency_median_s"] = new.loc[torchao, "e2e_latency_median_s"] * 3
+    for column in ("step_times_s", "e2e_times_s"):  # the samples the verdict uses
+        new[column] = [values * 3 if slowed else values for values, slowed in zip(new[column], torchao, strict=True)]
     flagged = compare_frames(old, new).set_index("cell")
     assert "transformer_tensor_bytes +5.0%" in flagged.loc["torchao[int8wo] bf16", "regressions"]
-    assert "e2e latency +200.0%" in flagged.loc["torchao[int8wo] bf16", "regressions"]
+    assert "latency +200.0% [" in flagged.loc["torchao[int8wo] bf16", "regressions"]
     assert flagged.loc["baseline bf16", "regressions"] == ""
 
 
@@ -395,8 +405,9 @@ def test_compare_does_not_call_another_gpu_a_regression(smoke_run, tmp_path, cap
 def test_compare_cli_exits_1_on_a_regression_and_0_otherwise(smoke_run, tmp_path, capsys):
     _, results, _ = smoke_run
     slower = read_results(results)
-    # twice as slow and beyond 3 x IQR whatever the noise of this machine's run was
-    slower["e2e_latency_median_s"] = 2 * slower["e2e_latency_median_s"] + 4 * slower["e2e_latency_iqr_s"]
+    # every step and generation twice as slow plus the run's slowest step: beyond any interval's reach
+    for column in ("step_times_s", "e2e_times_s"):
+        slower[column] = [2 * values + values.max() for values in slower[column]]
     slower_path = tmp_path / "slower.parquet"
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -413,7 +424,7 @@ def test_compare_cli_exits_1_on_a_regression_and_0_otherwise(smoke_run, tmp_path
     assert main(["compare", str(results), str(tmp_path / "one.parquet")]) == 1
     assert f"1 cell of {results} is not in {tmp_path / 'one.parquet'}: not compared" in capsys.readouterr().out
     assert main(["compare", str(results), str(slower_path), "-o", str(tmp_path / "delta.csv")]) == 1
-    assert pd.read_csv(tmp_path / "delta.csv")["regressions"].str.contains("e2e latency").all()
+    assert pd.read_csv(tmp_path / "delta.csv")["regressions"].str.contains("interval lies above").all()
 
 
 def test_notebook_runs_on_smoke_results(smoke_run, monkeypatch):

@@ -10,7 +10,7 @@ from PIL import Image
 
 from bench.matrix import load_matrix
 from bench.runner import run_matrix
-from bench.store import ResultsFolder, read_results
+from bench.store import SCHEMA_VERSION, ResultsFolder, read_results
 
 pytestmark = pytest.mark.slow
 
@@ -66,7 +66,16 @@ def test_rows_record_axes_model_and_environment(smoke_run):
     assert torchao["pipeline_class"] == "FluxPipeline"
     assert torchao["torch_version"].startswith("2.")
     assert torchao["torchao_version"] and torchao["diffusers_version"]
-    assert torchao["schema_version"] == 1
+    assert torchao["schema_version"] == SCHEMA_VERSION == 2
+
+
+def test_rows_keep_every_timed_step_and_generation(smoke_run):
+    matrix, results, _ = smoke_run
+    generation = matrix.generation
+    for _, row in read_results(results).iterrows():
+        assert len(row["e2e_times_s"]) == generation.repeats
+        assert len(row["step_times_s"]) == (generation.num_inference_steps - 1) * generation.repeats
+        assert row["step_latency_median_s"] == np.median(row["step_times_s"])
 
 
 def test_torchao_int8_really_shrinks_the_transformer(smoke_run):

@@ -49,8 +49,8 @@ def _select_item(path: Path, item: str) -> tuple[str, Any]:
     if not sep or not key:
         raise MatrixError(path, "--select", "expected KEY=VALUE", item)
     try:
-        value = tomllib.loads(f"v = {text}")["v"]
-    except tomllib.TOMLDecodeError:
+        value = _parse_toml(path, f"v = {text}", "--select")["v"]
+    except MatrixError:
         value = text
     return key.strip(), value
 
@@ -80,13 +80,29 @@ def _with_prompts(path: Path, generation: Generation) -> Generation:
 
 
 def _read_toml(path: Path) -> dict[str, Any]:
-    if not path.exists():
-        raise MatrixError(path, "", "matrix file not found")
-    if not path.is_file():
-        raise MatrixError(path, "", "not a file")
+    """The file's TOML; MatrixError (one line, exit 2) for anything the reader or the parser cannot take."""
     try:
-        return tomllib.loads(path.read_bytes().decode("utf-8"))
+        if not path.exists():
+            raise MatrixError(path, "", "matrix file not found")
+        if not path.is_file():
+            raise MatrixError(path, "", "not a file")
+        text = path.read_bytes().decode("utf-8")
     except UnicodeDecodeError as error:
         raise MatrixError(path, "", f"not UTF-8 text (byte {error.start})") from None
+    except OSError as error:  # unreadable, a name too long, a file gone meanwhile
+        raise MatrixError(path, "", f"cannot read the file: {error.strerror or error}") from None
+    return _parse_toml(path, text, "")
+
+
+def _parse_toml(path: Path, text: str, key: str) -> dict[str, Any]:
+    """tomllib.loads, with everything the parser itself may raise on pathological input (nesting deeper than
+    the stack: RecursionError; an integer of more digits than Python converts: ValueError; MemoryError) as one
+    MatrixError line."""
+    try:
+        return tomllib.loads(text)
     except tomllib.TOMLDecodeError as error:
-        raise MatrixError(path, "", f"invalid TOML: {error}") from None
+        raise MatrixError(path, key, f"invalid TOML: {error}") from None
+    except RecursionError:
+        raise MatrixError(path, key, "invalid TOML: nested too deeply for the parser") from None
+    except (ValueError, OverflowError, MemoryError) as error:
+        raise MatrixError(path, key, f"invalid TOML: {type(error).__name__}: {str(error).splitlines()[0]}") from None

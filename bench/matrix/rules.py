@@ -9,6 +9,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from bench.cache import folder_fingerprint
 from bench.cells import AXES, Cell
 from bench.errors import MatrixError
 from bench.matrix.pydantic_errors import matrix_error
@@ -35,7 +36,7 @@ def expand(spec: MatrixFile, path: Path) -> list[Cell]:
     cells += [_included_cell(path, spec, rule, f"include.{i}") for i, rule in enumerate(spec.include)]
     for cell in cells:
         _check_combination(path, spec, cell)
-    context = {"model": spec.model.key(), "generation": spec.generation.identity()}
+    context = {"model": model_identity(spec, path), "generation": spec.generation.identity()}
     unique: dict[str, Cell] = {}
     for cell in cells:
         cell = cell.with_id(context)
@@ -43,6 +44,15 @@ def expand(spec: MatrixFile, path: Path) -> list[Cell]:
     if not unique:
         raise MatrixError(path, "exclude", "the rules exclude every cell: nothing to run")
     return list(unique.values())
+
+
+def model_identity(spec: MatrixFile, path: Path) -> dict[str, Any]:
+    """The matrix's model as cell ids and reference keys see it: its source, and for a local folder its content
+    fingerprint (bench.cache.folder_fingerprint), so replaced files are new cells, never resumed old ones."""
+    key = spec.model.key()
+    if spec.model.path:
+        key["content"] = folder_fingerprint((path.parent / spec.model.path).expanduser())
+    return key
 
 
 def _check_combination(path: Path, spec: MatrixFile, cell: Cell) -> None:

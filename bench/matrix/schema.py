@@ -140,6 +140,11 @@ class RunSettings(_Strict):
     gpu_memory_limit_gib: float | None = Field(default=None, gt=0, le=4096)
     # Opt-in: reload pickled checkpoints that quantbench itself wrote with torch.load(weights_only=False).
     trust_pickled_checkpoints: bool = False
+    # A compiled cell whose warm-up steps run slower than `slow_warmup_factor` x the same method's eager step
+    # (same options, dtype, threshold, components, placement; an ok row of the results folder), or than
+    # `max_warmup_step_s`, ends after its warm-up as a `timeout` row keeping the warm-up's step time, untimed.
+    slow_warmup_factor: float = Field(default=20.0, gt=1, le=1e6)
+    max_warmup_step_s: Seconds | None = None
 
     @field_validator("compile_timeout_s", mode="before")
     @classmethod

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -135,4 +136,17 @@ class Method:
 
     def after_load(self, pipe: Any, cell: Cell) -> dict[str, Any]:
         """Hook run after the pipeline is placed (e.g. dequantize); returns extra measurements."""
+        return {}
+
+    def value_dependent_latency(self, cell: Cell) -> bool:
+        """True where the method's speed depends on the activations' values, not only on their shapes (then a
+        synthetic model's latency says little about real weights). Of the libraries' code paths this harness
+        runs, only bitsandbytes LLM.int8 at a threshold > 0 branches on values (`bench.methods.bitsandbytes`):
+        torchao's weight-only and dynamic-activation types, quanto, diffusers' GGUF dequantization and layerwise
+        casting do the same work whatever the values (no data-dependent op in their linears' forward)."""
+        return False
+
+    def value_dependence(self, pipe: Any, cell: Cell, generate: Callable[[], None]) -> dict[str, Any]:
+        """Measurements of the value-dependent path from one untimed `generate()` (methods where
+        `value_dependent_latency`)."""
         return {}

@@ -12,7 +12,7 @@ from typing import Any, ClassVar, Literal
 
 from pydantic import model_validator
 
-from bench.cache import build_once, cache_dir
+from bench.cache import build_once, cache_dir, versions_key
 from bench.methods.base import Component, ConfigOptions, Method, MethodOptions, needs_cuda
 
 
@@ -63,7 +63,11 @@ class _BitsAndBytes(Method):
             quantized = component.load(cell, quantization_config=self.quantization_config(component, cell))
             quantized.save_pretrained(folder / component.name)
 
-        saved = build_once(cache_dir("prequantized") / f"{cell.id}-{component.name}", save_quantized)
+        from bench.environment import MODEL_LIBRARIES, library_versions
+
+        # the cell id holds the model (a local folder's fingerprint included); the folder and the versions the rest
+        key = versions_key({**library_versions(*MODEL_LIBRARIES, "bitsandbytes"), "folder": str(component.folder)})
+        saved = build_once(cache_dir("prequantized") / f"{cell.id}-{component.name}-{key}", save_quantized)
         return dataclasses.replace(component, folder=saved)
 
     def load_component(self, component: Component, cell) -> Any:
@@ -89,6 +93,45 @@ class EightBit(_BitsAndBytes):
 
     def config(self, cell) -> dict[str, Any]:
         return {"load_in_8bit": True, "llm_int8_threshold": cell.threshold}
+
+    def value_dependent_latency(self, cell) -> bool:
+        # LLM.int8 at a threshold > 0 (bitsandbytes 0.50, backends/cuda/ops.py `int8_vectorwise_quant`): the
+        # activation columns where any |x| >= threshold (after the cast to fp16) are held back as `outlier_cols`
+        # and multiplied apart in fp16 (autograd/_functions.py, MatMul8bitLt.forward: `int8_mixed_scaled_mm`),
+        # so the work grows with how many columns the values push over the threshold.
+        return bool(cell.threshold) and not self.options.dequantize
+
+    def value_dependence(self, pipe: Any, cell, generate) -> dict[str, Any]:
+        """The fraction of activation columns that took the outlier path, over every call of every int8 linear
+        of the quantized components in one untimed generation (forward pre-hooks, counted on the device)."""
+        import bitsandbytes as bnb
+        import torch
+
+        threshold = cell.threshold
+        totals: dict[str, Any] = {"outliers": 0, "columns": 0}
+
+        def count(module: Any, inputs: tuple[Any, ...]) -> None:
+            x = inputs[0]
+            columns = x.shape[-1]
+            held_back = (x.reshape(-1, columns).to(torch.float16).abs() >= threshold).any(dim=0).sum()
+            totals["outliers"] = totals["outliers"] + held_back  # a device tensor: no synchronisation per call
+            totals["columns"] += columns
+
+        linears = [
+            module
+            for name in cell.components or ()
+            for module in getattr(pipe, name).modules()
+            if isinstance(module, bnb.nn.Linear8bitLt)
+        ]
+        hooks = [linear.register_forward_pre_hook(count) for linear in linears]
+        try:
+            generate()
+        finally:
+            for hook in hooks:
+                hook.remove()
+        if not totals["columns"]:
+            return {}
+        return {"int8_outlier_column_fraction": float(totals["outliers"]) / totals["columns"]}
 
 
 class FourBit(_BitsAndBytes):

@@ -16,6 +16,7 @@ from pydantic import model_validator
 
 from bench.atomic import write_text_atomic
 from bench.cache import build_once, cache_dir, make_room
+from bench.environment import library_versions
 from bench.methods.base import Component, Method, MethodOptions, MethodUnavailable, QuantizedOptions
 
 WRITER_VERSION = "2"  # bump when the produced files change
@@ -66,6 +67,7 @@ class Gguf(Method):
             json.dumps(
                 [
                     WRITER_VERSION,
+                    library_versions("gguf", "numpy", "safetensors"),
                     self.options.quant_type,
                     self.options.synthetic_blocks,
                     [content_digest(p) for p in source],

@@ -15,7 +15,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from bench.cache import build_once, cache_dir
+from bench.cache import build_once, cache_dir, versions_key
 from bench.errors import UserError
 
 BUILD_VERSION = "v2"  # bump when a builder changes, so caches rebuild
@@ -25,7 +25,12 @@ SEED = 0
 
 def build_builtin(name: str) -> Path:
     """The cached folder of built-in model `name`, built on first use."""
-    return build_once(cache_dir("models") / f"{name}-{BUILD_VERSION}", BUILDERS[name])
+    from bench.environment import MODEL_LIBRARIES, library_versions
+
+    # keyed by the builder's version and the libraries that build the weights (the same seed can give other
+    # weights, and other files, under another torch or diffusers)
+    versions = versions_key(library_versions(*MODEL_LIBRARIES))
+    return build_once(cache_dir("models") / f"{name}-{BUILD_VERSION}-{versions}", BUILDERS[name])
 
 
 def byte_level_vocab() -> dict[str, int]:

@@ -18,6 +18,7 @@ from bench.cache import InductorCacheContents
 from bench.contract import Status
 from bench.errors import UserError
 from bench.heartbeat import CompileCounts, warmup_step_speed_in_log
+from bench.measure import measurement_flags
 from bench.reference_cache import ReferenceCache
 from bench.report.decision import DEFAULT_BUDGETS_GB, decide, none_text
 from bench.report.plots import SYNTHETIC_DRIFT_REASON, Plot, all_plots, colour, figure_svg, roofline
@@ -321,7 +322,7 @@ def _summary_row(cell: pd.Series, drift_shown: set[str], memory_scale: float) ->
         "compile": _number(cell["compile_s"], "{:.1f}"),
         "compile_work": _compile_work(counts, cell["inductor_cache_at_start"]),
         "timed_compiles": _number(cell["timed_compiles"] or None, "{:.0f}"),  # 0 recompiles: nothing to flag
-        "compile_flags": _compile_flags(counts) if counts else [],
+        "compile_flags": (_compile_flags(counts) if counts else []) + measurement_flags(cell),
         "against_eager": _step_against_eager(cell["step_latency_median_s"], cell["eager_step_latency_median_s"]),
         "speedup": _number(cell["speedup"], "{:.2f}×"),
         "memory_saving": _number(cell["memory_saving"] * 100, "{:.1f} %"),

@@ -24,6 +24,14 @@ def reset_gpu_peak() -> None:
     torch.cuda.reset_peak_memory_stats()
 
 
+def release_cached_memory() -> None:
+    """Return the allocator's cached blocks to the GPU (after a warm-up: what compiling and autotuning left)."""
+    import torch
+
+    torch.cuda.synchronize()
+    torch.cuda.empty_cache()
+
+
 def gpu_max_reserved_bytes() -> int:
     import torch
 

@@ -1,0 +1,146 @@
+"""compare's latency verdict from per-sample times: a bootstrap interval of the ratio of medians that must lie
+beyond the threshold; the old rule for folders written without samples; the versions that differ; the slow fault."""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from bench.compare import OLD_RULE, Thresholds, compare_frames, compare_runs
+from bench.faults import StepSlowdown, injected_slowdown
+from bench.store import SCHEMA, ResultsFolder, read_results
+from tests.test_store import row
+
+STEPS, REPEATS = 8, 4  # 7 timed steps per generation: 28 step samples per cell
+
+
+def cell_rows(cell_id: str, rng: np.random.Generator, step_s: float, noise: float = 0.03) -> pd.DataFrame:
+    """One ok row whose step and e2e samples scatter log-normally around `step_s` (a busy CPU's spread)."""
+    result = row(cell_id)
+    steps = step_s * rng.lognormal(0, noise, (STEPS - 1) * REPEATS)
+    e2e = STEPS * step_s * rng.lognormal(0, noise, REPEATS)
+    result.step_times_s, result.e2e_times_s = steps.tolist(), e2e.tolist()
+    result.e2e_latency_median_s, result.e2e_latency_iqr_s = float(np.median(e2e)), 0.0
+    result.step_latency_median_s = float(np.median(steps))
+    return pa.Table.from_pylist([dataclasses.asdict(result)], schema=SCHEMA).to_pandas()
+
+
+def test_a_15_percent_slowdown_is_flagged_with_its_interval():
+    rng = np.random.default_rng(1)
+    old, new = cell_rows("c", rng, 0.1), cell_rows("c", rng, 0.115)
+    (verdict,) = compare_frames(old, new).to_dict("records")
+    assert verdict["latency_samples"] == "28 -> 28 steps"
+    assert 0.05 < verdict["latency_change_low"] < verdict["latency_change"] < verdict["latency_change_high"]
+    assert verdict["latency_change"] == pytest.approx(0.15, abs=0.03)
+    assert verdict["regressions"].startswith("latency +1")
+    assert "interval lies above +5%" in verdict["regressions"]
+
+
+def test_a_slowdown_below_the_threshold_is_not_flagged_however_sure():
+    rng = np.random.default_rng(2)
+    old, new = cell_rows("c", rng, 0.1, noise=0.002), cell_rows("c", rng, 0.103, noise=0.002)
+    (verdict,) = compare_frames(old, new).to_dict("records")
+    assert verdict["latency_change_low"] > 0, "the interval excludes no change..."
+    assert verdict["regressions"] == "", "...but not the threshold"
+    flagged = compare_frames(old, new, Thresholds(latency_increase=0.01))
+    assert flagged["regressions"].iloc[0].startswith("latency +3"), "the threshold is data"
+
+
+def test_a_a_pairs_with_noise_are_not_flagged():
+    rng = np.random.default_rng(3)
+    verdicts = pd.concat(
+        [compare_frames(cell_rows(f"c{i}", rng, 0.1), cell_rows(f"c{i}", rng, 0.1)) for i in range(20)]
+    )
+    assert (verdicts["regressions"] == "").all()
+    widths = verdicts["latency_change_high"] - verdicts["latency_change_low"]
+    assert widths.between(0.01, 0.07).all(), "28 samples at 3 % noise: the change within about +-3 %"
+    assert ((verdicts["latency_change_low"] < 0) & (verdicts["latency_change_high"] > 0)).mean() > 0.8
+
+
+def test_the_verdict_is_reproducible():
+    rng = np.random.default_rng(4)
+    old, new = cell_rows("c", rng, 0.1), cell_rows("c", rng, 0.106)
+    first, second = compare_frames(old, new), compare_frames(old, new)
+    pd.testing.assert_frame_equal(first, second)
+
+
+def test_cells_with_few_steps_are_judged_on_e2e_times():
+    rng = np.random.default_rng(5)
+    old, new = cell_rows("c", rng, 0.1), cell_rows("c", rng, 0.13)
+    for frame in (old, new):
+        frame["step_times_s"] = [[0.1, 0.1]]  # e.g. 2 steps, 2 repeats: 2 step samples
+        frame["e2e_times_s"] = [list(frame["e2e_times_s"].iloc[0]) * 2]  # 8 e2e samples
+    (verdict,) = compare_frames(old, new).to_dict("records")
+    assert verdict["latency_samples"] == "8 -> 8 e2e times"
+    assert verdict["latency_change"] == pytest.approx(0.3, abs=0.06)
+    assert verdict["regressions"].startswith("latency +")
+
+
+def write_folder(folder, frame: pd.DataFrame, schema: pa.Schema = SCHEMA) -> None:
+    results = ResultsFolder(folder)
+    results.create()
+    table = pa.Table.from_pandas(frame[schema.names], schema=schema, preserve_index=False)
+    pq.write_table(table, results.part_path(frame["cell_id"].iloc[0]))
+
+
+def test_a_folder_without_samples_still_compares_by_the_old_rule_and_says_so(tmp_path, capsys):
+    rng = np.random.default_rng(6)
+    old, new = cell_rows("c", rng, 0.1), cell_rows("c", rng, 0.2)
+    schema_1 = pa.schema([f for f in SCHEMA if f.name not in ("step_times_s", "e2e_times_s")])
+    write_folder(tmp_path / "old", old, schema_1)
+    write_folder(tmp_path / "new", new)
+    assert read_results(tmp_path / "old")["step_times_s"].isna().all()
+    assert compare_runs(tmp_path / "old", tmp_path / "new", tmp_path / "table.csv") == 1
+    out = capsys.readouterr().out
+    assert "latency of 1 cell judged by the old rule" in out
+    verdict = pd.read_csv(tmp_path / "table.csv").iloc[0]
+    assert verdict["latency_samples"] == OLD_RULE and pd.isna(verdict["latency_change_low"])
+    assert verdict["regressions"].startswith("e2e latency +")
+
+
+def test_a_regression_names_the_library_versions_that_differ(tmp_path, capsys):
+    rng = np.random.default_rng(7)
+    old, new = cell_rows("c", rng, 0.1), cell_rows("c", rng, 0.12)
+    old["torch_version"], new["torch_version"] = "2.12.0", "2.13.0"
+    old["diffusers_version"] = new["diffusers_version"] = "0.42.1"
+    old["harness_commit"], new["harness_commit"] = "abc1234", "def5678"
+    write_folder(tmp_path / "old", old)
+    write_folder(tmp_path / "new", new)
+    assert compare_runs(tmp_path / "old", tmp_path / "new") == 1
+    out = " ".join(capsys.readouterr().out.split())
+    assert "differing between the two runs: torch 2.12.0 -> 2.13.0, harness_commit abc1234 -> def5678" in out
+    assert "diffusers" not in out.split("differing")[1]
+
+
+@pytest.mark.parametrize(
+    ("setting", "cell_id", "fraction"),
+    [("slow=10%", "abc", 0.10), ("slow=5%@ab", "abc", 0.05), ("slow=5%@ff", "abc", None), ("oom", "abc", None)],
+)
+def test_the_slow_fault_reads_its_fraction_and_target(monkeypatch, setting, cell_id, fraction):
+    monkeypatch.setenv("QUANTBENCH_INJECT_FAULT", setting)
+    assert injected_slowdown(cell_id) == fraction
+
+
+@pytest.mark.parametrize("setting", ["slow=10", "slow=x%", "slow=-5%"])
+def test_a_bad_slow_fault_says_what_it_takes(monkeypatch, setting):
+    monkeypatch.setenv("QUANTBENCH_INJECT_FAULT", setting)
+    with pytest.raises(ValueError, match="slow takes a positive percentage, e.g. slow=10%"):
+        injected_slowdown("abc")
+
+
+def test_the_slow_fault_sleeps_its_fraction_of_each_step_after_the_step():
+    slow, step_s = StepSlowdown(0.5), 0.04
+    ends = []
+    for step in range(4):
+        time.sleep(step_s)  # the step's compute
+        slow.after_step(step)
+        ends.append(time.perf_counter())
+    pauses = [b - a - step_s for a, b in zip(ends, ends[1:], strict=False)]
+    assert all(0.5 * step_s * 0.8 < pause < 0.5 * step_s * 3 for pause in pauses[1:]), pauses
+    assert slow.last_step_s == pytest.approx(step_s, rel=0.5), "the pause itself is not counted as compute"
