@@ -19,10 +19,10 @@ NATIVE = "native"  # torch's scaled_dot_product_attention, choosing its kernel i
 
 @dataclass(frozen=True)
 class Requirement:
-    """A package a backend needs, at a minimum version (diffusers' own requirement)."""
+    """A package a backend needs, at a minimum version (diffusers' own requirement; None: any version)."""
 
     distribution: str
-    minimum: str
+    minimum: str | None
     note: str = ""
 
     def problem(self) -> str | None:
@@ -31,10 +31,11 @@ class Requirement:
             installed = importlib.metadata.version(self.distribution)
         except importlib.metadata.PackageNotFoundError:
             installed = None
-        if installed is not None and Version(installed) >= Version(self.minimum):
+        if installed is not None and (self.minimum is None or Version(installed) >= Version(self.minimum)):
             return None
         have = f"{installed} is installed" if installed else "it is not installed"
-        return f"needs `{self.distribution}>={self.minimum}` ({have}){self.note}"
+        wanted = self.distribution + (f">={self.minimum}" if self.minimum else "")
+        return f"needs `{wanted}` ({have}){self.note}"
 
 
 @dataclass(frozen=True)
@@ -50,7 +51,7 @@ class Backend:
 
 
 FLASH_ATTN = Requirement("flash-attn", "2.6.3")
-FLASH_ATTN_3 = Requirement("flash-attn-3", "3.0.0", "; FlashAttention 3 is built from source")
+FLASH_ATTN_3 = Requirement("flash-attn-3", None, "; FlashAttention 3 is built from source")
 SAGE = Requirement(
     "sageattention", "2.1.1", "; the package index has only 1.0.6: SageAttention 2 is built from source with CUDA"
 )
@@ -76,7 +77,7 @@ BACKENDS: dict[str, Backend] = {
     "_native_efficient": Backend(cuda=True),
     "_native_flash": Backend(half_precision=True),  # torch has a CPU flash kernel too
     "_native_math": Backend(),
-    "_native_npu": Backend(Requirement("torch-npu", "0")),
+    "_native_npu": Backend(Requirement("torch-npu", None)),
     "_native_xla": Backend(Requirement("torch-xla", "2.2")),
     "sage": Backend(SAGE, cuda=True, half_precision=True),
     "sage_hub": Backend(KERNELS, cuda=True, half_precision=True, hub=True),
