@@ -106,7 +106,7 @@ def test_cell_id_ignores_the_order_of_option_keys(tmp_path):
             [
                 "unknown method 'torchoa'",
                 "did you mean 'torchao'",
-                "allowed: baseline, bnb_4bit, bnb_8bit, gguf, layerwise_fp8, quanto, torchao",
+                "allowed: auto_round, baseline, bfl, bnb_4bit, bnb_8bit, gguf, layerwise_fp8, modelopt, nunchaku_lite, quanto, sdnq, torchao",
             ],
         ),
         (
