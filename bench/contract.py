@@ -88,6 +88,8 @@ class Measurements:
     int8_outlier_column_fraction: float | None = None
     quantization_effective: bool | None = None
     quantization_note: str | None = None
+    # method-specific facts (JSON from bench.methods.base.method_notes: which kernel path ran, deprecations)
+    method_notes: str | None = None
     # where it ran
     cpu_threads: int | None = None
     gpu_name: str | None = None

@@ -304,7 +304,11 @@ def test_quanto_rows_say_diffusers_deprecated_it():
     assert "huggingface/diffusers#13180" in note and "1.0" in note
 
 
-def test_method_notes_reach_the_rows():
+def test_method_notes_reach_the_rows_through_the_contract():
+    from bench.contract import Measurements
     from bench.store import COLUMNS
 
-    assert "method_notes" in COLUMNS
+    method, cell = method_for("quanto", {"weights_dtype": "int8"})
+    measurements = Measurements()
+    measurements.update(method.after_load(SimpleNamespace(), cell))  # an unknown name would raise
+    assert "method_notes" in COLUMNS and "13180" in measurements.method_notes

@@ -58,3 +58,11 @@ def test_the_driver_starts_without_torch_diffusers_or_transformers():
     root = Path(__file__).resolve().parent.parent
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=root).stdout
     assert out.strip() == "[]"
+
+
+def test_method_notes_are_a_measurement_the_contract_names():
+    from bench.methods.base import method_notes
+
+    measurements = Measurements()
+    measurements.update(method_notes(kernel_path="dequantize"))
+    assert json.loads(measurements.method_notes) == {"kernel_path": "dequantize"}

@@ -241,3 +241,11 @@ def test_hover_titles_survive_into_the_html(flux_html):
     step_plot = flux_html.split("<h2>Plots</h2>")[1].split("</svg>")[0]
     titles = {unescape(title).split(" (")[0] for title in re.findall(r"<title>([^<]*)</title>", step_plot)}
     assert titles == ok_labels
+
+
+def test_cells_that_never_started_count_with_the_runs_only_gpu():
+    nightly = ROOT / "results" / "reference" / "h200" / "nightly"
+    frame = read_results(nightly)
+    assert frame.loc[frame["status"] == "unsupported", "gpu_name"].isna().any()  # int4wo: no mslk there
+    html = render(frame, nightly, None, (80, 24))
+    assert "Measured on CPU" not in html and "NVIDIA H200" in html

@@ -257,7 +257,7 @@ def _gpu_groups(frame: pd.DataFrame, cells: pd.DataFrame, budgets_gb: tuple[int,
     """The decision, summary rows and plots of each GPU (or the CPU) on its own: cells from different devices
     are never put side by side in one table or plot."""
     groups = []
-    for device, group in cells.groupby(cells["gpu_name"].map(device_label), sort=True):
+    for device, group in cells.groupby(_devices(cells), sort=True):
         rows = frame[frame["cell_id"].isin(group["cell_id"])]
         shown = {metric for metric, _ in DRIFT_COLUMNS if group[metric].notna().any()}  # the others: missing metrics
         scale, unit = (1024**3, "GiB") if group["peak_reserved_bytes"].max() >= 1024**3 else (1024**2, "MiB")
@@ -272,6 +272,17 @@ def _gpu_groups(frame: pd.DataFrame, cells: pd.DataFrame, budgets_gb: tuple[int,
             }
         )
     return groups
+
+
+def _devices(cells: pd.DataFrame) -> pd.Series:
+    """Each cell's device label; a cell that never started (skipped, unsupported) has no GPU name, and counts
+    with the run's GPU when the run used exactly one GPU model, so it does not make a "CPU" group of its own."""
+    labels = cells["gpu_name"].map(device_label)
+    gpus = set(cells["gpu_name"].dropna())
+    if len(gpus) == 1:
+        never_started = cells["status"].isin([Status.SKIPPED, Status.UNSUPPORTED]) & cells["gpu_name"].isna()
+        labels[never_started] = gpus.pop()
+    return labels
 
 
 def _environment(frame: pd.DataFrame) -> list[tuple[str, str]]:
