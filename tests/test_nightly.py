@@ -134,10 +134,17 @@ ROOT = Path(__file__).resolve().parent.parent
 NIGHTLY_MATRIX = ROOT / "matrices/nightly.toml"
 
 
+# Families registered after the H200 nightly reference was recorded: they join the nightly with their first H200
+# rows (matrices/backends-h200.toml), since every nightly cell needs a reference row to be compared with.
+NOT_YET_IN_THE_NIGHTLY = {"sdnq", "modelopt", "bfl", "auto_round", "nunchaku"}
+
+
 def test_the_nightly_matrix_guards_every_method_family_eager_and_compiles_cheaply():
     cells = load_matrix(NIGHTLY_MATRIX).cells
     eager = [cell for cell in cells if cell.compile == "off"]
-    assert {method_class(cell.method).family for cell in eager} == {method_class(n).family for n in method_names()}
+    families = {method_class(n).family for n in method_names()}
+    assert families >= NOT_YET_IN_THE_NIGHTLY  # a name here that no longer exists is a stale exemption
+    assert {method_class(cell.method).family for cell in eager} == families - NOT_YET_IN_THE_NIGHTLY
     assert {"bnb_8bit", "bnb_4bit"} <= {cell.method for cell in eager}
     assert {cell.options["quant_type"] for cell in eager if cell.method == "torchao"} == {
         "int8wo", "int8dq", "float8wo", "float8dq", "int4wo"
