@@ -611,6 +611,22 @@ def _note(row: Any) -> str:
     return last if len(last) <= 110 else last[:107] + "..."
 
 
+def _paths(row: Any) -> str:
+    """What a newer backend's `method_notes` say ran: each kernel path or layer kind with its count."""
+    notes = row.get("method_notes")
+    if not isinstance(notes, str):
+        return "–"
+    counts = [value for value in json.loads(notes).values() if isinstance(value, dict)]
+    return "; ".join(f"{name} ×{count}" for found in counts for name, count in found.items()) or "–"
+
+
+def _step_range(row: Any) -> str:
+    steps = row.get("step_times_s")
+    if steps is None or len(steps) == 0:
+        return "–"
+    return f"{min(steps):.4f}–{max(steps):.4f}"
+
+
 def _text(column: str) -> Callable[[Any], str]:
     return lambda row: "–" if not isinstance(row.get(column), str) else row[column]
 
@@ -633,8 +649,13 @@ COLUMNS = {
     "kernels": Column("Triton kernels", _count("triton_kernels")),
     "tuning": Column("coordinate-descent benchmarks", _count("coordinate_descent_benchmarks")),
     "latent": Column("latent rel. L2", _num("latent_rel_l2", 4)),
+    "energy": Column("J/image", _num("energy_j_per_image", 0)),
+    "paths": Column("what ran (method_notes)", _paths),
+    "step_range": Column("step s, min–max", _step_range),
+    "e2e": Column("e2e s", _num("e2e_latency_median_s", 3)),
     "import": Column("import s", _num("import_s", 1)),
     "quantize": Column("quantize s", _num("quantize_s", 1)),
+    "prepare": Column("prepare s", _num("prepare_s", 1)),
     "load": Column("load s", _num("load_s", 1)),
     "wall": Column("cell s", _num("cell_wall_s", 0)),
     "gpu": Column("GPU", _text("gpu_name")),
@@ -751,6 +772,21 @@ FINDINGS_TABLES = (
         "compile == 'off' and method_options.str.contains('\"int8wo\"')",
     ),
     FindingsTable(
+        "backends-h200",
+        "results/reference/h200/backends-h200",
+        ("cell", "status", "resident", "peak", "step", "energy", "prepare", "quantize", "paths", "note", "harness"),
+    ),
+    FindingsTable(
+        "step-timing-events-h200",
+        "results/reference/h200/step-timing-events",
+        ("cell", "step4", "step_range", "e2e", "harness"),
+    ),
+    FindingsTable(
+        "step-timing-sync-h200",
+        "results/reference/h200/step-timing-sync",
+        ("cell", "step4", "step_range", "e2e", "harness"),
+    ),
+    FindingsTable(
         "several-gpus-local-gpus",
         "results/reference/h100x2/flux-dev-h100-local-gpus",
         ("cell", "status", "resident", "step", "executor", "gpu_index", "import", "wall", "harness"),
@@ -793,6 +829,29 @@ KERNEL_RUNS = {  # snippet name: (committed `nox -s kernels` JSON, one FLUX shap
     "kernels-h100-mlp-up": ("results/reference/kernels/h100.json", "mlp up 3072->12288"),
     "kernels-h100-int8wo": ("results/reference/kernels/h100-int8wo-pattern-matcher.json", None),
 }
+
+
+DETECTION_RUNS = {  # snippet name: committed `benchmarks/regression_detection.py --output` JSON
+    "regression-detection-h200": "results/reference/h200/regression-detection/regression-detection-h200.json",
+}
+
+
+def detection_snippet(repo: Path, run: str) -> str:
+    """The latency rule's false alarms and detection, one row per kind of pair, threshold and repeats."""
+    rows = [
+        [
+            entry["pairs"],
+            f"+{entry['threshold']:.1%}",
+            str(entry["repeats"]),
+            f"{entry['flagged']} of {entry['comparisons']}",
+            f"{entry['median_change']:+.1%}",
+            f"{entry['median_width']:.1%}",
+            f"{entry['max_width']:.1%}",
+        ]
+        for entry in json.loads((repo / run).read_text())
+    ]
+    headers = ["pairs", "threshold", "repeats", "flagged", "median change", "median 95 % width", "max width"]
+    return _table(headers, rows) + f"\nFrom `{run}`.\n"
 
 
 def kernels_snippet(path: Path, shape: str | None) -> str:
@@ -902,6 +961,8 @@ def text_pages(repo: Path) -> dict[Path, str]:
         pages[Path(f"docs/snippets/{table.name}.md")] = findings_snippet(table, repo)
     for name, (run, shape) in KERNEL_RUNS.items():
         pages[Path(f"docs/snippets/{name}.md")] = kernels_snippet(repo / run, shape)
+    for name, run in DETECTION_RUNS.items():
+        pages[Path(f"docs/snippets/{name}.md")] = detection_snippet(repo, run)
     contributing = repo / "CONTRIBUTING.md"
     pages[Path("CONTRIBUTING.md")] = _with_layout(contributing.read_text(), layout_section(repo / "bench"))
     return pages

@@ -131,7 +131,12 @@ def test_every_page_is_in_the_nav_and_every_nav_entry_is_a_page():
 def test_every_snippet_is_generated_and_every_generated_snippet_is_used():
     method_names = docs_pages.documented().method_names
     generated = {f"{table.name}.md" for table in docs_pages.FINDINGS_TABLES} | {
-        f"{name}.md" for name in [*docs_pages.KERNEL_RUNS, *(f"options-{method}" for method in method_names)]
+        f"{name}.md"
+        for name in [
+            *docs_pages.KERNEL_RUNS,
+            *docs_pages.DETECTION_RUNS,
+            *(f"options-{method}" for method in method_names),
+        ]
     }
     included = {name for page in pages() for name in SNIPPET.findall(page.read_text())}
     assert included == generated
