@@ -134,17 +134,11 @@ ROOT = Path(__file__).resolve().parent.parent
 NIGHTLY_MATRIX = ROOT / "matrices/nightly.toml"
 
 
-# Families registered after the H200 nightly reference was recorded: they join the nightly with their first H200
-# rows (matrices/backends-h200.toml), since every nightly cell needs a reference row to be compared with.
-NOT_YET_IN_THE_NIGHTLY = {"sdnq", "modelopt", "bfl", "auto_round", "nunchaku"}
-
-
 def test_the_nightly_matrix_guards_every_method_family_eager_and_compiles_cheaply():
     cells = load_matrix(NIGHTLY_MATRIX).cells
     eager = [cell for cell in cells if cell.compile == "off"]
     families = {method_class(n).family for n in method_names()}
-    assert families >= NOT_YET_IN_THE_NIGHTLY  # a name here that no longer exists is a stale exemption
-    assert {method_class(cell.method).family for cell in eager} == families - NOT_YET_IN_THE_NIGHTLY
+    assert {method_class(cell.method).family for cell in eager} == families
     assert {"bnb_8bit", "bnb_4bit"} <= {cell.method for cell in eager}
     assert {cell.options["quant_type"] for cell in eager if cell.method == "torchao"} == {
         "int8wo", "int8dq", "float8wo", "float8dq", "int4wo"
@@ -164,7 +158,7 @@ def test_quantbench_plan_validates_the_nightly_matrix_and_needs_only_a_gpu(capsy
         quantbench(["plan", str(NIGHTLY_MATRIX), "--results", str(ROOT / "results/reference/h200/flux-dev-h100")]) == 2
     )
     out, err = capsys.readouterr()
-    assert "nightly: 17 cells, none can run here" in out
+    assert "nightly: 22 cells, none can run here" in out
     assert err.strip() == (
         "quantbench: error: model builtin 'flux-dev-shape' is built on a CUDA GPU (billions of parameters); none is here"
     )
