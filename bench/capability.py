@@ -27,6 +27,8 @@ def check_cell(cell: Cell, machine: Machine) -> Verdict:
     try:
         if cell.placement in NEEDS_CUDA:
             needs_cuda(machine, f"placement {cell.placement}")
+        if cell.lora != "none" and importlib.util.find_spec("peft") is None:
+            raise MethodUnavailable("unsupported", f"lora = '{cell.lora}' needs the `peft` package (load_lora_weights)")
         if cell.inductor == "torchao" and importlib.util.find_spec("torchao") is None:
             raise MethodUnavailable("unsupported", "inductor = 'torchao' needs the `torchao` package")
         cls(cls.Options.model_validate(cell.options)).check(cell, machine)
