@@ -29,6 +29,49 @@ ADAPTER_FILE = "adapter.safetensors"
 PEFT_PREFIX = "base_model.model."  # keys of a PEFT `save_pretrained` adapter; diffusers' own start `transformer.`
 
 
+@dataclass(frozen=True)
+class KnownRefusal:
+    """A method and LoRA modes the libraries were seen to refuse, with the versions that refused: a cell meeting
+    the same versions is `unsupported` before it starts; with other versions it runs and finds out."""
+
+    method: str
+    modes: tuple[str, ...]
+    seen_with: dict[str, str]  # package: version
+    reason: str
+
+
+KNOWN_REFUSALS = (
+    KnownRefusal(
+        "gguf",
+        ("fused",),
+        {"diffusers": "0.42.1", "peft": "0.21.2"},
+        "peft's merge adds the LoRA update to the weight's data, which for GGUF holds the packed quantized blocks"
+        " (RuntimeError: The size of tensor a (68) must match the size of tensor b (64), Q8_0 on the tiny pipeline)",
+    ),
+    KnownRefusal(
+        "quanto",
+        ("unfused", "fused", "hotswap"),
+        {"diffusers": "0.42.1", "peft": "0.21.2", "optimum-quanto": "0.2.7"},
+        "FluxLoraLoaderMixin._maybe_expand_lora_state_dict looks each adapted layer's weight up in the"
+        " transformer's state dict, where quanto stores it under other keys (KeyError: '<layer>.weight')",
+    ),
+)
+
+
+def check_lora(cell: Any) -> None:
+    """Raise `unsupported` for a LoRA mode the installed libraries were seen to refuse for the cell's method."""
+    if cell.lora == "none":
+        return
+    from bench.environment import library_versions
+
+    for refusal in KNOWN_REFUSALS:
+        seen = cell.method == refusal.method and cell.lora in refusal.modes
+        if seen and library_versions(*refusal.seen_with) == refusal.seen_with:
+            versions = ", ".join(f"{name} {version}" for name, version in refusal.seen_with.items())
+            reason = f"LoRA {cell.lora} on {cell.method} ({versions}): {refusal.reason}"
+            raise MethodUnavailable("unsupported", reason)
+
+
 class AdapterFileError(ValueError):
     """A LoRA file quantbench will not load (not safetensors, unreadable, no LoRA weights in it)."""
 
@@ -239,4 +282,17 @@ def refusals_as_unsupported(mode: str, doing: str) -> Iterator[None]:
         if type(error).__name__ == "OutOfMemoryError" or "out of memory" in str(error).lower():
             raise
         reason = f"LoRA {mode}: {doing} the adapter failed: {type(error).__name__}: {first_line(error)}"
-        raise MethodUnavailable("unsupported", reason) from error
+        raise MethodUnavailable("unsupported", reason + _raised_in(error)) from error
+
+
+def _raised_in(error: BaseException) -> str:
+    """` (raised in <package>/<module>.py, <function>)`: the library frame the error came from."""
+    import traceback
+
+    frames = traceback.extract_tb(error.__traceback__)
+    if not frames:
+        return ""
+    where = frames[-1]
+    parts = Path(where.filename).parts
+    start = max((i + 1 for i, part in enumerate(parts) if part in ("site-packages", "dist-packages")), default=0)
+    return f" (raised in {'/'.join(parts[start:]) if start else Path(where.filename).name}, {where.name})"

@@ -94,7 +94,7 @@ def cell_rows(
 def timed_adapter_name(lora: Any, mode: str) -> str | None:
     """The adapter a cell's timed runs used, for people: the file's name, or `synthetic` with its seed and
     targets; None without one."""
-    if mode == "none" or lora is None:
+    if mode == "none":
         return None
     if lora.synthetic:
         seed = lora.synthetic.hotswap_seed if mode == "hotswap" else lora.synthetic.seed

@@ -186,6 +186,31 @@ def test_a_library_refusal_while_loading_is_unsupported_with_its_reason():
         attach_adapter(Refusing(), CellAdapters("unfused", adapter), Clock(False), Measurements())
     assert caught.value.status == "unsupported"
     assert "NotImplementedError: this layer type cannot hold a LoRA" in caught.value.reason
+    assert "(raised in test_lora.py, load_lora_weights)" in caught.value.reason, "where the library refused"
+
+
+def test_modes_the_installed_libraries_were_seen_to_refuse_are_unsupported_before_any_subprocess(monkeypatch):
+    from bench import environment
+    from bench.capability import check_cell
+    from bench.cells import Cell
+    from bench.environment import Machine
+    from bench.lora import KNOWN_REFUSALS
+
+    cpu = Machine(cuda_available=False)
+    gguf_fused = Cell("gguf", {"quant_type": "Q8_0"}, lora="fused", lora_rank=4)
+    seen = {name: version for refusal in KNOWN_REFUSALS for name, version in refusal.seen_with.items()}
+    monkeypatch.setattr(environment, "_version", lambda name: seen.get(name))
+    verdict = check_cell(gguf_fused, cpu)
+    assert verdict.status == "unsupported" and "GGUF holds the packed quantized blocks" in verdict.reason
+    assert "diffusers 0.42.1" in verdict.reason, "the reason names the versions that refused"
+    assert check_cell(Cell("quanto", lora="hotswap", lora_rank=4), cpu).status == "unsupported"
+    for runs in (Cell("gguf", {"quant_type": "Q8_0"}, lora="unfused", lora_rank=4), Cell("quanto")):
+        assert check_cell(runs, cpu).status == "run"
+    monkeypatch.setattr(environment, "_version", lambda name: "99.0" if name == "diffusers" else seen.get(name))
+    assert check_cell(gguf_fused, cpu).status == "run", "newer libraries: the cell finds out for itself"
+    monkeypatch.setattr("importlib.util.find_spec", lambda name, *args: None if name == "peft" else object())
+    no_peft = check_cell(Cell("baseline", lora="unfused", lora_rank=4), cpu)
+    assert no_peft.status == "unsupported" and "`peft`" in no_peft.reason
 
 
 def _adapter_files(folder: Path) -> None:

@@ -63,7 +63,7 @@ def lora_ranks(spec: MatrixFile, path: Path) -> list[int]:
     MatrixError for a lora axis without an adapter or a file quantbench will not load."""
     modes = {*spec.axes.lora, *(rule["lora"] for rule in spec.include if isinstance(rule.get("lora"), str))}
     lora = spec.lora
-    if modes == {"none"} or lora is None:
+    if modes == {"none"} or not (lora.path or lora.synthetic):
         if modes != {"none"}:
             raise MatrixError(path, "axes.lora", "an adapter is needed: add a [lora] table with path or synthetic",
                               sorted(modes - {"none"}))  # fmt: skip

@@ -201,7 +201,8 @@ class SyntheticLora(_Strict):
 
 
 class LoraSettings(_Strict):
-    """The adapter of the cells whose `lora` axis is not `none`: a local file or a synthetic one."""
+    """The adapter of the cells whose `lora` axis is not `none`: a local file or a synthetic one (neither: no
+    adapter, and the axis must stay `none`)."""
 
     path: str | None = None  # a LoRA .safetensors file (diffusers or PEFT format), relative to the matrix
     hotswap_path: str | None = None  # the second file, swapped in by `hotswap` cells (with `path`)
@@ -209,7 +210,7 @@ class LoraSettings(_Strict):
 
     @model_validator(mode="after")
     def _one_source(self) -> LoraSettings:
-        if bool(self.path) == bool(self.synthetic):
+        if self.path and self.synthetic:
             raise ValueError("give exactly one of path or synthetic")
         if self.hotswap_path and not self.path:
             raise ValueError("hotswap_path goes with path (a synthetic adapter has hotswap_seed)")
@@ -266,7 +267,7 @@ class MatrixFile(_Strict):
     run: RunSettings = RunSettings()
     axes: Axes
     drift: DriftSettings = DriftSettings()
-    lora: LoraSettings | None = None
+    lora: LoraSettings = LoraSettings()
     gates: dict[str, float] = {}
     method: dict[str, dict[str, Any]] = {}
     include: list[dict[str, Any]] = []
@@ -275,7 +276,7 @@ class MatrixFile(_Strict):
     @property
     def lora_ranks(self) -> list[int] | None:
         """The synthetic adapter's ranks (the `lora_rank` axis); None for a file, whose rank the file says."""
-        return self.lora.synthetic.ranks if self.lora and self.lora.synthetic else None
+        return self.lora.synthetic.ranks if self.lora.synthetic else None
 
     @field_validator("gates")
     @classmethod
