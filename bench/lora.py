@@ -102,11 +102,6 @@ class CellAdapters:
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
 
-    @property
-    def timed_adapter(self) -> dict[str, Any]:
-        """The adapter the timed runs use: the swapped-in one of a hotswap cell."""
-        return self.swap_adapter or self.adapter
-
 
 @dataclass(frozen=True)
 class MatrixAdapters:

@@ -343,4 +343,3 @@ def pd_isna(value) -> bool:
 def test_cell_adapters_round_trip_through_the_cell_spec():
     adapters = CellAdapters("hotswap", {"path": "a"}, {"path": "b"}, 16)
     assert CellAdapters(**json.loads(json.dumps(adapters.to_json()))) == adapters
-    assert adapters.timed_adapter == {"path": "b"}
