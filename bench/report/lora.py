@@ -32,7 +32,7 @@ LORA_COLUMNS = (
     ("swap", "swap s"),
     ("timed_compiles", "graphs compiled in the timed runs"),
     ("peak", "peak reserved"),
-    ("psnr_db", "PSNR dB vs bf16 + adapter"),
+    ("psnr_db", "PSNR dB vs reference + adapter"),
 )
 
 
