@@ -65,7 +65,7 @@ def test_synthetic_adapter_has_the_models_shapes_and_is_cached_by_what_made_it(t
     assert file_adapter(Path(adapter.path)).rank == 4 and not file_adapter(Path(adapter.path)).peft_format
 
 
-def test_synthetic_adapter_loads_through_load_lora_weights_and_changes_the_output(tiny_flux):
+def test_synthetic_adapter_loads_through_load_lora_weights_and_changes_the_output(tiny_flux, tmp_path):
     import torch
     from diffusers import FluxPipeline
 
@@ -92,6 +92,18 @@ def test_synthetic_adapter_loads_through_load_lora_weights_and_changes_the_outpu
     fused = generate(pipe)
     assert not any(hasattr(module, "lora_A") for module in pipe.transformer.modules()), "fused, then unloaded"
     assert np.abs(fused - unfused).mean() < np.abs(unfused - without).mean(), "fused is about unfused"
+
+    from safetensors.torch import load_file, save_file
+
+    peft_file = tmp_path / "peft-layout.safetensors"  # the same adapter as PEFT's save_pretrained lays it out
+    tensors = load_file(adapter.path)
+    save_file({f"base_model.model.{k.removeprefix('transformer.')}": v for k, v in tensors.items()}, str(peft_file))
+    peft_adapter = file_adapter(peft_file)
+    assert peft_adapter.peft_format
+    pipe = FluxPipeline.from_pretrained(tiny_flux, torch_dtype=torch.bfloat16)
+    pipe.set_progress_bar_config(disable=True)
+    attach_adapter(pipe, CellAdapters("unfused", peft_adapter.to_json()), Clock(False), Measurements())
+    assert np.array_equal(generate(pipe), unfused), "the PEFT layout loads as the same adapter"
 
 
 def test_lora_axis_expands_modes_and_ranks_and_the_adapter_is_part_of_the_cell_id(tmp_path):
