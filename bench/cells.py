@@ -30,9 +30,19 @@ AXES = (
     "placement",
     "attention",
     "batch_size",
+    "lora",
+    "lora_rank",
 )
 # Axes added after cells had ids: at these values they are left out of the id, so those cells keep theirs.
-ID_DEFAULTS = {"inductor": None, "regional": None, "dynamic": None, "attention": "native", "batch_size": 1}
+ID_DEFAULTS = {
+    "inductor": None,
+    "regional": None,
+    "dynamic": None,
+    "attention": "native",
+    "batch_size": 1,
+    "lora": "none",
+    "lora_rank": None,
+}
 
 
 @dataclass(frozen=True)
@@ -52,6 +62,8 @@ class Cell:
     placement: str = "device"
     attention: str = "native"  # the attention backend (bench.attention)
     batch_size: int = 1  # images per prompt in one pipeline call (num_images_per_prompt)
+    lora: str = "none"  # the LoRA mode (bench.lora): none, unfused, fused, hotswap
+    lora_rank: int | None = None  # the adapter's rank; None without an adapter
     id: str = ""
 
     def axes(self) -> dict[str, Any]:
@@ -92,6 +104,8 @@ class Cell:
             parts.append(f"attention={self.attention}")
         if self.batch_size != 1:
             parts.append(f"batch={self.batch_size}")
+        if self.lora != "none":
+            parts.append(f"lora={self.lora}" + (f" r{self.lora_rank}" if self.lora_rank else ""))
         return " ".join(parts)
 
     @property

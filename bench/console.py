@@ -73,7 +73,8 @@ def _print_cells(matrix: Matrix, title: str, here: Callable[[Cell], str], result
     table = Table(title=title)
     columns = ["cell id", "method", "options", "dtype", "threshold", "compile", "components", "placement", "here"]
     shown = set(statuses.values()) != {"not run"}
-    for column in columns + (["results"] if shown else []):
+    lora = any(cell.lora != "none" for cell in matrix.cells)
+    for column in columns[:-1] + (["lora"] if lora else []) + columns[-1:] + (["results"] if shown else []):
         table.add_column(column)
     for cell in matrix.cells:
         status = statuses[cell.id]
@@ -86,6 +87,7 @@ def _print_cells(matrix: Matrix, title: str, here: Callable[[Cell], str], result
             cell.compile_variant,
             "+".join(cell.components) if cell.components else "-",
             cell.placement,
+            *([cell.lora + (f" r{cell.lora_rank}" if cell.lora_rank else "")] if lora else []),
             here(cell),
             *([f"[{STATUS_STYLE.get(status, 'dim')}]{status}"] if shown else []),
         )

@@ -57,6 +57,9 @@ class Measurements:
     compile_s: float | None = None
     serialize_save_s: float | None = None
     serialize_reload_s: float | None = None
+    lora_load_s: float | None = None  # load_lora_weights of the cell's adapter
+    lora_fuse_s: float | None = None  # fuse_lora and unloading the LoRA layers (lora = fused)
+    lora_swap_s: float | None = None  # load_lora_weights(hotswap=True) of the second adapter (lora = hotswap)
     cell_wall_s: float | None = None  # set by the launcher
     # compilation (compiled cells)
     inductor_settings: str | None = None  # JSON
@@ -142,6 +145,7 @@ class CellSpec:
     warmup_step_limit_reason: str = ""
     trust_pickled_checkpoints: bool = False
     attempt: int = 1
+    lora: dict[str, Any] | None = None  # bench.lora.CellAdapters as JSON; None without an adapter
     output_dir: str = ""  # set by the launcher: images/, latents/ and result.json are written here
 
     @property

@@ -124,6 +124,21 @@ MATRIX_KEYS = {
     "`skipped` or `unsupported` row with the reason before any cell runs. Drift is against the `native` reference.",
     "axes.batch_size": "Images per pipeline call (`num_images_per_prompt`); rows add per-image latency and "
     "images per second. The first image of a batch is the one compared with the reference.",
+    "axes.lora": "LoRA mode (the `[lora]` table's adapter; see the LoRA page): `none` (default), `unfused` "
+    "(`load_lora_weights`), `fused` (`fuse_lora`, then the LoRA layers unloaded), `hotswap` (`enable_lora_hotswap` "
+    "before loading and compiling, a second adapter swapped in with `hotswap=True` after the warm-up; the timed runs "
+    "use it). A mode the libraries refuse for a method is an `unsupported` row with their reason.",
+    "lora": "The adapter of the cells whose `lora` axis is not `none`: one of `path` and `synthetic`. "
+    "Drift of a LoRA cell is against the reference pipeline with the same adapter, unfused.",
+    "lora.path": "A LoRA `.safetensors` file (diffusers' or PEFT's key layout), relative to the matrix; any other "
+    "format is refused before any cell runs. Its rank is read from the file.",
+    "lora.hotswap_path": "The second `.safetensors` file, swapped in by `hotswap` cells (with `path`).",
+    "lora.synthetic": "An adapter quantbench builds for the model's own layer shapes, an inline table: `rank` "
+    "(default 16; a list is an axis of its own, `lora_rank`), `targets` (the transformer's linear layers whose names "
+    "end with one of these, PEFT's `target_modules` rule; default `to_q`, `to_k`, `to_v`, `to_out.0`), `seed` "
+    "(default 0) and `hotswap_seed` (default 1: the second adapter, which `hotswap` cells swap in). Random values, "
+    "diffusers' layout, saved as safetensors (cached by the shapes, rank, targets and seed) and loaded through "
+    "`load_lora_weights` like a file.",
     "drift": "How images are compared with the reference run (the `baseline` in `reference_dtype`).",
     "drift.enabled": "Compute drift metrics at all.",
     "drift.reference_dtype": "dtype of the baseline every cell is compared with.",
@@ -246,6 +261,11 @@ COLUMN_GROUPS: dict[str, dict[str, str]] = {
         "attention_backend": "The backends the denoiser's attention modules dispatched to, comma-separated (what ran).",
         "dynamic": "`torch.compile(dynamic=...)` of a compiled cell; null: torch's default, or not compiled.",
         "batch_size": "The `batch_size` axis: images per pipeline call; latency columns are per call.",
+        "lora": "The `lora` axis: `none`, `unfused`, `fused`, `hotswap`.",
+        "lora_rank": "The adapter's rank (the `lora_rank` axis of a synthetic adapter, or the file's); null without "
+        "an adapter.",
+        "lora_adapter": "The adapter the timed runs used (a hotswap cell's second one): the file's name, or "
+        "`synthetic` with its seed and targets.",
     },
     "Model and generation": {
         "model_source": "Built-in name, folder or hub id.",
@@ -299,6 +319,10 @@ COLUMN_GROUPS: dict[str, dict[str, str]] = {
         "serialize_reload_s": "Serialization round trip: reload time.",
         "checkpoint_bytes": "Size of the saved checkpoint.",
         "serialization_status": "How the round trip went (e.g. refused by `weights_only=True`).",
+        "lora_load_s": "`load_lora_weights` of the cell's adapter (before compiling).",
+        "lora_fuse_s": "`fuse_lora` and unloading the LoRA layers (`lora = fused`).",
+        "lora_swap_s": "`load_lora_weights(..., hotswap=True)` of the second adapter after the warm-up "
+        "(`lora = hotswap`); `timed_compiles` then says whether the compiled model recompiled for it.",
     },
     "Memory (bytes)": {
         "resident_reserved_bytes": "`torch.cuda.max_memory_reserved()` right after the pipeline is on the device "

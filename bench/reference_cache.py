@@ -1,7 +1,7 @@
 """The reference images and final latents every cell is compared with, cached by content key.
 
-For each (model, prompt, seed, size, steps, guidance, sequence length, reference dtype, device) the
-reference runs once; later runs and other matrices with the same key reuse it.
+For each (model, prompt, seed, size, steps, guidance, sequence length, reference dtype, device, LoRA adapter)
+the reference runs once; later runs and other matrices with the same key reuse it.
 """
 
 from __future__ import annotations
@@ -37,13 +37,22 @@ class Reference:
 
 
 def reference_key(
-    model_key: dict[str, Any], generation: dict[str, Any], prompt: str, seed: int, dtype: str, device: str
+    model_key: dict[str, Any],
+    generation: dict[str, Any],
+    prompt: str,
+    seed: int,
+    dtype: str,
+    device: str,
+    lora: str | None = None,
 ) -> str:
-    """The content key of one reference image."""
+    """The content key of one reference image; `lora` is the identity of the LoRA adapter loaded (unfused) into
+    the reference pipeline (bench.lora.Adapter), None for none."""
     settings = {
         k: generation[k] for k in ("height", "width", "num_inference_steps", "guidance_scale", "max_sequence_length")
     }
     payload = [REFERENCE_VERSION, model_key, settings, prompt, seed, dtype, device]
+    if lora is not None:  # keys without an adapter stay what they were
+        payload.append({"lora": lora})
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 from bench.cells import Cell
@@ -51,6 +52,9 @@ def cell_rows(
         "attention": cell.attention,
         "dynamic": cell.dynamic,
         "batch_size": cell.batch_size,
+        "lora": cell.lora,
+        "lora_rank": cell.lora_rank,
+        "lora_adapter": timed_adapter_name(matrix.spec.lora, cell.lora),
         "model_source": model.source,
         "model_revision": model.revision,
         "pipeline_class": model.pipeline_class,
@@ -85,6 +89,17 @@ def cell_rows(
             rows.append(row)
     _apply_gates(rows, matrix.spec.gates)
     return rows
+
+
+def timed_adapter_name(lora: Any, mode: str) -> str | None:
+    """The adapter a cell's timed runs used, for people: the file's name, or `synthetic` with its seed and
+    targets; None without one."""
+    if mode == "none":
+        return None
+    if lora.synthetic:
+        seed = lora.synthetic.hotswap_seed if mode == "hotswap" else lora.synthetic.seed
+        return f"synthetic seed={seed} targets={'+'.join(lora.synthetic.targets)}"
+    return Path(lora.hotswap_path if mode == "hotswap" else lora.path).name
 
 
 def _method(cell: Cell) -> Any:

@@ -29,6 +29,7 @@ from bench.errors import UserError
 from bench.executors import Executor, WorkerLost
 from bench.executors.local import LocalExecutor
 from bench.launch import CellJob, CellOutcome
+from bench.lora import CellAdapters, MatrixAdapters, matrix_adapters
 from bench.matrix import Matrix
 from bench.models import ResolvedModel, resolve_model
 from bench.rows import cell_rows
@@ -58,6 +59,7 @@ class Plan:
     machine: Machine
     device: str
     verdicts: dict[str, Verdict]
+    adapters: MatrixAdapters = MatrixAdapters({}, {})  # the LoRA cells' adapter files (bench.lora)
 
 
 class TimeLimitReached(Exception):
@@ -97,7 +99,8 @@ def plan(matrix: Matrix, machine: Machine | None = None) -> Plan:
         raise UserError(f"{matrix.path}: run.device: 'cuda' asked for, but torch sees no CUDA device here")
     device = "cuda" if wanted == "cuda" or (wanted == "auto" and machine.cuda_available) else "cpu"
     verdicts = {cell.id: check_cell(cell, machine) for cell in matrix.cells}
-    return Plan(matrix, model, machine, device, verdicts)
+    adapters = matrix_adapters(matrix.spec.lora, matrix.path.parent, model.folder, matrix.cells)
+    return Plan(matrix, model, machine, device, verdicts, adapters)
 
 
 def run_matrix(
@@ -140,7 +143,10 @@ def run_matrix(
             with run.timing("reference_s"):
                 comparison = (
                     ReferenceComparison(
-                        ready, folder, lambda cell, gen: submit_with_retry(pool, _job(ready, cell, gen))
+                        ready,
+                        folder,
+                        lambda cell, gen, lora: submit_with_retry(pool, _job(ready, cell, gen, lora=lora)),
+                        todo,
                     )
                     if matrix.drift.enabled and todo
                     else None
@@ -355,8 +361,11 @@ def _job(
     cell: Cell,
     generation: dict[str, Any] | None = None,
     warmup_step_limit: tuple[float | None, str] = (None, ""),
+    lora: CellAdapters | None = None,
 ) -> CellJob:
+    """The job of `cell`; a reference cell passes its `generation` and `lora` (else the matrix's and the cell's)."""
     run = ready.matrix.spec.run
+    lora = lora or ready.adapters.for_cell(cell.lora, cell.lora_rank)
     spec = CellSpec(
         cell=cell.axes(),
         cell_id=cell.id,
@@ -369,6 +378,7 @@ def _job(
         trust_pickled_checkpoints=run.trust_pickled_checkpoints,
         warmup_step_limit_s=warmup_step_limit[0],
         warmup_step_limit_reason=warmup_step_limit[1],
+        lora=lora.to_json() if lora else None,
     )
     return CellJob.for_spec(spec, run.timeout_s)
 

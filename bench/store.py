@@ -29,7 +29,7 @@ from bench.atomic import atomic_path, write_bytes_atomic
 from bench.contract import ROW_STATUSES, Measurements, Status, worst_status
 from bench.errors import UserError
 
-SCHEMA_VERSION = 2  # 2: step_times_s and e2e_times_s; steady-state peaks, energy and clocks, value-dependent speed, quantization effect; attention backend, batch size, per_resolution
+SCHEMA_VERSION = 2  # 2: step_times_s and e2e_times_s; steady-state peaks, energy and clocks, value-dependent speed, quantization effect; attention backend, batch size, per_resolution; LoRA
 STATUSES = ROW_STATUSES  # (WORST_FIRST and worst_status: bench.contract)
 INTERRUPTED_LOG_SUFFIX = ".interrupted.log"  # logs/<cell id>.interrupted.log: a cell stopped while running
 INTERRUPTED_PROGRESS_SUFFIX = ".interrupted.json"  # what its last stopped try had measured (contract.Measurements)
@@ -84,6 +84,12 @@ class ResultRow:
     batch_size: int | None = None  # images per pipeline call (num_images_per_prompt); latency columns are per call
     e2e_latency_per_image_s: float | None = None  # e2e median / batch_size
     images_per_s: float | None = None  # batch_size / e2e median
+    lora: str | None = None  # the `lora` axis: none, unfused, fused, hotswap
+    lora_rank: int | None = None  # the adapter's rank (None without one)
+    lora_adapter: str | None = None  # the adapter the timed runs used: a file's name, or `synthetic` with its seed
+    lora_load_s: float | None = None  # load_lora_weights of the adapter
+    lora_fuse_s: float | None = None  # fuse_lora, then unloading the LoRA layers (lora = fused)
+    lora_swap_s: float | None = None  # load_lora_weights(hotswap=True) of the second adapter (lora = hotswap)
     per_resolution: str | None = None  # JSON list of contract.SizeRun: each `[generation] resolutions` size's
     # latencies, graphs compiled and peak memory
     log_tail: str | None = None

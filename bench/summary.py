@@ -26,6 +26,7 @@ CELL_COLUMNS = (
     "warmup_peak_reserved_bytes", "energy_j_per_image", "energy_j_per_step", "avg_power_w", "gpu_sm_clock_mhz",
     "gpu_power_limit_w", "gpu_temperature_c", "gpu_throttle_reasons", "energy_note", "value_dependent_latency",
     "int8_outlier_column_fraction", "quantization_effective", "quantization_note",
+    "lora", "lora_rank", "lora_adapter", "lora_load_s", "lora_fuse_s", "lora_swap_s",
 )  # fmt: skip
 
 
@@ -47,6 +48,7 @@ def cell_summary(frame: pd.DataFrame) -> pd.DataFrame:
     for cell_id, rows in frame.groupby("cell_id", sort=False):
         first = rows.iloc[0]
         record = {"cell_id": cell_id, **{c: first.get(c) for c in CELL_COLUMNS}}
+        record["lora"] = record["lora"] if isinstance(record["lora"], str) else "none"  # rows from before the axis
         record["status"] = worst_status(set(rows["status"]))
         errors = rows.loc[rows["status"] != Status.OK, "error"].dropna()
         record["error"] = errors.iloc[0] if len(errors) else None
@@ -70,7 +72,7 @@ def cell_summary(frame: pd.DataFrame) -> pd.DataFrame:
     summary = summary.sort_values(
         ["method_family", "cell_label"], key=lambda c: c.where(c != "baseline", ""), kind="stable"
     )
-    return _against_eager(_against_baseline(summary.reset_index(drop=True)))
+    return _against_lora_none(_against_eager(_against_baseline(summary.reset_index(drop=True))))
 
 
 def device_label(gpu_name: object) -> str:
@@ -92,6 +94,8 @@ def _against_baseline(summary: pd.DataFrame) -> pd.DataFrame:
         candidates = baselines[
             (baselines["placement"] == cell["placement"])
             & (baselines["gpu_name"].map(device_label) == device_label(cell["gpu_name"]))
+            & (baselines["lora"] == cell["lora"])  # a LoRA cell against bf16 with its adapter in the same mode
+            & (baselines["lora_rank"].fillna(0) == (0 if pd.isna(cell["lora_rank"]) else cell["lora_rank"]))
         ]
         if candidates.empty:
             continue
@@ -105,7 +109,43 @@ def _against_baseline(summary: pd.DataFrame) -> pd.DataFrame:
 
 
 # what makes a compiled cell's eager twin: the same cell with compile off (and the same device)
-EAGER_TWIN_COLUMNS = ("method", "method_options", "dtype", "threshold", "components", "placement")
+EAGER_TWIN_COLUMNS = ("method", "method_options", "dtype", "threshold", "components", "placement", "lora", "lora_rank")
+# what makes a LoRA cell's twin without an adapter: every axis but `lora` and `lora_rank` (and the same device)
+LORA_TWIN_COLUMNS = (
+    "method", "method_options", "dtype", "threshold", "compile", "fullgraph", "inductor", "regional", "dynamic",
+    "components", "placement", "attention", "batch_size",
+)  # fmt: skip
+
+
+def _against_lora_none(summary: pd.DataFrame) -> pd.DataFrame:
+    """`lora_step_overhead` and `lora_e2e_overhead` of each LoRA cell: its median step (end-to-end) time over
+    that of the same cell with `lora = none` on the same device, minus 1 (0.25: 25 % slower), where that cell is
+    `ok`."""
+
+    def twin_key(cell: pd.Series) -> tuple:
+        axes = tuple(None if _missing(cell.get(column)) else cell[column] for column in LORA_TWIN_COLUMNS)
+        return (*axes, device_label(cell["gpu_name"]))
+
+    summary = summary.copy()
+    without = {
+        twin_key(cell): cell
+        for _, cell in summary[(summary["lora"] == "none") & (summary["status"] == Status.OK)].iterrows()
+    }
+    for column, latency in (
+        ("lora_step_overhead", "step_latency_median_s"),
+        ("lora_e2e_overhead", "e2e_latency_median_s"),
+    ):
+        summary[column] = [
+            cell[latency] / without[twin_key(cell)][latency] - 1
+            if cell["lora"] != "none" and twin_key(cell) in without
+            else np.nan
+            for _, cell in summary.iterrows()
+        ]
+    return summary
+
+
+def _missing(value: object) -> bool:
+    return value is None or (isinstance(value, float) and math.isnan(value))
 
 
 def _against_eager(summary: pd.DataFrame) -> pd.DataFrame:

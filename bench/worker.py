@@ -96,6 +96,8 @@ def run_cell(spec: CellSpec, result: CellResult) -> None:
     m.transformer_footprint_bytes = int(model.get_memory_footprint())
     m.transformer_tensor_bytes = tensor_bytes(model)
     m.attention_backend = set_attention(model, cell.attention)
+    if spec.lora:  # before compiling: the compiled graphs hold the LoRA layers (or the fused weights)
+        _attach_lora(pipe, spec, clock, progress)
     compiled = compile_denoiser(
         pipe, cell.compile, bool(cell.fullgraph), cell.inductor, bool(cell.regional), inductor_at_start, cell.dynamic
     )
@@ -120,6 +122,17 @@ def run_cell(spec: CellSpec, result: CellResult) -> None:
             _say(f"counting the value-dependent path failed: {type(error).__name__}: {error}")
     if spec.generation.get("resolutions"):
         _time_resolutions(generate, spec, result, cuda)
+
+
+def _attach_lora(pipe: Any, spec: CellSpec, clock: Any, progress: Progress) -> None:
+    """Load the cell's LoRA adapter (bench.lora): unfused, fused, or prepared for hot-swapping."""
+    from bench.lora import CellAdapters, attach_adapter
+
+    lora = CellAdapters(**spec.lora)
+    m = progress.result.measurements
+    attach_adapter(pipe, lora, clock, m)
+    fused = f", fuse {m.lora_fuse_s:.2f} s" if m.lora_fuse_s is not None else ""
+    progress(f"LoRA {lora.mode} (rank {lora.adapter['rank']}): load {m.lora_load_s:.2f} s{fused}")
 
 
 def _check_quantization(pipe: Any, cell: Any, model_folder: Path, result: CellResult) -> None:
@@ -340,6 +353,11 @@ def _generate(
         )
         progress(result.error)
         return None
+    if spec.lora and spec.lora["mode"] == "hotswap":  # the timed runs use the second adapter
+        from bench.lora import CellAdapters, swap_adapter
+
+        swap_adapter(pipe, CellAdapters(**spec.lora), clock, m)
+        progress(f"LoRA hot-swap: {m.lora_swap_s:.2f} s")
     inject(fault, "generate")
     graphs_before_timing = CompileCounts.now().graphs
     timing = True

@@ -12,6 +12,7 @@ from pydantic import ValidationError
 from bench.cache import folder_fingerprint
 from bench.cells import AXES, Cell
 from bench.errors import MatrixError
+from bench.lora import AdapterFileError, file_adapter
 from bench.matrix.pydantic_errors import matrix_error
 from bench.matrix.schema import Axes, MatrixFile
 from bench.methods import method_class, method_names
@@ -26,20 +27,22 @@ def expand(spec: MatrixFile, path: Path) -> list[Cell]:
             method_class(name)
         except KeyError as error:
             raise MatrixError(path, f"method.{name}", error.args[0], None, method_names()) from None
+    ranks = lora_ranks(spec, path)
     cells: list[Cell] = []
     for name in axes.method:
         for options in expand_options(path, name, spec.method.get(name, {})):
-            cells.extend(_product(axes, name, options))
+            cells.extend(_product(axes, name, options, ranks))
     for i, rule in enumerate(spec.exclude):
         rule_keys(spec, rule, path, f"exclude.{i}")
         cells = [cell for cell in cells if not matches(path, rule, cell, f"exclude.{i}")]
-    cells += [_included_cell(path, spec, rule, f"include.{i}") for i, rule in enumerate(spec.include)]
+    cells += [_included_cell(path, spec, rule, f"include.{i}", ranks) for i, rule in enumerate(spec.include)]
     for cell in cells:
         _check_combination(path, spec, cell)
     context = {"model": model_identity(spec, path), "generation": spec.generation.identity()}
     unique: dict[str, Cell] = {}
     for cell in cells:
-        cell = cell.with_id(context)
+        lora = {"lora": lora_identity(spec, path, cell.lora)} if cell.lora != "none" else {}
+        cell = cell.with_id({**context, **lora})
         unique.setdefault(cell.id, cell)
     if not unique:
         raise MatrixError(path, "exclude", "the rules exclude every cell: nothing to run")
@@ -53,6 +56,48 @@ def model_identity(spec: MatrixFile, path: Path) -> dict[str, Any]:
     if spec.model.path:
         key["content"] = folder_fingerprint((path.parent / spec.model.path).expanduser())
     return key
+
+
+def lora_ranks(spec: MatrixFile, path: Path) -> list[int]:
+    """The `lora_rank` axis: the synthetic adapter's ranks, or the rank a LoRA file holds (read from its header);
+    MatrixError for a lora axis without an adapter or a file quantbench will not load."""
+    modes = {*spec.axes.lora, *(rule["lora"] for rule in spec.include if isinstance(rule.get("lora"), str))}
+    lora = spec.lora
+    if modes == {"none"} or not (lora.path or lora.synthetic):
+        if modes != {"none"}:
+            raise MatrixError(path, "axes.lora", "an adapter is needed: add a [lora] table with path or synthetic",
+                              sorted(modes - {"none"}))  # fmt: skip
+        return []
+    if lora.synthetic:
+        return lora.synthetic.ranks
+    if "hotswap" in modes and not lora.hotswap_path:
+        raise MatrixError(path, "lora.hotswap_path", "lora = 'hotswap' swaps in a second adapter: name its file")
+    ranks = [_adapter_file(spec, path, "path").rank]
+    if "hotswap" in modes:
+        _adapter_file(spec, path, "hotswap_path")
+    return ranks
+
+
+def _adapter_file(spec: MatrixFile, path: Path, key: str) -> Any:
+    """The adapter file at `lora.<key>`, checked (safetensors, LoRA weights in it); MatrixError otherwise."""
+    written = getattr(spec.lora, key)
+    try:
+        return file_adapter((path.parent / written).expanduser().resolve())
+    except AdapterFileError as error:
+        raise MatrixError(path, f"lora.{key}", str(error), written, [".safetensors"]) from None
+
+
+def lora_identity(spec: MatrixFile, path: Path, mode: str) -> dict[str, Any]:
+    """What identifies a LoRA cell's adapters beyond its rank (part of its id): the synthetic adapter's targets
+    and seeds, or the files' identities."""
+    lora = spec.lora
+    if lora.synthetic:
+        seeds = {"hotswap_seed": lora.synthetic.hotswap_seed} if mode == "hotswap" else {}
+        return {"targets": lora.synthetic.targets, "seed": lora.synthetic.seed, **seeds}
+    files = {"file": _adapter_file(spec, path, "path").identity}
+    if mode == "hotswap":
+        files["hotswap_file"] = _adapter_file(spec, path, "hotswap_path").identity
+    return files
 
 
 def _check_combination(path: Path, spec: MatrixFile, cell: Cell) -> None:
@@ -84,7 +129,12 @@ def _components_axis(axes: Axes, cls: type) -> list[list[str] | None]:
     return axes.components
 
 
-def _product(axes: Axes, method: str, options: dict[str, Any]) -> list[Cell]:
+def _lora_axes(axes: Axes, ranks: list[int]) -> list[tuple[str, int | None]]:
+    """(mode, rank) pairs: `none` has no rank; every other mode takes each rank."""
+    return [(mode, None) if mode == "none" else (mode, rank) for mode in axes.lora for rank in (ranks or [None])]
+
+
+def _product(axes: Axes, method: str, options: dict[str, Any], ranks: list[int]) -> list[Cell]:
     cls = method_class(method)
     cells = []
     for (
@@ -99,6 +149,7 @@ def _product(axes: Axes, method: str, options: dict[str, Any]) -> list[Cell]:
         placement,
         attention,
         batch_size,
+        (lora, lora_rank),
     ) in itertools.product(
         axes.dtype,
         axes.threshold if cls.uses_threshold else [None],
@@ -111,6 +162,7 @@ def _product(axes: Axes, method: str, options: dict[str, Any]) -> list[Cell]:
         axes.placement,
         axes.attention,
         axes.batch_size,
+        _lora_axes(axes, ranks),
     ):
         compiled = compile_mode != "off"
         cells.append(
@@ -128,6 +180,8 @@ def _product(axes: Axes, method: str, options: dict[str, Any]) -> list[Cell]:
                 placement=placement,
                 attention=attention,
                 batch_size=batch_size,
+                lora=lora,
+                lora_rank=lora_rank,
             )
         )
     return cells
@@ -187,6 +241,8 @@ def matches(path: Path, rule: dict[str, Any], cell: Cell, key: str) -> bool:
         "dynamic": "auto" if cell.dynamic is None else cell.dynamic,
         "attention": cell.attention,
         "batch_size": cell.batch_size,
+        "lora": cell.lora,
+        "lora_rank": cell.lora_rank,
     }
     return all(values.get(name) in _candidates(name, wanted) for name, wanted in rule.items())
 
@@ -203,7 +259,7 @@ def _candidates(name: str, wanted: Any) -> list[Any]:
     return wanted if isinstance(wanted, list) else [wanted]
 
 
-def _included_cell(path: Path, spec: MatrixFile, rule: dict[str, Any], key: str) -> Cell:
+def _included_cell(path: Path, spec: MatrixFile, rule: dict[str, Any], key: str, ranks: list[int]) -> Cell:
     """An extra cell from an include rule: its values, the first value of every other axis."""
     rule_keys(spec, rule, path, key)
     if "method" not in rule:
@@ -216,9 +272,14 @@ def _included_cell(path: Path, spec: MatrixFile, rule: dict[str, Any], key: str)
     base_options = expand_options(path, method, spec.method[method])[0] if method in spec.method else {}
     option_values = {k: v for k, v in rule.items() if k in cls.Options.model_fields}
     options = _validated_options(path, key, cls.Options, {**base_options, **option_values})
-    axis_values = {name: rule.get(name, getattr(spec.axes, name)[0]) for name in AXES if name != "method"}
+    axis_values = {
+        name: rule.get(name, getattr(spec.axes, name)[0]) for name in AXES if name not in ("method", "lora_rank")
+    }
     try:
         axes = Axes.model_validate({name: [value] for name, value in axis_values.items()} | {"method": [method]})
     except ValidationError as error:
         raise matrix_error(path, error, prefix=key) from None
-    return _product(axes, method, options)[0]
+    rank = rule.get("lora_rank")
+    if rank is not None and rank not in ranks:
+        raise MatrixError(path, f"{key}.lora_rank", "not a rank of the [lora] adapter", rank, ranks)
+    return _product(axes, method, options, [rank] if rank is not None else ranks)[0]

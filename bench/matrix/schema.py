@@ -13,6 +13,8 @@ from bench.attention import ATTENTION_BACKENDS
 from bench.cells import DTYPES, Cell
 from bench.compilation import INDUCTOR_PRESETS
 from bench.drift import METRICS
+from bench.lora import DEFAULT_TARGETS
+from bench.lora import MODES as LORA_MODES
 from bench.methods import method_class
 
 SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
@@ -172,6 +174,49 @@ class RunSettings(_Strict):
         return (self.compile_timeout_s or {}).get(mode)
 
 
+Rank = typing.Annotated[int, Field(ge=1, le=4096)]
+
+
+class SyntheticLora(_Strict):
+    """A LoRA quantbench builds for the model's own shapes: random values from `seed`, saved as safetensors."""
+
+    rank: Rank | list[Rank] = 16  # a list is an axis of its own (`lora_rank`)
+    targets: list[typing.Annotated[str, Field(pattern=r"^[A-Za-z0-9_.]+$")]] = Field(
+        default=list(DEFAULT_TARGETS), min_length=1
+    )  # the transformer's linear layers whose names end with one of these (PEFT's target_modules rule)
+    seed: int = Field(default=0, ge=0, lt=2**63)
+    hotswap_seed: int = Field(default=1, ge=0, lt=2**63)  # the second adapter, swapped in by `hotswap` cells
+
+    @property
+    def ranks(self) -> list[int]:
+        return self.rank if isinstance(self.rank, list) else [self.rank]
+
+    @model_validator(mode="after")
+    def _two_adapters(self) -> SyntheticLora:
+        if self.seed == self.hotswap_seed:
+            raise ValueError("hotswap_seed must differ from seed: hot-swapping the same adapter changes nothing")
+        if isinstance(self.rank, list) and not self.rank:
+            raise ValueError("rank: give at least one rank")
+        return self
+
+
+class LoraSettings(_Strict):
+    """The adapter of the cells whose `lora` axis is not `none`: a local file or a synthetic one (neither: no
+    adapter, and the axis must stay `none`)."""
+
+    path: str | None = None  # a LoRA .safetensors file (diffusers or PEFT format), relative to the matrix
+    hotswap_path: str | None = None  # the second file, swapped in by `hotswap` cells (with `path`)
+    synthetic: SyntheticLora | None = None
+
+    @model_validator(mode="after")
+    def _one_source(self) -> LoraSettings:
+        if self.path and self.synthetic:
+            raise ValueError("give exactly one of path or synthetic")
+        if self.hotswap_path and not self.path:
+            raise ValueError("hotswap_path goes with path (a synthetic adapter has hotswap_seed)")
+        return self
+
+
 class Axes(_Strict):
     """The grid. Each list is an axis; the matrix is their product, minus axes a method does not use."""
 
@@ -191,6 +236,9 @@ class Axes(_Strict):
     dynamic: list[Literal["auto"] | bool] = Field(default=["auto"], min_length=1)
     attention: list[Literal[ATTENTION_BACKENDS]] = Field(default=["native"], min_length=1)  # type: ignore[valid-type]
     batch_size: list[typing.Annotated[int, Field(ge=1, le=256)]] = Field(default=[1], min_length=1)
+    # LoRA adapter (the `[lora]` table): none, unfused (loaded), fused (fused, then unloaded), hotswap (a second
+    # adapter swapped in after the warm-up; compiled cells are prepared for it before compiling)
+    lora: list[Literal[LORA_MODES]] = Field(default=["none"], min_length=1)  # type: ignore[valid-type]
 
     @field_validator("method")
     @classmethod
@@ -219,10 +267,16 @@ class MatrixFile(_Strict):
     run: RunSettings = RunSettings()
     axes: Axes
     drift: DriftSettings = DriftSettings()
+    lora: LoraSettings = LoraSettings()
     gates: dict[str, float] = {}
     method: dict[str, dict[str, Any]] = {}
     include: list[dict[str, Any]] = []
     exclude: list[dict[str, Any]] = []
+
+    @property
+    def lora_ranks(self) -> list[int] | None:
+        """The synthetic adapter's ranks (the `lora_rank` axis); None for a file, whose rank the file says."""
+        return self.lora.synthetic.ranks if self.lora.synthetic else None
 
     @field_validator("gates")
     @classmethod

@@ -21,6 +21,7 @@ from bench.heartbeat import CompileCounts, warmup_step_speed_in_log
 from bench.measure import measurement_flags
 from bench.reference_cache import ReferenceCache
 from bench.report.decision import DEFAULT_BUDGETS_GB, decide, none_text
+from bench.report.lora import LORA_COLUMNS, LORA_INTRO, lora_rows
 from bench.report.plots import SYNTHETIC_DRIFT_REASON, Plot, all_plots, colour, figure_svg, roofline
 from bench.store import ResultsFolder, read_results, read_runs
 from bench.summary import cell_summary, device_label, phases_run, run_times, time_breakdown
@@ -123,6 +124,8 @@ def report_context(
         model=f"{first['model_source']} ({first['pipeline_class']})",
         generation=f"{first['width']}x{first['height']}, {first['num_inference_steps']} steps, guidance {first['guidance_scale']:g}, {first['repeats']} timed repeats",
         gpu_groups=_gpu_groups(frame, cells, budgets_gb),
+        lora_columns=LORA_COLUMNS,
+        lora_intro=LORA_INTRO,
         synthetic_drift=SYNTHETIC_DRIFT_REASON if (cells["weights"] == "synthetic").all() else None,
         image_grid=image_grid if images_present else [],
         images_absent=len(tiles) if tiles and not images_present else 0,
@@ -269,6 +272,7 @@ def _gpu_groups(frame: pd.DataFrame, cells: pd.DataFrame, budgets_gb: tuple[int,
                 "rows": [_summary_row(cell, shown, scale) for _, cell in group.iterrows()],
                 "drift_headers": [label for metric, label in DRIFT_COLUMNS if metric in shown],
                 "plots": all_plots(group),
+                "lora": lora_rows(group, scale),
             }
         )
     return groups

@@ -278,8 +278,11 @@ def _method_label(cell: pd.Series) -> str:
 
 
 def _bf16_eager(ok: pd.DataFrame) -> pd.Series | None:
-    """The bf16 baseline run eagerly with the pipeline on the device: what savings are measured against."""
+    """The bf16 baseline run eagerly with the pipeline on the device (without a LoRA adapter where the run has
+    that cell): what savings are measured against."""
     base = ok[(ok["method"] == "baseline") & (ok["compile"] == "off") & (ok["dtype"] == "bf16")]
+    without_lora = base[base["lora"] == "none"]
+    base = without_lora if not without_lora.empty else base
     on_device = base[base["placement"] == "device"]
     base = on_device if not on_device.empty else base
     return None if base.empty else base.iloc[0]

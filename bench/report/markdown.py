@@ -10,6 +10,7 @@ from typing import Any
 import pandas as pd
 
 from bench.report.decision import Decision, Pick, none_text
+from bench.report.lora import LORA_INTRO
 
 
 def render_markdown(
@@ -42,6 +43,7 @@ def render_markdown(
         if len(context["gpu_groups"]) > 1:
             lines += [f"### {group['device']}", ""]
         lines += _summary(group["rows"], group["memory_unit"])
+    lines += _lora(context)
     lines += ["## Plots", ""]
     if context["synthetic_drift"]:
         lines += [f"The {context['synthetic_drift']}.", ""]
@@ -123,6 +125,26 @@ def _decision(decision: Decision, several_devices: bool) -> list[str]:
 
 def _pick(pick: Pick | None, ran: bool, mode: str) -> str:
     return f"*{none_text(ran, mode)}*" if pick is None else f"{_cell(pick.label)}<br>{pick.facts()}"
+
+
+def _lora(context: dict[str, Any]) -> list[str]:
+    """The LoRA section: each LoRA cell against the same cell without an adapter; [] without LoRA cells."""
+    groups = [group for group in context["gpu_groups"] if group["lora"]]
+    if not groups:
+        return []
+    lines = ["## LoRA", "", LORA_INTRO, ""]
+    for group in groups:
+        if len(context["gpu_groups"]) > 1:
+            lines += [f"### {group['device']}", ""]
+        headers = [
+            header + (f" {group['memory_unit']}" if key == "peak" else "") for key, header in context["lora_columns"]
+        ]
+        lines += ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+        lines += [
+            "| " + " | ".join(_cell(row[key]) for key, _ in context["lora_columns"]) + " |" for row in group["lora"]
+        ]
+        lines.append("")
+    return lines
 
 
 def _summary(rows: list[dict[str, Any]], memory_unit: str) -> list[str]:
