@@ -162,9 +162,10 @@ def run_matrix(
 
             eager_steps = eager_step_times(folder.read_table().to_pylist())
 
-            def job(cell: Cell) -> CellJob:
+            def job(cell: Cell, more_to_come: bool) -> CellJob:
                 limit, reason = warmup_step_limit(cell, run_settings, eager_steps)
-                return _job(ready, cell, warmup_step_limit=(limit, reason))
+                prestart_next = more_to_come and run_settings.cell_start == "prestarted"
+                return _job(ready, cell, warmup_step_limit=(limit, reason), prestart_next=prestart_next)
 
             waiting = deque()
             for cell in start_order(todo, results_dir, pool.slots):  # several slots: longest cells first
@@ -179,7 +180,7 @@ def run_matrix(
                 while waiting or running:
                     while waiting and len(running) < pool.slots and (deadline is None or time.monotonic() < deadline):
                         cell = waiting.popleft()
-                        running[submit_with_retry(pool, job(cell))] = cell
+                        running[submit_with_retry(pool, job(cell, bool(waiting)))] = cell
                         started_at[cell.id] = time.monotonic()
                         if progress:
                             progress.cell_started(cell)
@@ -355,6 +356,7 @@ def _job(
     cell: Cell,
     generation: dict[str, Any] | None = None,
     warmup_step_limit: tuple[float | None, str] = (None, ""),
+    prestart_next: bool = False,
 ) -> CellJob:
     run = ready.matrix.spec.run
     spec = CellSpec(
@@ -370,7 +372,7 @@ def _job(
         warmup_step_limit_s=warmup_step_limit[0],
         warmup_step_limit_reason=warmup_step_limit[1],
     )
-    return CellJob.for_spec(spec, run.timeout_s)
+    return CellJob.for_spec(spec, run.timeout_s, prestart_next)
 
 
 def _row_context(ready: Plan) -> dict[str, Any]:
