@@ -112,23 +112,28 @@ class Standby:
         self.scratch = Path(self._scratch.name)
         template_path = self.scratch / "template.json"
         template.save(template_path)
-        with open(self.scratch / "cell.log", "w") as log:
-            self.process = subprocess.Popen(
-                [*WORKER_COMMAND, STANDBY_FLAG, str(template_path)],
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                stdin=subprocess.PIPE,
-                env=env,
-                text=True,
-                start_new_session=True,
-            )
+        try:
+            with open(self.scratch / "cell.log", "w") as log:
+                self.process = subprocess.Popen(
+                    [*WORKER_COMMAND, STANDBY_FLAG, str(template_path)],
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    stdin=subprocess.PIPE,
+                    env=env,
+                    text=True,
+                    start_new_session=True,
+                )
+        except OSError:
+            self._scratch.cleanup()
+            raise
 
     def hand_over(self, spec_path: Path) -> bool:
-        """Give the waiting process its cell; False (the process killed) when it is no longer waiting."""
+        """Give the process its cell (with the time of the hand-over: a standby still importing has the rest of
+        its imports in the cell's `import_s`); False (the process killed) when it no longer runs."""
         try:
             if self.process.poll() is not None:
                 raise BrokenPipeError
-            self.process.stdin.write(f"{spec_path}\n")
+            self.process.stdin.write(f"{spec_path}\t{time.time()}\n")  # the cell starts now, whatever the standby does
             self.process.stdin.close()
         except OSError:
             self.kill()
@@ -136,10 +141,11 @@ class Standby:
         return True
 
     def kill(self) -> None:
-        """Kill the process and what it started, if still running."""
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(self.process.pid, signal.SIGKILL)
-        self.process.wait()
+        """Kill the process and its process group, if it still runs."""
+        if self.process.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait()
         with contextlib.suppress(OSError):
             self.process.stdin.close()
 

@@ -483,19 +483,22 @@ def main(argv: list[str]) -> None:
 
 
 def _wait_for_cell(template: CellSpec) -> tuple[list[str], float]:
-    """As a standby: import what a cell like `template` needs, then wait for the cell's spec path on stdin;
-    the arguments of that cell and the time it came. Ends the process when stdin closes without one."""
+    """As a standby: import what a cell like `template` needs, then wait for the cell's spec path (and when it was
+    handed over) on stdin; the arguments of that cell and when it came, on this process's clock. Ends the process
+    when stdin closes without one."""
     try:
         import_libraries(template)
     except Exception:  # the cell that comes imports again, and its row says what failed
         traceback.print_exc()
     imported = time.perf_counter()
-    line = sys.stdin.readline().strip()
-    if not line:
+    spec_path, _, handed_over = sys.stdin.readline().strip().partition("\t")
+    if not spec_path:
         os._exit(0)
-    started = time.perf_counter()
-    _say(f"started ahead: imports {imported - PROCESS_START:.1f} s, then {started - imported:.1f} s waiting")
-    return [line], started
+    started = time.perf_counter() - max(0.0, time.time() - float(handed_over or time.time()))
+    waited = started - imported
+    when = f"then {waited:.1f} s waiting" if waited >= 0 else f"the cell came {-waited:.1f} s before their end"
+    _say(f"started ahead: imports {imported - PROCESS_START:.1f} s, {when}")
+    return [spec_path], started
 
 
 def _finish(spec: CellSpec, result: CellResult) -> None:

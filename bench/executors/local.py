@@ -3,6 +3,7 @@ each pinned with CUDA_VISIBLE_DEVICES and given its share of the CPU cores, unle
 
 from __future__ import annotations
 
+import logging
 import os
 import queue
 import signal
@@ -14,6 +15,8 @@ from bench.environment import Machine, detect_machine
 from bench.errors import UserError
 from bench.executors.base import THREADS_ENV, Executor, threads_per_cell
 from bench.launch import CellJob, CellOutcome, Standby, job_environment, launch_cell
+
+log = logging.getLogger(__name__)
 
 
 def visible_gpus() -> list[str]:
@@ -66,7 +69,10 @@ class LocalExecutor(Executor):
                 self._track(process)
                 with self._lock:
                     if job.prestart_next and not self._closed:
-                        self._standbys[gpu] = Standby(job.spec, job_environment(job, env))
+                        try:
+                            self._standbys[gpu] = Standby(job.spec, job_environment(job, env))
+                        except OSError as error:  # the next cell then starts with its cell
+                            log.warning("could not start the next cell's process ahead: %s", error)
 
             return launch_cell(job, env, started, standby)
         finally:
