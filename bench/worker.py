@@ -91,10 +91,11 @@ def run_cell(spec: CellSpec, result: CellResult, started: float = PROCESS_START)
 
     m = result.measurements
     progress = Progress(spec, result)
+    progress(f"imports: torch {time.perf_counter() - started:.1f} s (process {os.getpid()})")
     import_libraries(spec)
     m.import_s = time.perf_counter() - started
     m.cpu_threads = torch.get_num_threads()  # CPU-side quantizing on load (torchao) scales with it
-    progress(f"imports: {m.import_s:.1f} s (process {os.getpid()})")
+    progress(f"imports: {m.import_s:.1f} s with diffusers, the model's classes and the method's libraries")
     fault = injected_fault(spec.cell_id, spec.attempt)
     cell = Cell.from_axes(spec.cell, spec.cell_id)
     # before quantizing, which changes them (torchao's configs); only compiled cells need it

@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import re
 import tempfile
+from pathlib import Path
 
 import psutil
 import pytest
@@ -44,12 +45,15 @@ def prestarted_run(tmp_path_factory, quantbench_cache):
     mp = pytest.MonkeyPatch()
     mp.setenv("QUANTBENCH_INJECT_FAULT", f"crash@{crash},sigkill@{kill}")
     mp.setenv("OMP_NUM_THREADS", "1")  # the cells must see it: torch reads it when it starts
-    scratch = folder / "tmp"  # the cells' scratch folders go here, apart from other runs'
-    scratch.mkdir()
-    mp.setattr(tempfile, "tempdir", str(scratch))
+    standbys_before = _standby_scratch_folders()
     summary = run_matrix(matrix, folder / "results", executor=LocalExecutor(gpus=["7"]))
     mp.undo()
-    return matrix, folder / "results", summary, scratch
+    return matrix, folder / "results", summary, standbys_before
+
+
+def _standby_scratch_folders() -> set[Path]:
+    """The scratch folders of standbys (they hold the template spec) in the temporary folder."""
+    return {path.parent for path in Path(tempfile.gettempdir()).glob("quantbench-cell-*/template.json")}
 
 
 @pytest.mark.slow
@@ -65,7 +69,7 @@ def test_every_prestarted_cell_is_a_row_from_a_fresh_process_with_the_cells_envi
     assert (table["cpu_threads"] == 1).all(), "OMP_NUM_THREADS reached torch in every process, prestarted or not"
 
     logs = {cell.label: (results / "logs" / f"{cell.id}.log").read_text() for cell in matrix.cells}
-    pids = {label: re.search(r"imports: [\d.]+ s \(process (\d+)\)", log).group(1) for label, log in logs.items()}
+    pids = {label: re.search(r"imports: torch [\d.]+ s \(process (\d+)\)", log).group(1) for label, log in logs.items()}
     assert len(set(pids.values())) == len(pids), f"each cell ran in a process of its own: {pids}"
     first = [label for label, log in logs.items() if "started ahead" not in log]
     assert len(first) == 1, "only the run's first cell, which has no cell before it, starts with its cell"
@@ -77,10 +81,10 @@ def test_every_prestarted_cell_is_a_row_from_a_fresh_process_with_the_cells_envi
 
 @pytest.mark.slow
 def test_a_prestarted_run_leaves_no_process_and_no_scratch_folder(prestarted_run):
-    _, _, _, scratch = prestarted_run
+    _, _, _, standbys_before = prestarted_run
     workers = [p for p in _children() if "bench.worker" in " ".join(p.cmdline())]
-    assert not workers, f"the last cell's standby is ended with the run: {workers}"
-    assert not list(scratch.glob("quantbench-cell-*")), "every cell's scratch folder is deleted"
+    assert not workers, f"no cell or standby process outlives the run: {workers}"
+    assert not _standby_scratch_folders() - standbys_before, "every standby's scratch folder is deleted"
 
 
 def test_a_standby_has_exactly_the_environment_it_was_started_with_and_a_process_of_its_own(tmp_path):
