@@ -96,6 +96,10 @@ MATRIX_KEYS = {
     "eager step (an ok row of the results folder: same options, dtype, threshold, components, placement) ends after "
     "its warm-up as a `timeout` row keeping the warm-up's step time (default 20).",
     "run.max_warmup_step_s": "The same for compiled cells, as an absolute step time in seconds (default none).",
+    "run.cell_start": "When a cell's process starts: `spawn` (default) when the cell does, importing torch, "
+    "diffusers and the method's libraries then; `prestarted` (the `local` and `local-gpus` executors) while the "
+    "cell before it on the same slot runs, so its imports overlap that cell and it only waits for its spec. Every "
+    "cell still has a fresh process of its own (its own CUDA context and allocator) with the cell's environment.",
     "run.trust_pickled_checkpoints": "Let the serialization round trip reload a pickled checkpoint that "
     "quantbench itself wrote in that cell with `torch.load(weights_only=False)`.",
     "axes": "The grid: each list is an axis, cells are their product; an axis a method does not use collapses for it.",
@@ -283,7 +287,8 @@ COLUMN_GROUPS: dict[str, dict[str, str]] = {
         "repeats": "Timed generations.",
     },
     "Time (seconds)": {
-        "import_s": "Process start to imports done.",
+        "import_s": "The cell's start (its process's, or the hand-over to a process started ahead: `run.cell_start`) "
+        "to imports done: torch, diffusers, the model's classes, the method's module.",
         "prepare_s": "One-off cached work outside the timings (GGUF file, pre-quantized checkpoint).",
         "quantize_s": "Loading the quantized components (diffusers quantizes while loading); null with "
         "`pipeline_config`.",

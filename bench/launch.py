@@ -3,10 +3,19 @@
 This is the worker's side of every executor: the local ones call it in a thread of the driver, Ray calls it
 in a task on any node. It writes nothing outside a scratch folder; the images, latents and log come back
 as bytes in the `CellOutcome`, and only the driver writes the results folder.
+
+A cell's process is started either when the cell starts (`[run] cell_start = "spawn"`) or ahead of it, while the
+cell before it runs (`"prestarted"`, the local executors): a `Standby` imports torch, diffusers and the model's
+classes, then waits for its cell's spec. Either way each cell has a process of its own, started with exactly
+the cell's environment, so its CUDA context and allocator are fresh. Forking cells from one pre-imported parent
+would not keep that: importing diffusers imports bitsandbytes and torchao, which query the GPU
+(`torch.cuda.get_device_capability`) at import time, and a CUDA driver initialised before `fork` is unusable in
+the child.
 """
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
 import signal
@@ -24,10 +33,12 @@ from bench.contract import CellResult, CellSpec, Measurements, Status
 from bench.faults import FAULT_ENV
 from bench.heartbeat import HEARTBEAT_ENV
 from bench.parent_death import PARENT_ENV
+from bench.worker import STANDBY_FLAG
 
 LOG_TAIL_CHARS = 4000
 PACKAGE_ROOT = Path(__file__).resolve().parent.parent
 FORWARDED_ENV = (FAULT_ENV, HEARTBEAT_ENV)  # driver settings a cell must see on any worker
+WORKER_COMMAND = (sys.executable, "-m", "bench.worker")
 
 
 @dataclass(frozen=True)
@@ -37,10 +48,12 @@ class CellJob:
     spec: CellSpec
     timeout_s: float
     env: dict[str, str] = field(default_factory=dict)
+    prestart_next: bool = False  # start the next cell's process (a Standby) while this one runs
 
     @classmethod
-    def for_spec(cls, spec: CellSpec, timeout_s: float) -> CellJob:
-        return cls(spec, timeout_s, {name: os.environ[name] for name in FORWARDED_ENV if name in os.environ})
+    def for_spec(cls, spec: CellSpec, timeout_s: float, prestart_next: bool = False) -> CellJob:
+        forwarded = {name: os.environ[name] for name in FORWARDED_ENV if name in os.environ}
+        return cls(spec, timeout_s, forwarded, prestart_next)
 
     def retry(self) -> CellJob:
         return replace(self, spec=replace(self.spec, attempt=self.spec.attempt + 1))
@@ -83,44 +96,118 @@ def installed_without_bytecode(package: str = "diffusers") -> bool:
     return bool(spec and spec.origin) and not os.path.exists(importlib.util.cache_from_source(spec.origin))
 
 
+def job_environment(job: CellJob, env: dict[str, str] | None = None) -> dict[str, str]:
+    """The whole environment of `job`'s process; `env` adds the executor's settings (e.g. CUDA_VISIBLE_DEVICES)."""
+    return cell_environment({**job.env, **(env or {}), PARENT_ENV: str(os.getpid())})
+
+
+class Standby:
+    """A cell's process started before its cell is known: `python -m bench.worker --standby` imports what a cell
+    like `template` needs (torch, diffusers, the model's classes), then waits for a spec path on its stdin. Its
+    scratch folder and log become the cell's; a standby whose environment is not the cell's is never used."""
+
+    def __init__(self, template: CellSpec, env: dict[str, str]) -> None:
+        self.env = env
+        self._scratch = tempfile.TemporaryDirectory(prefix="quantbench-cell-")
+        self.scratch = Path(self._scratch.name)
+        template_path = self.scratch / "template.json"
+        template.save(template_path)
+        try:
+            with open(self.scratch / "cell.log", "w") as log:
+                self.process = subprocess.Popen(
+                    [*WORKER_COMMAND, STANDBY_FLAG, str(template_path)],
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    stdin=subprocess.PIPE,
+                    env=env,
+                    text=True,
+                    start_new_session=True,
+                )
+        except OSError:
+            self._scratch.cleanup()
+            raise
+
+    def hand_over(self, spec_path: Path) -> bool:
+        """Give the process its cell (with the time of the hand-over: a standby still importing has the rest of
+        its imports in the cell's `import_s`); False (the process killed) when it no longer runs."""
+        try:
+            if self.process.poll() is not None:
+                raise BrokenPipeError
+            self.process.stdin.write(f"{spec_path}\t{time.time()}\n")  # the cell starts now, whatever the standby does
+            self.process.stdin.close()
+        except OSError:
+            self.kill()
+            return False
+        return True
+
+    def kill(self) -> None:
+        """Kill the process and its process group, if it still runs."""
+        if self.process.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait()
+        with contextlib.suppress(OSError):
+            self.process.stdin.close()
+
+    def discard(self) -> None:
+        """Kill the process and delete its scratch folder."""
+        self.kill()
+        self._scratch.cleanup()
+
+
 def launch_cell(
-    job: CellJob, env: dict[str, str] | None = None, on_start: Callable[[subprocess.Popen], None] | None = None
+    job: CellJob,
+    env: dict[str, str] | None = None,
+    on_start: Callable[[subprocess.Popen], None] | None = None,
+    standby: Standby | None = None,
 ) -> CellOutcome:
     """Run `job` in a fresh `python -m bench.worker` under its time limit; any ending becomes a CellOutcome.
 
     `env` adds to the cell's environment (e.g. CUDA_VISIBLE_DEVICES); `on_start` receives the process so an
-    executor can kill it when the run is interrupted.
+    executor can kill it when the run is interrupted. `standby`, a process started ahead with the same
+    environment, runs the cell instead of a new one (it is discarded if its environment differs).
     """
-    with tempfile.TemporaryDirectory(prefix="quantbench-cell-") as scratch:
-        output = Path(scratch) / "output"
+    cell_env = job_environment(job, env)
+    if standby is not None and standby.env != cell_env:
+        standby.discard()
+        standby = None
+    with contextlib.ExitStack() as cleanup:
+        if standby is not None:
+            cleanup.callback(standby.discard)
+            scratch = standby.scratch
+        else:
+            scratch = Path(cleanup.enter_context(tempfile.TemporaryDirectory(prefix="quantbench-cell-")))
+        output = scratch / "output"
         output.mkdir()
         spec = replace(job.spec, output_dir=str(output))
-        spec_path = Path(scratch) / "spec.json"
+        spec_path = scratch / "spec.json"
         spec.save(spec_path)
-        log_path = Path(scratch) / "cell.log"
-        cell_env = cell_environment({**job.env, **(env or {}), PARENT_ENV: str(os.getpid())})
+        log_path = scratch / "cell.log"
         start = time.perf_counter()
-        with open(log_path, "w") as log:
-            process = subprocess.Popen(
-                [sys.executable, "-m", "bench.worker", str(spec_path)],
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL,
-                env=cell_env,
-                start_new_session=True,  # the whole process group can be killed on timeout; the cell itself
-                # asks to die with this process (bench.parent_death)
-            )
-            if on_start:
-                on_start(process)
-            try:
-                returncode = process.wait(timeout=job.timeout_s)
-            except subprocess.TimeoutExpired:
-                os.killpg(process.pid, signal.SIGKILL)
-                process.wait()
-                returncode = None
-            except BaseException:  # the launcher is interrupted: take the cell down with it
-                os.killpg(process.pid, signal.SIGKILL)
-                raise
+        if standby is not None and standby.hand_over(spec_path):
+            process = standby.process
+        else:
+            with open(log_path, "w") as log:
+                process = subprocess.Popen(
+                    [*WORKER_COMMAND, str(spec_path)],
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    stdin=subprocess.DEVNULL,
+                    env=cell_env,
+                    start_new_session=True,  # the whole process group can be killed on timeout; the cell itself
+                    # asks to die with this process (bench.parent_death)
+                )
+        if on_start:
+            on_start(process)
+        try:
+            returncode = process.wait(timeout=job.timeout_s)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+            returncode = None
+        except BaseException:  # the launcher is interrupted: take the cell down with it
+            os.killpg(process.pid, signal.SIGKILL)
+            raise
         wall_s = time.perf_counter() - start
         log_text = log_path.read_text(errors="replace")
         if returncode is not None and spec.result_path.exists():

@@ -168,9 +168,10 @@ def run_matrix(
 
             eager_steps = eager_step_times(folder.read_table().to_pylist())
 
-            def job(cell: Cell) -> CellJob:
+            def job(cell: Cell, more_to_come: bool) -> CellJob:
                 limit, reason = warmup_step_limit(cell, run_settings, eager_steps)
-                return _job(ready, cell, warmup_step_limit=(limit, reason))
+                prestart_next = more_to_come and run_settings.cell_start == "prestarted"
+                return _job(ready, cell, warmup_step_limit=(limit, reason), prestart_next=prestart_next)
 
             waiting = deque()
             for cell in start_order(todo, results_dir, pool.slots):  # several slots: longest cells first
@@ -185,7 +186,7 @@ def run_matrix(
                 while waiting or running:
                     while waiting and len(running) < pool.slots and (deadline is None or time.monotonic() < deadline):
                         cell = waiting.popleft()
-                        running[submit_with_retry(pool, job(cell))] = cell
+                        running[submit_with_retry(pool, job(cell, bool(waiting)))] = cell
                         started_at[cell.id] = time.monotonic()
                         if progress:
                             progress.cell_started(cell)
@@ -362,6 +363,7 @@ def _job(
     generation: dict[str, Any] | None = None,
     warmup_step_limit: tuple[float | None, str] = (None, ""),
     lora: CellAdapters | None = None,
+    prestart_next: bool = False,
 ) -> CellJob:
     """The job of `cell`; a reference cell passes its `generation` and `lora` (else the matrix's and the cell's)."""
     run = ready.matrix.spec.run
@@ -380,7 +382,7 @@ def _job(
         warmup_step_limit_reason=warmup_step_limit[1],
         lora=lora.to_json() if lora else None,
     )
-    return CellJob.for_spec(spec, run.timeout_s)
+    return CellJob.for_spec(spec, run.timeout_s, prestart_next)
 
 
 def _row_context(ready: Plan) -> dict[str, Any]:

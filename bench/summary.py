@@ -169,7 +169,7 @@ def _against_eager(summary: pd.DataFrame) -> pd.DataFrame:
 
 # (column, the phase as a cell's log names it, what it covers)
 TIME_PHASES = (
-    ("import_s", "imports", "process start to imports done"),
+    ("import_s", "imports", "cell start to its libraries and model classes imported"),
     ("prepare_s", "prepare", "preparing (writing GGUF files, pre-quantized checkpoints; cached after the first time)"),
     ("quantize_s", "quantize", "loading the quantized components (quantizing happens here)"),
     ("serialize_save_s", "save", "serialization round trip: save"),

@@ -1,6 +1,8 @@
 """What runs inside a cell's fresh subprocess: load, quantize, place, compile, warm up, time.
 
-Run as `python -m bench.worker SPEC.json` (bench.launch does). The result goes to the JSON file the spec names
+Run as `python -m bench.worker SPEC.json` (bench.launch does), or as `python -m bench.worker --standby TEMPLATE.json`
+to import what a cell like TEMPLATE needs and then read the spec's path from stdin (a process started ahead of
+its cell, `bench.launch.Standby`). The result goes to the JSON file the spec names
 (`bench.contract.CellResult`), written atomically; the driver turns it into Parquet rows. Only the driver writes
 the results folder's tables.
 """
@@ -27,6 +29,7 @@ from bench.parent_death import die_with_parent
 from bench.time_limit import time_limit
 
 PROCESS_START = time.perf_counter()
+STANDBY_FLAG = "--standby"
 Generate = Callable[..., tuple[Any, Any]]  # (prompt, seed, size) -> (images, latency)
 PHASE_PREFIX = "[quantbench] "
 ENERGY_WINDOWS_PREFIX = "energy windows (Unix seconds): "
@@ -53,8 +56,27 @@ class Progress:
         self.result.save(self.spec.progress_path)
 
 
-def run_cell(spec: CellSpec, result: CellResult) -> None:
-    """The story of a cell, filling `result.measurements` and `result.samples` as it goes."""
+def import_libraries(spec: CellSpec) -> None:
+    """Import what a cell of `spec`'s model and method needs: torch, diffusers' pipeline class and the model's
+    component classes (their modules pull in transformers and the quantization libraries), the method's module."""
+    import importlib
+
+    import diffusers
+
+    from bench.methods import method_class
+
+    index = Path(spec.model_folder) / "model_index.json"
+    if index.exists():
+        getattr(diffusers, json.loads(index.read_text())["_class_name"], None)
+    for library, class_name in spec.components.values():
+        getattr(importlib.import_module(library), class_name, None)
+    with contextlib.suppress(KeyError):  # an unknown method fails in the cell, where it becomes a row
+        method_class(spec.cell["method"])
+
+
+def run_cell(spec: CellSpec, result: CellResult, started: float = PROCESS_START) -> None:
+    """The story of a cell, filling `result.measurements` and `result.samples` as it goes; `started` is when
+    the process got the cell (its start, or a standby's hand-over)."""
     import numpy as np
     import torch
 
@@ -69,9 +91,11 @@ def run_cell(spec: CellSpec, result: CellResult) -> None:
 
     m = result.measurements
     progress = Progress(spec, result)
-    m.import_s = time.perf_counter() - PROCESS_START
+    progress(f"imports: torch {time.perf_counter() - started:.1f} s (process {os.getpid()})")
+    import_libraries(spec)
+    m.import_s = time.perf_counter() - started
     m.cpu_threads = torch.get_num_threads()  # CPU-side quantizing on load (torchao) scales with it
-    progress(f"imports: {m.import_s:.1f} s")
+    progress(f"imports: {m.import_s:.1f} s with diffusers, the model's classes and the method's libraries")
     fault = injected_fault(spec.cell_id, spec.attempt)
     cell = Cell.from_axes(spec.cell, spec.cell_id)
     # before quantizing, which changes them (torchao's configs); only compiled cells need it
@@ -463,15 +487,37 @@ def _save_latents(latents: Any, path: Path) -> None:
 
 def main(argv: list[str]) -> None:
     die_with_parent()
+    started = PROCESS_START
+    if argv[0] == STANDBY_FLAG:
+        argv, started = _wait_for_cell(CellSpec.load(Path(argv[1])))
     spec = CellSpec.load(Path(argv[0]))
     result = CellResult()
     try:
-        run_cell(spec, result)
+        run_cell(spec, result, started)
     except BaseException as error:  # every failure becomes a row; the driver sees it in the result file
         result.status = classify(error)
         result.error = describe(error)
         traceback.print_exc()
     _finish(spec, result)
+
+
+def _wait_for_cell(template: CellSpec) -> tuple[list[str], float]:
+    """As a standby: import what a cell like `template` needs, then wait for the cell's spec path (and when it was
+    handed over) on stdin; the arguments of that cell and when it came, on this process's clock. Ends the process
+    when stdin closes without one."""
+    try:
+        import_libraries(template)
+    except Exception:  # the cell that comes imports again, and its row says what failed
+        traceback.print_exc()
+    imported = time.perf_counter()
+    spec_path, _, handed_over = sys.stdin.readline().strip().partition("\t")
+    if not spec_path:
+        os._exit(0)
+    started = time.perf_counter() - max(0.0, time.time() - float(handed_over or time.time()))
+    waited = started - imported
+    when = f"then {waited:.1f} s waiting" if waited >= 0 else f"the cell came {-waited:.1f} s before their end"
+    _say(f"started ahead: imports {imported - PROCESS_START:.1f} s, {when}")
+    return [spec_path], started
 
 
 def _finish(spec: CellSpec, result: CellResult) -> None:

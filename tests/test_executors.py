@@ -42,7 +42,7 @@ def test_local_gpus_runs_one_cell_per_device_at_a_time(monkeypatch):
     threads: set[str | None] = set()
     lock = threading.Lock()
 
-    def fake_launch(job, env, on_start):
+    def fake_launch(job, env, on_start, standby=None):
         start = time.monotonic()
         time.sleep(0.15)
         with lock:
@@ -68,7 +68,7 @@ def test_local_gpus_runs_one_cell_per_device_at_a_time(monkeypatch):
 def test_local_gpus_leaves_threads_alone_when_the_user_set_them(monkeypatch):
     seen = []
 
-    def fake_launch(job, env, on_start):
+    def fake_launch(job, env, on_start, standby=None):
         seen.append(env)
         return CellOutcome(CellResult(), {}, "", "host", env["CUDA_VISIBLE_DEVICES"], job.spec.attempt)
 

@@ -3,6 +3,7 @@ each pinned with CUDA_VISIBLE_DEVICES and given its share of the CPU cores, unle
 
 from __future__ import annotations
 
+import logging
 import os
 import queue
 import signal
@@ -13,7 +14,9 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from bench.environment import Machine, detect_machine
 from bench.errors import UserError
 from bench.executors.base import THREADS_ENV, Executor, threads_per_cell
-from bench.launch import CellJob, CellOutcome, launch_cell
+from bench.launch import CellJob, CellOutcome, Standby, job_environment, launch_cell
+
+log = logging.getLogger(__name__)
 
 
 def visible_gpus() -> list[str]:
@@ -32,7 +35,8 @@ def visible_gpus() -> list[str]:
 
 class LocalExecutor(Executor):
     """Cells as subprocesses of this host. With `gpus`, one slot per GPU, each cell pinned to its GPU with
-    its share of the cores; without, one slot and no pinning."""
+    its share of the cores; without, one slot and no pinning. A job that asks for it (`prestart_next`) has the
+    next cell's process of its slot started while it runs (`bench.launch.Standby`)."""
 
     def __init__(self, gpus: list[str] | None = None) -> None:
         self.name = "local-gpus" if gpus else "local"
@@ -42,6 +46,8 @@ class LocalExecutor(Executor):
             self._free.put(gpu)
         self._pool = ThreadPoolExecutor(self.slots, thread_name_prefix="quantbench-cell")
         self._running: set[subprocess.Popen] = set()
+        self._standbys: dict[str | None, Standby] = {}  # by slot (GPU)
+        self._closed = False
         self._lock = threading.Lock()
         share = threads_per_cell(os.cpu_count() or 1, self.slots)  # a thread count the user set wins
         self._threads = {THREADS_ENV: str(share)} if gpus and THREADS_ENV not in os.environ else {}
@@ -56,7 +62,19 @@ class LocalExecutor(Executor):
         gpu = self._free.get()
         try:
             env = {"CUDA_VISIBLE_DEVICES": gpu, **self._threads} if gpu is not None else {}
-            return launch_cell(job, env, self._track)
+            with self._lock:
+                standby = self._standbys.pop(gpu, None)
+
+            def started(process: subprocess.Popen) -> None:
+                self._track(process)
+                with self._lock:
+                    if job.prestart_next and not self._closed:
+                        try:
+                            self._standbys[gpu] = Standby(job.spec, job_environment(job, env))
+                        except OSError as error:  # the next cell then starts with its cell
+                            log.warning("could not start the next cell's process ahead: %s", error)
+
+            return launch_cell(job, env, started, standby)
         finally:
             with self._lock:
                 self._running = {p for p in self._running if p.poll() is None}
@@ -68,7 +86,11 @@ class LocalExecutor(Executor):
 
     def shutdown(self) -> None:
         with self._lock:
+            self._closed = True
             for process in self._running:
                 if process.poll() is None:
                     os.killpg(process.pid, signal.SIGKILL)
+            for standby in self._standbys.values():
+                standby.discard()
+            self._standbys.clear()
         self._pool.shutdown(wait=True, cancel_futures=True)
