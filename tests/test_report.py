@@ -241,7 +241,7 @@ def test_time_breakdown_accounts_for_every_second_of_the_cells(smoke_run):
     assert breakdown["share"].sum() == pytest.approx(1.0)
     quantize = breakdown.loc["loading the quantized components (quantizing happens here)", "seconds"]
     assert quantize == pytest.approx(cells["quantize_s"].sum()) and quantize > 0
-    imports = breakdown.loc["process start to imports done", "share"]
+    imports = breakdown.loc["cell start to its libraries and model classes imported", "share"]
     assert 0 < imports < 1
     html = render(frame, results)
     assert '<table id="time-spent">' in html and f"{imports:.1%}" in html
