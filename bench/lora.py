@@ -20,6 +20,7 @@ from typing import Any
 
 from bench.cache import build_once, cache_dir
 from bench.errors import MethodUnavailable, first_line
+from bench.measure import safetensors_tensors
 
 MODES = ("none", "unfused", "fused", "hotswap")
 ADAPTER_NAME = "quantbench"  # the adapter's name in the pipeline; a hot-swapped adapter takes the same
@@ -154,19 +155,13 @@ def safetensors_header(path: Path) -> dict[str, Any]:
     if path.suffix != ".safetensors":
         raise AdapterFileError("only .safetensors LoRA files are loaded (pickled .bin, .pt, .ckpt are refused)")
     try:
-        with open(path, "rb") as handle:
-            (length,) = struct.unpack("<Q", handle.read(8))
-            if length > 100_000_000:
-                raise ValueError("header too large")
-            header = json.loads(handle.read(length))
+        return safetensors_tensors(path)
     except FileNotFoundError:
         raise AdapterFileError("no such file") from None
     except (OSError, ValueError, struct.error) as error:
         raise AdapterFileError(
             f"not a readable safetensors file ({first_line(error) or type(error).__name__})"
         ) from None
-    header.pop("__metadata__", None)
-    return header
 
 
 def file_adapter(path: Path) -> Adapter:

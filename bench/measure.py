@@ -71,12 +71,23 @@ def bf16_bytes(folder: Path) -> int | None:
     files = sorted(folder.glob("*.safetensors"))
     if not files:
         return None
-    parameters = 0
-    for path in files:
-        with open(path, "rb") as handle:
-            header = json.loads(handle.read(struct.unpack("<Q", handle.read(8))[0]))
-        parameters += sum(math.prod(entry["shape"]) for key, entry in header.items() if key != "__metadata__")
+    parameters = sum(math.prod(entry["shape"]) for path in files for entry in safetensors_tensors(path).values())
     return 2 * parameters
+
+
+MAX_HEADER_BYTES = 100_000_000
+
+
+def safetensors_tensors(path: Path) -> dict[str, Any]:
+    """A safetensors file's tensor table (names to dtype, shape and offsets) from its header alone, without
+    loading any tensor; raises OSError, ValueError or struct.error on a file that is not one."""
+    with open(path, "rb") as handle:
+        (length,) = struct.unpack("<Q", handle.read(8))
+        if length > MAX_HEADER_BYTES:
+            raise ValueError("header too large")
+        header = json.loads(handle.read(length))
+    header.pop("__metadata__", None)
+    return header
 
 
 def quantization_effect(measured: dict[str, int], bf16: dict[str, int | None]) -> tuple[bool | None, str]:
