@@ -665,6 +665,7 @@ COLUMNS = {
     "status": Column("status", _text("status")),
     "resident": Column("resident GiB", _num("resident_reserved_bytes", 2, GIB)),
     "peak": Column("peak reserved GiB", _num("peak_reserved_bytes", 2, GIB)),
+    "warmup_peak": Column("warm-up peak reserved GiB", _num("warmup_peak_reserved_bytes", 2, GIB)),
     "stored": Column("transformer stored GiB", _num("transformer_tensor_bytes", 2, GIB)),
     "footprint": Column("`get_memory_footprint()` GiB", _num("transformer_footprint_bytes", 2, GIB)),
     "step": Column("step s", _num("step_latency_median_s", 3)),
@@ -804,6 +805,18 @@ FINDINGS_TABLES = (
         "backends-h200",
         "results/reference/h200/backends-h200",
         ("cell", "status", "resident", "peak", "step", "energy", "prepare", "quantize", "paths", "note", "harness"),
+        "compile == 'off'",
+    ),
+    FindingsTable(
+        "backends-h200-compiled",
+        "results/reference/h200/backends-h200",
+        ("cell", "status", "peak", "warmup_peak", "step", "compile", "energy", "graphs", "note", "harness"),
+        "compile != 'off'",
+    ),
+    FindingsTable(
+        "truth-h200",
+        "results/reference/h200/truth-h200",
+        ("cell", "status", "resident", "peak", "warmup_peak", "step", "compile", "energy", "harness"),
     ),
     FindingsTable(
         "step-timing-events-h200",
@@ -857,6 +870,10 @@ def findings_snippet(table: FindingsTable, repo: Path) -> str:
 KERNEL_RUNS = {  # snippet name: (committed `nox -s kernels` JSON, one FLUX shape or None for every shape)
     "kernels-h100-mlp-up": ("results/reference/kernels/h100.json", "mlp up 3072->12288"),
     "kernels-h100-int8wo": ("results/reference/kernels/h100-int8wo-pattern-matcher.json", None),
+    "kernels-h200-mlp-up": ("results/reference/kernels/h200.json", "mlp up 3072->12288"),
+}
+ATTENTION_KERNEL_RUNS = {  # snippet name: committed `nox -s kernels` JSON with the attention cases
+    "kernels-h200-attention": "results/reference/kernels/h200.json",
 }
 
 
@@ -890,7 +907,7 @@ def kernels_snippet(path: Path, shape: str | None) -> str:
     shapes: list[str] = []
     for bench in run["benchmarks"]:
         info = bench["extra_info"]
-        if shape and info["shape"] != shape:
+        if "method" not in info or (shape and info["shape"] != shape):  # an attention case, or another shape
             continue
         mode = info.get("mode") or ("compiled" if info["compiled"] else "eager")
         cells = values.setdefault((info["method"], mode), {})
@@ -909,12 +926,42 @@ def kernels_snippet(path: Path, shape: str | None) -> str:
         ]
         for (method, mode), cells in sorted(values.items())
     ]
+    return _table(["method", "mode", *(f"{h} (4608 / 1536 tokens)" for h in header)], rows) + _kernels_source(
+        run, path, "ms per layer (median)"
+    )
+
+
+def attention_kernels_snippet(path: Path) -> str:
+    """One attention call per backend at FLUX.1-dev's head shapes: median ms, TFLOP/s, share of the measured
+    bf16 matmul peak, error against torch's float32 math kernel."""
+    run = json.loads(path.read_text())
+    peak = run["machine_info"]["quantbench_peaks"]["matmul_tflops"]
+    rows = []
+    for bench in run["benchmarks"]:
+        info = bench["extra_info"]
+        if "backend" not in info:
+            continue
+        rows.append(
+            [
+                f"`{info['backend']}`",
+                "compiled" if info["compiled"] else "eager",
+                f"{info['heads']} × {info['head_dim']}, {info['tokens']:,} tokens",
+                f"{bench['stats']['median'] * 1e3:.3f}",
+                f"{info['tflops']:.0f}",
+                f"{info['tflops'] / peak:.0%}",
+                f"{info['rel_l2_vs_fp32_math']:.4f}",
+            ]
+        )
+    headers = ["backend", "mode", "heads × dim, tokens", "ms (median)", "TFLOP/s", "of bf16 matmul peak", "rel. L2"]
+    return _table(headers, sorted(rows, key=lambda row: float(row[3]))) + _kernels_source(
+        run, path, "one attention call, bf16; rel. L2 against torch's math kernel in float32"
+    )
+
+
+def _kernels_source(run: dict[str, Any], path: Path, what: str) -> str:
     commit = run["commit_info"].get("id", "")[:7] or "not recorded"
     device = run["machine_info"]["quantbench_peaks"]["device_name"]
-    return (
-        _table(["method", "mode", *(f"{h} (4608 / 1536 tokens)" for h in header)], rows)
-        + f"\nms per layer (median), {device}; `{path.relative_to(path.parents[3])}`, harness commit `{commit}`.\n"
-    )
+    return f"\n{what}, {device}; `{path.relative_to(path.parents[3])}`, harness commit `{commit}`.\n"
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -990,6 +1037,8 @@ def text_pages(repo: Path) -> dict[Path, str]:
         pages[Path(f"docs/snippets/{table.name}.md")] = findings_snippet(table, repo)
     for name, (run, shape) in KERNEL_RUNS.items():
         pages[Path(f"docs/snippets/{name}.md")] = kernels_snippet(repo / run, shape)
+    for name, run in ATTENTION_KERNEL_RUNS.items():
+        pages[Path(f"docs/snippets/{name}.md")] = attention_kernels_snippet(repo / run)
     for name, run in DETECTION_RUNS.items():
         pages[Path(f"docs/snippets/{name}.md")] = detection_snippet(repo, run)
     contributing = repo / "CONTRIBUTING.md"

@@ -134,6 +134,7 @@ def test_every_snippet_is_generated_and_every_generated_snippet_is_used():
         f"{name}.md"
         for name in [
             *docs_pages.KERNEL_RUNS,
+            *docs_pages.ATTENTION_KERNEL_RUNS,
             *docs_pages.DETECTION_RUNS,
             *(f"options-{method}" for method in method_names),
         ]
