@@ -81,8 +81,9 @@ def device_label(gpu_name: object) -> str:
 
 
 def _against_baseline(summary: pd.DataFrame) -> pd.DataFrame:
-    """Speedup and memory saving of each cell against the uncompiled baseline cell on the same placement and
-    the same device (GPU name), so cells from different GPUs are never compared with each other."""
+    """Speedup and memory saving of each cell against the uncompiled baseline cell on the same placement, the
+    same device (GPU name, so cells from different GPUs are never compared with each other), the same batch
+    size and LoRA adapter, with `native` attention where the run has it (as drift is scored)."""
     summary = summary.copy()
     summary["speedup"] = np.nan
     summary["memory_saving"] = np.nan
@@ -96,16 +97,22 @@ def _against_baseline(summary: pd.DataFrame) -> pd.DataFrame:
             & (baselines["gpu_name"].map(device_label) == device_label(cell["gpu_name"]))
             & (baselines["lora"] == cell["lora"])  # a LoRA cell against bf16 with its adapter in the same mode
             & (baselines["lora_rank"].fillna(0) == (0 if pd.isna(cell["lora_rank"]) else cell["lora_rank"]))
+            & (_batch(baselines["batch_size"]) == _batch(pd.Series([cell["batch_size"]])).iloc[0])
         ]
         if candidates.empty:
             continue
-        base = candidates.iloc[0]
+        base = candidates.sort_values("attention", key=lambda a: a.fillna("native") != "native", kind="stable").iloc[0]
         summary.loc[index, "speedup"] = base["e2e_latency_median_s"] / cell["e2e_latency_median_s"]
         summary.loc[index, "memory_saving"] = 1 - cell["peak_reserved_bytes"] / base["peak_reserved_bytes"]
         summary.loc[index, "transformer_size_ratio"] = (
             cell["transformer_tensor_bytes"] / base["transformer_tensor_bytes"]
         )
     return summary
+
+
+def _batch(sizes: pd.Series) -> pd.Series:
+    """Images per call; 1 for rows from before the `batch_size` axis."""
+    return sizes.fillna(1).astype(int)
 
 
 # what makes a compiled cell's eager twin: the same cell with compile off (and the same device)
