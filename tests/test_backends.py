@@ -19,6 +19,7 @@ from bench.cells import Cell
 from bench.environment import Machine
 from bench.measure import tensor_bytes
 from bench.methods import method_class
+from bench.methods import modelopt as modelopt_method
 from bench.methods.base import Component
 from bench.methods.modelopt import FIRST_SUBMODULE_COMPRESS
 from bench.models.builtin import build_builtin
@@ -187,11 +188,20 @@ def modelopt_matching_diffusers() -> bool:
         return False
 
 
-def with_modelopt(monkeypatch, version: str) -> None:
+def with_modelopt(monkeypatch, version: str, missing: tuple[str, ...] = ()) -> None:
+    """As if nvidia-modelopt `version` were installed, without the packages in `missing`."""
     real = importlib.metadata.version
     monkeypatch.setattr(
         importlib.metadata, "version", lambda name: version if name == "nvidia-modelopt" else real(name)
     )
+    monkeypatch.setattr(modelopt_method, "missing_imports", lambda: list(missing))
+
+
+def test_modelopt_without_the_packages_it_imports_is_unsupported_before_the_cell_runs(monkeypatch):
+    with_modelopt(monkeypatch, "0.37.0", missing=("torchprofile", "pulp"))
+    verdict = check_cell(Cell("modelopt", {"quant_type": "FP8"}, components=("transformer",)), H100)
+    assert verdict.status == "unsupported"
+    assert "imports `torchprofile`, `pulp`, not installed" in verdict.reason
 
 
 def test_modelopt_after_its_config_format_change_is_unsupported_with_the_error_diffusers_hits(monkeypatch):

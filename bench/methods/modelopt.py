@@ -14,6 +14,7 @@ row's `method_notes` count the quantized linear classes and how their weights ar
 from __future__ import annotations
 
 import importlib.metadata
+import importlib.util
 from typing import Any, ClassVar
 
 from packaging.version import Version
@@ -26,6 +27,12 @@ FIRST_LIST_CONFIG = Version("0.44.0")  # the modelopt release whose _default_dis
 FIRST_SUBMODULE_COMPRESS = Version("0.39.0")  # the modelopt release whose compress skips the module it is given
 LAST_CHECKED_DIFFUSERS = Version("0.42.1")  # the newest diffusers these rules were checked against
 BLOCK_ONLY = ("INT4", "NF4", "NVFP4")  # weights modelopt real-quantizes only in blocks
+IMPORTED_REQUIREMENTS = ("torchprofile", "pulp")  # modelopt.torch imports these (nas/utils.py, opt/searcher.py)
+
+
+def missing_imports() -> list[str]:
+    """The packages `import modelopt.torch.quantization` needs that are not installed."""
+    return [name for name in IMPORTED_REQUIREMENTS if importlib.util.find_spec(name) is None]
 
 
 class ModelOptOptions(MethodOptions):
@@ -77,6 +84,12 @@ class ModelOpt(Method):
                 f"nvidia-modelopt {FIRST_SUBMODULE_COMPRESS} (installed: {modelopt}) compresses only a module's "
                 "submodules: the weights stay unquantized and the first forward fails with `TypeError: linear(): "
                 "argument 'weight' (position 2) must be Tensor, not FP8QTensor`; nvidia-modelopt 0.37.0 matches",
+            )
+        if missing := missing_imports():
+            raise MethodUnavailable(
+                "unsupported",
+                f"nvidia-modelopt {modelopt} imports {', '.join(f'`{name}`' for name in missing)}, not installed "
+                "(its own requirements; `pip install -e '.[backends]'` installs them)",
             )
         if "NVFP4" in self.options.quant_type:
             needs_cuda(machine, "modelopt NVFP4 (FP4 tensor cores, Blackwell)", min_capability=(10, 0))
