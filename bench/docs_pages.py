@@ -182,6 +182,9 @@ METHOD_OPTIONS = {
     "default: SDNQ's choice for the weight dtype.",
     "minimum_allowed_numel": "`SDNQConfig(minimum_allowed_numel=...)`: layers with fewer weights stay unquantized; "
     "default: SDNQ's 16,384. `0` quantizes every linear layer (the tiny models need it).",
+    "quantization_device": "`SDNQConfig(quantization_device=...)`: where each layer is quantized while it loads; "
+    "`cuda` quantizes on the GPU (`quantize_s` shows what that saves), then the weights go "
+    "back where they loaded and the placement moves the pipeline as usual. Default: where the weights load.",
     "channel_quantize": "`NVIDIAModelOptConfig(channel_quantize=...)`: the axis the weights are quantized along.",
     "block_quantize": "`NVIDIAModelOptConfig(block_quantize=...)`: block size along that axis; INT4, NF4 and NVFP4 "
     "are real-quantized only in blocks.",

@@ -89,6 +89,21 @@ def test_sdnq_notes_say_whether_its_quantized_matmul_runs(tiny_flux):
     assert any("matmul" in name for name in forwards[True])
 
 
+def test_sdnq_quantizes_on_the_device_it_is_given_and_needs_cuda_for_the_gpu(tiny_flux):
+    options = {"weights_dtype": "int8", "minimum_allowed_numel": 0}
+    on_cpu = load("sdnq", {**options, "quantization_device": "cpu"}, tiny_flux)
+    default = load("sdnq", options, tiny_flux)
+    layer = on_cpu.transformer_blocks[0].attn.to_q
+    assert layer.weight.dtype == torch.int8 and layer.weight.device.type == "cpu"
+    assert torch.equal(layer.weight, default.transformer_blocks[0].attn.to_q.weight)  # same quantization
+    verdict = check_cell(Cell("sdnq", {**options, "quantization_device": "cuda"}, components=("transformer",)), CPU)
+    assert verdict.status == "skipped" and "quantization_device = 'cuda' needs a CUDA GPU" in verdict.reason
+    assert (
+        check_cell(Cell("sdnq", {**options, "quantization_device": "cuda"}, components=("transformer",)), H100).status
+        == "run"
+    )
+
+
 def test_sdnq_weight_dtype_names_are_checked_at_the_edge_and_against_the_installed_sdnq():
     with pytest.raises(ValidationError, match="an SDNQ weight dtype"):
         method_class("sdnq").Options(weights_dtype="nf4")

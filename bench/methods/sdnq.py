@@ -4,6 +4,7 @@ or without its quantized matmul (int8 / fp8 GEMMs instead of dequantizing the we
 transformers registers no SDNQ quantizer, so only the diffusers denoiser is quantized. SDNQ skips layers with
 fewer than `minimum_allowed_numel` weights (16,384 by default), which is every layer of the tiny models: their
 matrices set it to 0. Each row's `method_notes` name the forward functions SDNQ chose (its matmul or dequantize).
+`quantization_device = "cuda"` quantizes each layer on the GPU as it loads (SDNQ's own option), instead of on the CPU.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from typing import Any, ClassVar, Literal
 
 from pydantic import field_validator
 
-from bench.methods.base import Component, Method, MethodOptions, MethodUnavailable, method_notes
+from bench.methods.base import Component, Method, MethodOptions, MethodUnavailable, method_notes, needs_cuda
 
 # sdnq's naming: intN / uintN, floatN_eAmB with `fn` (finite) or `fnu` (unsigned finite), and the bare float8s.
 _WEIGHT_DTYPE = re.compile(r"u?int([1-9]|1[0-6])|float\d+_e\d+m\d+(fn|fnu)?|float8_e5m2|float8_e4m3fn")
@@ -29,6 +30,7 @@ class SdnqOptions(MethodOptions):
     group_size: int | None = None  # None: SDNQ's choice for the dtype; -1: per row
     minimum_allowed_numel: int | None = None  # None: SDNQ's default (16,384); 0 quantizes every linear layer
     modules_to_not_convert: list[str] | None = None
+    quantization_device: Literal["cpu", "cuda"] | None = None
 
     @field_validator("weights_dtype")
     @classmethod
@@ -56,13 +58,21 @@ class Sdnq(Method):
             raise MethodUnavailable(
                 "unsupported", f"the installed sdnq does not accept weights_dtype {self.options.weights_dtype!r}"
             )
+        if self.options.quantization_device == "cuda":
+            needs_cuda(machine, "sdnq quantization_device = 'cuda'")
 
     def quantization_config(self, component: Component, cell) -> Any:
         from diffusers import SDNQConfig
 
         chosen = {
             key: getattr(self.options, key)
-            for key in ("quantized_matmul_dtype", "group_size", "minimum_allowed_numel", "modules_to_not_convert")
+            for key in (
+                "quantized_matmul_dtype",
+                "group_size",
+                "minimum_allowed_numel",
+                "modules_to_not_convert",
+                "quantization_device",
+            )
             if getattr(self.options, key) is not None
         }
         return SDNQConfig(
