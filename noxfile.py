@@ -27,9 +27,11 @@ def install(session: nox.Session, extras: str = "") -> None:
 
 @nox.session(python=PYTHONS)
 def tests(session: nox.Session) -> None:
-    """The test suite (pytest exits non-zero, also when no test ran)."""
+    """The test suite (pytest exits non-zero, also when no test ran), on two pytest-xdist workers: a cell's process
+    spends most of its time in single-threaded imports and compiles, so two tests at once use both cores of a
+    2-core runner; tests sharing an expensive run stay in one worker (`loadgroup`, tests/conftest.py)."""
     install(session, "[test]")
-    session.run("pytest", *session.posargs)
+    session.run("pytest", "-n", "2", "--dist", "loadgroup", *session.posargs)
 
 
 @nox.session
