@@ -5,6 +5,7 @@ worker, so that run happens once."""
 from __future__ import annotations
 
 import copy
+import os
 from pathlib import Path
 from typing import Any
 
@@ -58,8 +59,13 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 
 @pytest.fixture(scope="session", autouse=True)
 def quantbench_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Every test shares one cache folder, so the tiny model and the Inductor cache are built once."""
-    cache = tmp_path_factory.getbasetemp() / "quantbench-cache"
+    """Every test shares one cache folder, so the tiny model, the references and the Inductor cache are built
+    once; pytest-xdist's workers (each with a `popen-gw<N>` folder in the run's) share the run's one (the cache is
+    safe for concurrent processes: `bench.cache.build_once`, Inductor's own atomic writes)."""
+    run_folder = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        run_folder = run_folder.parent
+    cache = run_folder / "quantbench-cache"
     mp = pytest.MonkeyPatch()
     mp.setenv("QUANTBENCH_CACHE", str(cache))
     yield cache
