@@ -1,6 +1,6 @@
-"""Shared fixtures: one cache (tiny models, compile cache) per test session, and matrix-file helpers; under
-pytest-xdist (`nox -s tests` runs `pytest -n 2 --dist loadgroup`) the tests sharing an expensive run stay in one
-worker, so that run happens once."""
+"""Shared fixtures: one cache (tiny models, compile cache) per test run, and matrix-file helpers. `nox -s tests`
+runs pytest on two pytest-xdist workers, a module on one worker (`--dist loadfile`: a module's shared runs
+happen once)."""
 
 from __future__ import annotations
 
@@ -29,32 +29,18 @@ SMOKE_MATRIX: dict[str, Any] = {
 }
 
 
+# The modules that run the most cell subprocesses (the CI log's durations), heaviest first: pytest-xdist's
+# `--dist loadfile` hands out modules in collection order, so starting these first keeps both workers busy
+# to the end instead of leaving one module running alone.
+HEAVIEST_FIRST = ["test_run", "test_faults", "test_attention", "test_executors", "test_lora", "test_cli"]
+
+
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Group (pytest-xdist's `loadgroup`) the tests that use a session- or module-scoped fixture: by the session
-    fixture (`smoke_run`), else by module, where a module with a user of a session fixture joins its group. The
-    other tests go to whichever worker is free."""
-    shared: dict[pytest.Item, list[tuple[str, str]]] = {}
-    module_group: dict[str, str] = {}
-    for item in items:
-        info = getattr(item, "_fixtureinfo", None)
-        if info is None:  # not a Python test function
-            continue
-        fixtures = [
-            (defs[-1].scope, name)
-            for name, defs in info.name2fixturedefs.items()
-            if defs and defs[-1].baseid and defs[-1].scope in ("session", "module") and name != "quantbench_cache"
-        ]
-        if fixtures:
-            shared[item] = fixtures
-            module = item.nodeid.split("::", 1)[0]
-            session_fixtures = sorted(name for scope, name in fixtures if scope == "session")
-            if session_fixtures:
-                module_group.setdefault(module, session_fixtures[0])
-    for item, fixtures in shared.items():
-        module = item.nodeid.split("::", 1)[0]
-        session_fixtures = sorted(name for scope, name in fixtures if scope == "session")
-        group = session_fixtures[0] if session_fixtures else module_group.get(module, module)
-        item.add_marker(pytest.mark.xdist_group(group))
+    """Under pytest-xdist, collect the heaviest modules first (a stable sort: the order within a module stays)."""
+    if not os.environ.get("PYTEST_XDIST_WORKER"):
+        return
+    rank = {name: index for index, name in enumerate(HEAVIEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.stem, len(rank)))
 
 
 @pytest.fixture(scope="session", autouse=True)
