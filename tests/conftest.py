@@ -87,13 +87,27 @@ def make_matrix(tmp_path: Path):
 
 @pytest.fixture(scope="session")
 def smoke_run(tmp_path_factory, quantbench_cache):
-    """The smoke matrix (baseline and torchao int8wo, 2 prompts x 1 seed, two gates) run once per session."""
-    from bench.matrix import load_matrix
-    from bench.runner import run_matrix
+    """The smoke matrix (baseline and torchao int8wo, 2 prompts x 1 seed, two gates) run once per test run, next to
+    the shared cache (the first pytest-xdist worker to need it runs it, under a lock); each worker gets its own copy
+    of the results folder, so a test that adds to it changes no other worker's."""
+    import json
+    import shutil
+    from collections import Counter
 
-    folder = tmp_path_factory.mktemp("smoke")
-    data = matrix_data(name="smoke", gates={"min_psnr_db": 30, "max_latent_rel_l2": 0.001})
-    matrix = load_matrix(write_matrix(folder, data))
-    results = folder / "results"
-    summary = run_matrix(matrix, results)
-    return matrix, results, summary
+    from bench.cache import file_lock
+    from bench.matrix import load_matrix
+    from bench.runner import RunSummary, run_matrix
+
+    shared = quantbench_cache.parent / "smoke"
+    shared.mkdir(exist_ok=True)
+    finished = shared / "summary.json"
+    with file_lock(shared / "run.lock"):
+        if not finished.exists():
+            data = matrix_data(name="smoke", gates={"min_psnr_db": 30, "max_latent_rel_l2": 0.001})
+            summary = run_matrix(load_matrix(write_matrix(shared, data)), shared / "results")
+            counts = {"statuses": dict(summary.statuses), "already_done": summary.already_done}
+            finished.write_text(json.dumps({**counts, "reference_runs": summary.reference_runs}))
+    results = Path(shutil.copytree(shared / "results", tmp_path_factory.mktemp("smoke") / "results"))
+    counts = json.loads(finished.read_text())
+    summary = RunSummary(results, Counter(counts.pop("statuses")), **counts)
+    return load_matrix(shared / "matrix.toml"), results, summary
