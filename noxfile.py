@@ -32,6 +32,7 @@ def tests(session: nox.Session) -> None:
     2-core runner. A module runs on one worker (`loadfile`), so its module-scoped runs happen once; the heaviest
     modules start first, in tests/conftest.py's order (`--no-loadscope-reorder`: not by their number of tests)."""
     install(session, "[test]")
+    session.install("--no-compile", "pytest-xdist>=3.5")  # the CPU suite's own runner: not in the GPU lock
     session.run("pytest", "-n", "2", "--dist", "loadfile", "--no-loadscope-reorder", *session.posargs)
 
 
