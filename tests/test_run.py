@@ -286,11 +286,13 @@ def test_a_compiled_cell_reports_compile_time_apart_and_extrapolated_latency_say
 
 
 def _compiled_run(tmp_path, name: str, axes: dict):
-    """Run compiled tiny-flux cells (one prompt, two steps, no drift); the run's summary and rows."""
+    """Run compiled tiny-flux cells (one prompt, two steps, no drift; each cell's process started while the one
+    before compiles); the run's summary and rows."""
     from tests.conftest import matrix_data, write_matrix
 
     data = matrix_data(
         name=name,
+        run={"cell_start": "prestarted"},
         generation={"prompts": ["a red apple"], "num_inference_steps": 2, "repeats": 1},
         axes={"compile": ["default"], **axes},
         drift={"enabled": False},
