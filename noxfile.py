@@ -27,9 +27,13 @@ def install(session: nox.Session, extras: str = "") -> None:
 
 @nox.session(python=PYTHONS)
 def tests(session: nox.Session) -> None:
-    """The test suite (pytest exits non-zero, also when no test ran)."""
+    """The test suite (pytest exits non-zero, also when no test ran), on two pytest-xdist workers: a cell's process
+    spends most of its time in single-threaded imports and compiles, so two tests at once use both cores of a
+    2-core runner. A module runs on one worker (`loadfile`), so its module-scoped runs happen once; the heaviest
+    modules start first, in tests/conftest.py's order (`--no-loadscope-reorder`: not by their number of tests)."""
     install(session, "[test]")
-    session.run("pytest", *session.posargs)
+    session.install("--no-compile", "pytest-xdist>=3.5")  # the CPU suite's own runner: not in the GPU lock
+    session.run("pytest", "-n", "2", "--dist", "loadfile", "--no-loadscope-reorder", *session.posargs)
 
 
 @nox.session

@@ -1,8 +1,11 @@
-"""Shared fixtures: one cache (tiny models, compile cache) per test session, and matrix-file helpers."""
+"""Shared fixtures: one cache (tiny models, compile cache) per test run, and matrix-file helpers. `nox -s tests`
+runs pytest on two pytest-xdist workers, a module on one worker (`--dist loadfile`: a module's shared runs
+happen once)."""
 
 from __future__ import annotations
 
 import copy
+import os
 from pathlib import Path
 from typing import Any
 
@@ -26,10 +29,29 @@ SMOKE_MATRIX: dict[str, Any] = {
 }
 
 
+# The modules that run the most cell subprocesses (the CI log's durations), heaviest first: pytest-xdist's
+# `--dist loadfile` hands out modules in collection order, so starting these first keeps both workers busy
+# to the end instead of leaving one module running alone.
+HEAVIEST_FIRST = ["test_run", "test_faults", "test_attention", "test_executors", "test_lora", "test_cli"]
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Under pytest-xdist, collect the heaviest modules first (a stable sort: the order within a module stays)."""
+    if not os.environ.get("PYTEST_XDIST_WORKER"):
+        return
+    rank = {name: index for index, name in enumerate(HEAVIEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.stem, len(rank)))
+
+
 @pytest.fixture(scope="session", autouse=True)
 def quantbench_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Every test shares one cache folder, so the tiny model and the Inductor cache are built once."""
-    cache = tmp_path_factory.getbasetemp() / "quantbench-cache"
+    """Every test shares one cache folder, so the tiny model, the references and the Inductor cache are built
+    once; pytest-xdist's workers (each with a `popen-gw<N>` folder in the run's) share the run's one (the cache is
+    safe for concurrent processes: `bench.cache.build_once`, Inductor's own atomic writes)."""
+    run_folder = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        run_folder = run_folder.parent
+    cache = run_folder / "quantbench-cache"
     mp = pytest.MonkeyPatch()
     mp.setenv("QUANTBENCH_CACHE", str(cache))
     yield cache
@@ -65,13 +87,27 @@ def make_matrix(tmp_path: Path):
 
 @pytest.fixture(scope="session")
 def smoke_run(tmp_path_factory, quantbench_cache):
-    """The smoke matrix (baseline and torchao int8wo, 2 prompts x 1 seed, two gates) run once per session."""
-    from bench.matrix import load_matrix
-    from bench.runner import run_matrix
+    """The smoke matrix (baseline and torchao int8wo, 2 prompts x 1 seed, two gates) run once per test run, next to
+    the shared cache (the first pytest-xdist worker to need it runs it, under a lock); each worker gets its own copy
+    of the results folder, so a test that adds to it changes no other worker's."""
+    import json
+    import shutil
+    from collections import Counter
 
-    folder = tmp_path_factory.mktemp("smoke")
-    data = matrix_data(name="smoke", gates={"min_psnr_db": 30, "max_latent_rel_l2": 0.001})
-    matrix = load_matrix(write_matrix(folder, data))
-    results = folder / "results"
-    summary = run_matrix(matrix, results)
-    return matrix, results, summary
+    from bench.cache import file_lock
+    from bench.matrix import load_matrix
+    from bench.runner import RunSummary, run_matrix
+
+    shared = quantbench_cache.parent / "smoke"
+    shared.mkdir(exist_ok=True)
+    finished = shared / "summary.json"
+    with file_lock(shared / "run.lock"):
+        if not finished.exists():
+            data = matrix_data(name="smoke", gates={"min_psnr_db": 30, "max_latent_rel_l2": 0.001})
+            summary = run_matrix(load_matrix(write_matrix(shared, data)), shared / "results")
+            counts = {"statuses": dict(summary.statuses), "already_done": summary.already_done}
+            finished.write_text(json.dumps({**counts, "reference_runs": summary.reference_runs}))
+    results = Path(shutil.copytree(shared / "results", tmp_path_factory.mktemp("smoke") / "results"))
+    counts = json.loads(finished.read_text())
+    summary = RunSummary(results, Counter(counts.pop("statuses")), **counts)
+    return load_matrix(shared / "matrix.toml"), results, summary

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 import re
 import shutil
 import subprocess
@@ -165,10 +166,12 @@ def test_report_shows_the_layer_benchmarks_with_a_roofline(smoke_run, tmp_path):
 
     _, results, _ = smoke_run
     kernels = tmp_path / "kernels.json"
+    # a pytest of its own, not a pytest-xdist worker's (pytest-benchmark writes no JSON in a worker)
+    env = {name: value for name, value in os.environ.items() if not name.startswith("PYTEST_XDIST")}
     done = subprocess.run(
         [sys.executable, "-m", "pytest", "tests/kernels", "-q", "-p", "no:cacheprovider", "-k", "bf16-eager or int8wo-eager",
          f"--benchmark-json={kernels}"],
-        cwd=ROOT, capture_output=True, text=True, timeout=600,
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600,
     )  # fmt: skip
     assert done.returncode == 0, done.stdout[-2000:]
     cases, peaks = read_kernel_results(kernels)

@@ -126,12 +126,22 @@ def test_rerun_skips_completed_cells_without_touching_them(smoke_run):
     assert {p.name: p.stat().st_mtime_ns for p in parts.glob("*.parquet")} == before
 
 
-def test_force_reruns_and_the_same_seed_gives_identical_images(tmp_path, quantbench_cache):
+@pytest.fixture(scope="module")
+def baseline_run(smoke_run, tmp_path_factory):
+    """The smoke matrix's baseline alone, run into a new results folder once smoke_run has cached its reference."""
     from tests.conftest import matrix_data, write_matrix
 
-    matrix = load_matrix(write_matrix(tmp_path, matrix_data(axes={"method": ["baseline"]})))
-    results = tmp_path / "results"
-    run_matrix(matrix, results)
+    folder = tmp_path_factory.mktemp("baseline")
+    matrix = load_matrix(write_matrix(folder, matrix_data(axes={"method": ["baseline"]})))
+    summary = run_matrix(matrix, folder / "results")
+    return matrix, folder / "results", summary
+
+
+def test_force_reruns_and_the_same_seed_gives_identical_images(baseline_run, tmp_path):
+    import shutil
+
+    matrix, finished, _ = baseline_run
+    results = shutil.copytree(finished, tmp_path / "results")  # this test's own copy of the finished run
     first = read_results(results)
     pixels = [np.asarray(Image.open(results / p)) for p in first["image_path"]]
     progress = RecordedProgress()
@@ -205,11 +215,8 @@ def test_quality_gates_mark_each_cell(smoke_run):
     assert frame.query("method == 'torchao'")["gate_failures"].str.contains("breaks max_latent_rel_l2 = 0.001").all()
 
 
-def test_reference_is_computed_once_and_then_read_from_the_cache(smoke_run, tmp_path):
-    from tests.conftest import matrix_data, write_matrix
-
-    matrix = load_matrix(write_matrix(tmp_path, matrix_data(axes={"method": ["baseline"]})))
-    summary = run_matrix(matrix, tmp_path / "results")
+def test_reference_is_computed_once_and_then_read_from_the_cache(baseline_run):
+    _, _, summary = baseline_run  # a new results folder, after smoke_run computed the reference
     assert summary.reference_runs == 0
     assert summary.statuses == {"ok": 1}
 
@@ -279,11 +286,13 @@ def test_a_compiled_cell_reports_compile_time_apart_and_extrapolated_latency_say
 
 
 def _compiled_run(tmp_path, name: str, axes: dict):
-    """Run compiled tiny-flux cells (one prompt, two steps, no drift); the run's summary and rows."""
+    """Run compiled tiny-flux cells (one prompt, two steps, no drift; each cell's process started while the one
+    before compiles); the run's summary and rows."""
     from tests.conftest import matrix_data, write_matrix
 
     data = matrix_data(
         name=name,
+        run={"cell_start": "prestarted"},
         generation={"prompts": ["a red apple"], "num_inference_steps": 2, "repeats": 1},
         axes={"compile": ["default"], **axes},
         drift={"enabled": False},
