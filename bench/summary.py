@@ -97,11 +97,12 @@ def _against_baseline(summary: pd.DataFrame) -> pd.DataFrame:
             & (baselines["gpu_name"].map(device_label) == device_label(cell["gpu_name"]))
             & (baselines["lora"] == cell["lora"])  # a LoRA cell against bf16 with its adapter in the same mode
             & (baselines["lora_rank"].fillna(0) == (0 if pd.isna(cell["lora_rank"]) else cell["lora_rank"]))
-            & (_batch(baselines["batch_size"]) == _batch(pd.Series([cell["batch_size"]])).iloc[0])
+            & (images_per_call(baselines) == (1 if pd.isna(cell["batch_size"]) else cell["batch_size"]))
         ]
         if candidates.empty:
             continue
-        base = candidates.sort_values("attention", key=lambda a: a.fillna("native") != "native", kind="stable").iloc[0]
+        native = candidates[ran_native_attention(candidates)]
+        base = (native if not native.empty else candidates).iloc[0]
         summary.loc[index, "speedup"] = base["e2e_latency_median_s"] / cell["e2e_latency_median_s"]
         summary.loc[index, "memory_saving"] = 1 - cell["peak_reserved_bytes"] / base["peak_reserved_bytes"]
         summary.loc[index, "transformer_size_ratio"] = (
@@ -110,9 +111,14 @@ def _against_baseline(summary: pd.DataFrame) -> pd.DataFrame:
     return summary
 
 
-def _batch(sizes: pd.Series) -> pd.Series:
-    """Images per call; 1 for rows from before the `batch_size` axis."""
-    return sizes.fillna(1).astype(int)
+def images_per_call(cells: pd.DataFrame) -> pd.Series:
+    """Each cell's `batch_size`; 1 for rows from before the axis."""
+    return cells["batch_size"].fillna(1).astype(int)
+
+
+def ran_native_attention(cells: pd.DataFrame) -> pd.Series:
+    """Whether each cell ran torch's own attention (`native`, as rows from before the axis did)."""
+    return cells["attention"].fillna("native") == "native"
 
 
 # what makes a compiled cell's eager twin: the same cell with compile off (and the same device)

@@ -16,6 +16,7 @@ import numpy as np
 import pandas as pd
 
 from bench.contract import Status
+from bench.summary import images_per_call, ran_native_attention
 
 GIB = 1024**3
 DEFAULT_BUDGETS_GB = (80, 48, 24, 16, 12)
@@ -255,7 +256,7 @@ def decide(frame: pd.DataFrame, cells: pd.DataFrame, device: str, budgets_gb: tu
 def largest_batches(candidates: pd.DataFrame, budgets_gb: tuple[int, ...]) -> list[BatchPick]:
     """For each budget and method (with its options), the largest `batch_size` among the candidate cells that
     fit, from its cell with the most images per second; [] when the cells have a single batch size."""
-    batch = candidates["batch_size"].fillna(1).astype(int) if "batch_size" in candidates else None
+    batch = images_per_call(candidates) if "batch_size" in candidates else None
     if batch is None or batch.nunique() < 2:
         return []
     cells = candidates.assign(batch=batch, method_label=candidates.apply(_method_label, axis=1))
@@ -284,8 +285,8 @@ def _bf16_eager(ok: pd.DataFrame) -> pd.Series | None:
     for preferred in (
         lambda cells: cells["lora"] == "none",
         lambda cells: cells["placement"] == "device",
-        lambda cells: cells["batch_size"].fillna(1) == 1,
-        lambda cells: cells["attention"].fillna("native") == "native",
+        lambda cells: images_per_call(cells) == 1,
+        ran_native_attention,
     ):
         narrowed = base[preferred(base)]
         base = narrowed if not narrowed.empty else base
