@@ -659,6 +659,11 @@ def _step_range(row: Any) -> str:
     return f"{min(steps):.4f}–{max(steps):.4f}"
 
 
+def _step_per_image(row: Any) -> str:
+    step = row.get("step_latency_median_s")
+    return "–" if step is None or step != step else f"{step / (row.get('batch_size') or 1):.4f}"
+
+
 def _text(column: str) -> Callable[[Any], str]:
     return lambda row: "–" if not isinstance(row.get(column), str) else row[column]
 
@@ -677,6 +682,7 @@ COLUMNS = {
     "compile": Column("compile s", _num("compile_s", 0)),
     "cache": Column("Inductor cache", _cold),
     "graphs": Column("graphs", _count("graphs")),
+    "from_cache": Column("graphs from cache", _count("graphs_from_cache")),
     "breaks": Column("graph breaks", _count("graph_breaks")),
     "rewrites": Column("int8wo rewrites", _count("int8_weight_only_rewrites")),
     "kernels": Column("Triton kernels", _count("triton_kernels")),
@@ -696,6 +702,10 @@ COLUMNS = {
     "gpu_index": Column("`CUDA_VISIBLE_DEVICES`", _text("cuda_visible_devices")),
     "note": Column("note", _note),
     "harness": Column("harness", lambda row: _text("harness_commit")(row)[:7]),
+    "attention_ran": Column("attention that ran", _text("attention_backend")),
+    "batch": Column("batch", lambda row: str(row.get("batch_size") or 1)),
+    "step_image": Column("step s per image", _step_per_image),
+    "images_s": Column("images/s", _num("images_per_s", 3)),
 }
 
 
@@ -813,13 +823,42 @@ FINDINGS_TABLES = (
     FindingsTable(
         "backends-h200-compiled",
         "results/reference/h200/backends-h200",
-        ("cell", "status", "peak", "warmup_peak", "step", "compile", "energy", "graphs", "note", "harness"),
+        (
+            "cell",
+            "status",
+            "peak",
+            "warmup_peak",
+            "step",
+            "compile",
+            "energy",
+            "graphs",
+            "from_cache",
+            "note",
+            "harness",
+        ),
         "compile != 'off'",
     ),
     FindingsTable(
         "truth-h200",
         "results/reference/h200/truth-h200",
         ("cell", "status", "resident", "peak", "warmup_peak", "step", "compile", "energy", "harness"),
+    ),
+    FindingsTable(
+        "attention-h200",
+        "results/reference/h200/attention-h200",
+        (
+            "cell",
+            "status",
+            "attention_ran",
+            "batch",
+            "step_image",
+            "images_s",
+            "peak",
+            "compile",
+            "energy",
+            "latent",
+            "harness",
+        ),
     ),
     FindingsTable(
         "step-timing-events-h200",
@@ -878,6 +917,46 @@ KERNEL_RUNS = {  # snippet name: (committed `nox -s kernels` JSON, one FLUX shap
 ATTENTION_KERNEL_RUNS = {  # snippet name: committed `nox -s kernels` JSON with the attention cases
     "kernels-h200-attention": "results/reference/kernels/h200.json",
 }
+
+
+RESOLUTION_RUNS = {  # snippet name: committed results folder of a `[generation] resolutions` matrix
+    "resolutions-h200": "results/reference/h200/resolutions-h200",
+}
+
+
+def resolutions_snippet(repo: Path, folder: str) -> str:
+    """One row per cell and size: the size's first generation (with any recompile it caused), the rest, the
+    step, the graphs compiled during the size's generations and its peak memory; the cell's compile figures
+    (whole cell: Inductor's cache is shared between cells, so a graph another cell compiled comes from it)."""
+    frame = _cells(repo / folder).sort_values("cell_label")
+    rows = []
+    for record in frame.to_dict("records"):
+        if not isinstance(record.get("per_resolution"), str):
+            continue
+        for size in json.loads(record["per_resolution"]):
+            first, *rest = size["e2e_latency_s"]
+            rows.append(
+                [
+                    f"`{record['cell_label']}`",
+                    _num("compile_s", 0)(record),
+                    COLUMNS["from_cache"].value(record),
+                    _count("coordinate_descent_benchmarks")(record),
+                    f"{size['width']}×{size['height']}",
+                    f"{first:.2f}",
+                    f"{sum(rest) / len(rest):.3f}" if rest else "–",
+                    "–" if size["step_latency_median_s"] is None else f"{size['step_latency_median_s']:.4f}",
+                    "–" if size["timed_compiles"] is None else str(size["timed_compiles"]),
+                    "–" if size["peak_reserved_bytes"] is None else f"{size['peak_reserved_bytes'] / GIB:.2f}",
+                ]
+            )
+    headers = [
+        "cell", "warm-up compile s", "graphs from cache", "coordinate-descent benchmarks", "size (w×h)", "first generation s", "later generations s", "step s",
+        "graphs compiled", "peak reserved GiB",
+    ]  # fmt: skip
+    commits = sorted({str(commit)[:7] for commit in frame["harness_commit"].dropna()})
+    return _table(headers, rows) + (
+        f"\nRows: `{folder}/` ({len(frame)} cells); harness {', '.join(f'`{c}`' for c in commits)}.\n"
+    )
 
 
 DETECTION_RUNS = {  # snippet name: committed `benchmarks/regression_detection.py --output` JSON
@@ -1044,6 +1123,8 @@ def text_pages(repo: Path) -> dict[Path, str]:
         pages[Path(f"docs/snippets/{name}.md")] = attention_kernels_snippet(repo / run)
     for name, run in DETECTION_RUNS.items():
         pages[Path(f"docs/snippets/{name}.md")] = detection_snippet(repo, run)
+    for name, folder in RESOLUTION_RUNS.items():
+        pages[Path(f"docs/snippets/{name}.md")] = resolutions_snippet(repo, folder)
     contributing = repo / "CONTRIBUTING.md"
     pages[Path("CONTRIBUTING.md")] = _with_layout(contributing.read_text(), layout_section(repo / "bench"))
     return pages
