@@ -87,6 +87,7 @@ class Measurements:
     gpu_power_limit_w: float | None = None
     gpu_temperature_c: float | None = None
     gpu_throttle_reasons: str | None = None
+    gpu_other_processes: int | None = None
     energy_note: str | None = None
     int8_outlier_column_fraction: float | None = None
     quantization_effective: bool | None = None

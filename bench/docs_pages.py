@@ -355,6 +355,9 @@ COLUMN_GROUPS: dict[str, dict[str, str]] = {
         "gpu_power_limit_w": "NVML's power management limit.",
         "gpu_temperature_c": "Highest GPU temperature sampled during the timed generations.",
         "gpu_throttle_reasons": "NVML clock-event reasons other than idle seen then (`sw_power_cap`, ...), or `none`.",
+        "gpu_other_processes": "The most processes besides the cell's own that NVML saw holding a CUDA context on "
+        "its GPU during the timed generations (0: the GPU was the cell's alone; null: NVML lists no processes "
+        "here, e.g. in some containers). Another process shares the GPU's time and its energy counter.",
         "energy_note": "Why an energy column is null (on a CPU, an NVML call failed), or how it was computed.",
         "value_dependent_latency": "The method's speed depends on the activations' values (bitsandbytes int8 at a "
         "threshold > 0): synthetic weights' latency is one sample, not the method's.",

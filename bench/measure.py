@@ -110,6 +110,10 @@ VALUE_DEPENDENT_NOTE = (
     " is one sample, not the method's."
 )
 THROTTLED_NOTE = "NVML reported these clock-limiting reasons during the timed generations: latency may be lower"
+SHARED_NOTE = (
+    "other processes held a CUDA context on this cell's GPU during its timed generations: they may have taken GPU"
+    " time (latency) and their work is in the energy counter"
+)
 
 
 def _is_true(value: Any) -> bool:
@@ -130,7 +134,13 @@ def measurement_flags(cell: Any) -> list[dict[str, str]]:
     reasons = cell.get("gpu_throttle_reasons")
     if isinstance(reasons, str) and reasons != "none":
         flags.append({"text": f"clocks limited: {reasons}", "title": THROTTLED_NOTE})
+    if _shared(cell.get("gpu_other_processes")):
+        flags.append({"text": f"GPU shared with {int(cell['gpu_other_processes'])} process(es)", "title": SHARED_NOTE})
     return flags
+
+
+def _shared(others: Any) -> bool:
+    return isinstance(others, int | float | np.integer | np.floating) and others == others and others > 0
 
 
 def measurement_footnotes(frame: Any, cell_ids: Any) -> list[str]:
@@ -144,4 +154,8 @@ def measurement_footnotes(frame: Any, cell_ids: Any) -> list[str]:
         limited = rows["gpu_throttle_reasons"].map(lambda r: isinstance(r, str) and r != "none")
         if limited.any():
             notes.append(f"{int(limited.sum())} compared cell(s) ran with limited clocks ({THROTTLED_NOTE.lower()})")
+    if "gpu_other_processes" in rows and rows["gpu_other_processes"].map(_shared).any():
+        notes.append(
+            f"{int(rows['gpu_other_processes'].map(_shared).sum())} compared cell(s) ran on a shared GPU: {SHARED_NOTE}"
+        )
     return notes

@@ -147,6 +147,7 @@ class ResultRow:
     gpu_power_limit_w: float | None = None
     gpu_temperature_c: float | None = None  # max during the timed generations
     gpu_throttle_reasons: str | None = None  # clock-event reasons other than idle seen then, or "none"
+    gpu_other_processes: int | None = None  # most other processes holding the GPU's CUDA contexts then
     energy_note: str | None = None  # why an energy column is null, or how it was computed
     value_dependent_latency: bool | None = None  # the method's speed depends on the activations' values
     int8_outlier_column_fraction: float | None = None  # bnb int8 (threshold > 0): the activation columns that

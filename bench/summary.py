@@ -24,7 +24,7 @@ CELL_COLUMNS = (
     "gpu_memory_note", "load_s", "quantize_s", "warmup_s", "warmup_step_median_s", "compile_s", "timed_compiles", "compile_counts", "inductor_cache_at_start", "prepare_s", "import_s", "cell_wall_s",
     "extrapolated_to_steps", "gate_status", "gate_failures",
     "warmup_peak_reserved_bytes", "energy_j_per_image", "energy_j_per_step", "avg_power_w", "gpu_sm_clock_mhz",
-    "gpu_power_limit_w", "gpu_temperature_c", "gpu_throttle_reasons", "energy_note", "value_dependent_latency",
+    "gpu_power_limit_w", "gpu_temperature_c", "gpu_throttle_reasons", "gpu_other_processes", "energy_note", "value_dependent_latency",
     "int8_outlier_column_fraction", "quantization_effective", "quantization_note",
     "lora", "lora_rank", "lora_adapter", "lora_load_s", "lora_fuse_s", "lora_swap_s",
 )  # fmt: skip

@@ -16,7 +16,7 @@ from bench.cache import folder_fingerprint
 from bench.cells import Cell
 from bench.cli import main
 from bench.environment import other_versions
-from bench.measure import bf16_bytes, quantization_effect
+from bench.measure import bf16_bytes, measurement_flags, quantization_effect
 from bench.methods import method_class
 from bench.runner import eager_step_times, warmup_step_limit
 from bench.store import read_results
@@ -29,7 +29,7 @@ class FakeNvml(types.SimpleNamespace):
     """pynvml's functions used by the tracker: an energy counter that advances 700 J per second of fake time."""
 
 
-def fake_pynvml(clock: list[float], broken: tuple[str, ...] = ()) -> FakeNvml:
+def fake_pynvml(clock: list[float], broken: tuple[str, ...] = (), processes: int = 1) -> FakeNvml:
     def fails(name):
         def call(*args):
             raise RuntimeError(f"{name} not supported")
@@ -47,6 +47,7 @@ def fake_pynvml(clock: list[float], broken: tuple[str, ...] = ()) -> FakeNvml:
         "nvmlDeviceGetClockInfo": lambda h, kind: 1980,
         "nvmlDeviceGetTemperature": lambda h, sensor: 61,
         "nvmlDeviceGetCurrentClocksEventReasons": lambda h: 0x4 | 0x1,
+        "nvmlDeviceGetComputeRunningProcesses": lambda h: [types.SimpleNamespace(pid=p) for p in range(processes)],
     }
     for name in broken:
         functions[name] = fails(name)
@@ -64,8 +65,8 @@ def fake_time(monkeypatch):
     return now
 
 
-def tracked(monkeypatch, now, generation_s, broken=()):
-    monkeypatch.setitem(sys.modules, "pynvml", fake_pynvml(now, broken))
+def tracked(monkeypatch, now, generation_s, broken=(), processes=1):
+    monkeypatch.setitem(sys.modules, "pynvml", fake_pynvml(now, broken, processes))
     tracker = EnergyTracker(cuda=True, gpu_uuid="abc", clock=lambda: now[0])
     with tracker.sampling():
         tracker._sample_once()  # the side thread's first sample, taken here so the test does not race it
@@ -84,7 +85,22 @@ def test_energy_per_image_is_the_counter_over_each_generation_aligned_to_its_upd
     assert energy.gpu_sm_clock_mhz == 1980
     assert energy.gpu_temperature_c == 61
     assert energy.gpu_throttle_reasons == "sw_power_cap"
+    assert energy.gpu_other_processes == 0  # NVML lists the cell's own process only
     assert energy.energy_note is None
+
+
+def test_other_processes_on_the_gpu_are_counted_and_noted(monkeypatch, fake_time):
+    energy = tracked(monkeypatch, fake_time, generation_s=2.0, processes=3).result(step_median_s=0.1)
+    assert energy.gpu_other_processes == 2
+    assert "2 other process(es) held this GPU" in energy.energy_note
+    flags = measurement_flags({"gpu_other_processes": 2.0, "gpu_throttle_reasons": "none"})
+    assert [flag["text"] for flag in flags] == ["GPU shared with 2 process(es)"]
+    assert measurement_flags({"gpu_other_processes": 0}) == []
+
+
+def test_nvml_listing_no_process_leaves_the_count_null(monkeypatch, fake_time):
+    energy = tracked(monkeypatch, fake_time, generation_s=2.0, processes=0).result(step_median_s=0.1)
+    assert energy.gpu_other_processes is None and energy.energy_note is None
 
 
 def test_short_generations_give_the_mean_over_all_and_say_so(monkeypatch, fake_time):
@@ -247,7 +263,7 @@ def test_older_results_folders_read_with_the_new_columns_null():
 def test_report_and_compare_flag_value_dependent_and_throttled_cells():
     import pandas as pd
 
-    from bench.measure import measurement_flags, measurement_footnotes
+    from bench.measure import measurement_footnotes
 
     flags = measurement_flags({"value_dependent_latency": True, "int8_outlier_column_fraction": 0.0123,
                                "gpu_throttle_reasons": "sw_power_cap"})  # fmt: skip
@@ -260,6 +276,9 @@ def test_report_and_compare_flag_value_dependent_and_throttled_cells():
                           "gpu_throttle_reasons": [None, None, "none"]})  # fmt: skip
     notes = measurement_footnotes(frame, ["a", "b"])
     assert len(notes) == 1 and notes[0].startswith("1 compared cell(s) have value-dependent speed")
+    frame["gpu_other_processes"] = [0, 0, 1]
+    notes = measurement_footnotes(frame, ["a", "b"])
+    assert len(notes) == 2 and notes[1].startswith("1 compared cell(s) ran on a shared GPU")
 
 
 def _crosscheck():

@@ -1,5 +1,6 @@
 """Energy tracker: NVML's total-energy counter (nvidia-ml-py) around each timed generation, and the SM clock,
-temperature and clock-event ("throttle") reasons sampled by a side thread while they run.
+temperature, clock-event ("throttle") reasons and the other processes holding the GPU, sampled by a side thread
+while they run.
 
 Precision: the counter (millijoules since the driver loaded, the whole GPU: another process on the same GPU
 counts too) advances in updates every 20-100 ms. Each window therefore starts and ends on an update (it waits,
@@ -56,6 +57,7 @@ class Energy:
     gpu_power_limit_w: float | None = None
     gpu_temperature_c: float | None = None  # max of the samples
     gpu_throttle_reasons: str | None = None  # clock-event reasons other than idle seen, comma-separated, or "none"
+    gpu_other_processes: int | None = None  # most processes besides this one with a CUDA context on the GPU
     energy_note: str | None = None
 
 
@@ -130,6 +132,7 @@ class Samples:
     sm_clock_mhz: list[int] = field(default_factory=list)
     temperature_c: list[int] = field(default_factory=list)
     reasons: list[int] = field(default_factory=list)
+    compute_processes: list[int] = field(default_factory=list)  # NVML's count, this process included
 
 
 class EnergyTracker:
@@ -207,6 +210,9 @@ class EnergyTracker:
         reasons = nvml.clock_event_reasons()
         if reasons is not None:
             self.samples.reasons.append(reasons)
+        processes = nvml.device("nvmlDeviceGetComputeRunningProcesses")
+        if processes is not None:
+            self.samples.compute_processes.append(len(processes))
 
     def result(self, step_median_s: float | None) -> Energy:
         """The cell's energy columns; `step_median_s` (the timed steps' median) gives energy_j_per_step."""
@@ -241,6 +247,15 @@ class EnergyTracker:
             energy.gpu_temperature_c = float(max(samples.temperature_c))
         if samples.reasons:
             energy.gpu_throttle_reasons = throttle_reasons(samples.reasons)
+        # NVML lists this process too (under the host's PID inside a container, so it is counted, not matched);
+        # an empty list means NVML shows no processes here, not that none ran.
+        if samples.compute_processes and max(samples.compute_processes) > 0:
+            energy.gpu_other_processes = max(samples.compute_processes) - 1
+            if energy.gpu_other_processes:
+                notes.append(
+                    f"{energy.gpu_other_processes} other process(es) held this GPU during the timed generations:"
+                    " the energy counter counts their work too"
+                )
         energy.energy_note = "; ".join(notes) or None
         return energy
 
