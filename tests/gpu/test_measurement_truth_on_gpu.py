@@ -42,6 +42,35 @@ def test_nvml_energy_windows_give_power_between_idle_and_the_limit():
     assert energy.energy_j_per_image == pytest.approx(energy.avg_power_w * 1.5, rel=0.25)
     assert energy.gpu_sm_clock_mhz > 100 and energy.gpu_temperature_c > 0
     assert energy.gpu_throttle_reasons is not None
+    assert energy.gpu_other_processes in (0, None)  # alone on the GPU (None: NVML lists no processes here)
+
+
+def test_another_process_holding_the_gpu_is_counted():
+    import subprocess
+    import sys
+
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import sys, torch; torch.zeros(1, device='cuda'); print('ready', flush=True); sys.stdin.read()",
+        ],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout.readline().strip() == "ready"
+        torch.zeros(1, device="cuda")  # this process's own context
+        tracker = EnergyTracker(cuda=True, gpu_uuid=str(torch.cuda.get_device_properties(0).uuid))
+        with tracker.sampling(), tracker.window():
+            _busy(0.6)
+        others = tracker.result(step_median_s=None).gpu_other_processes
+    finally:
+        holder.communicate("", timeout=30)
+    if others is None:
+        pytest.skip("NVML lists no compute processes on this machine (a container without the host's PID view)")
+    assert others >= 1
 
 
 def test_cuda_event_step_marks_match_synchronised_wall_time():
