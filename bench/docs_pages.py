@@ -928,34 +928,15 @@ RESOLUTION_RUNS = {  # snippet name: committed results folder of a `[generation]
 
 
 def resolutions_snippet(repo: Path, folder: str) -> str:
-    """One row per cell and size: the size's first generation (with any recompile it caused), the rest, the
-    step, the graphs compiled during the size's generations and its peak memory; the cell's compile figures
-    (whole cell: Inductor's cache is shared between cells, so a graph another cell compiled comes from it)."""
-    frame = _cells(repo / folder).sort_values("cell_label")
-    rows = []
-    for record in frame.to_dict("records"):
-        if not isinstance(record.get("per_resolution"), str):
-            continue
-        for size in json.loads(record["per_resolution"]):
-            first, *rest = size["e2e_latency_s"]
-            rows.append(
-                [
-                    f"`{record['cell_label']}`",
-                    _num("compile_s", 0)(record),
-                    COLUMNS["from_cache"].value(record),
-                    _count("coordinate_descent_benchmarks")(record),
-                    f"{size['width']}×{size['height']}",
-                    f"{first:.2f}",
-                    f"{sum(rest) / len(rest):.3f}" if rest else "–",
-                    "–" if size["step_latency_median_s"] is None else f"{size['step_latency_median_s']:.4f}",
-                    "–" if size["timed_compiles"] is None else str(size["timed_compiles"]),
-                    "–" if size["peak_reserved_bytes"] is None else f"{size['peak_reserved_bytes'] / GIB:.2f}",
-                ]
-            )
-    headers = [
-        "cell", "warm-up compile s", "graphs from cache", "coordinate-descent benchmarks", "size (w×h)", "first generation s", "later generations s", "step s",
-        "graphs compiled", "peak reserved GiB",
-    ]  # fmt: skip
+    """The report's resolution-change table (bench.report.resolutions) of a committed results folder."""
+    from bench.report.resolutions import RESOLUTION_COLUMNS, resolution_rows
+
+    frame = _cells(repo / folder)
+    rows = [
+        [f"`{row[key]}`" if key == "cell" and row[key] else row[key] for key, _ in RESOLUTION_COLUMNS]
+        for row in resolution_rows(frame, GIB)
+    ]
+    headers = [header + (" GiB" if key == "peak" else "") for key, header in RESOLUTION_COLUMNS]
     commits = sorted({str(commit)[:7] for commit in frame["harness_commit"].dropna()})
     return _table(headers, rows) + (
         f"\nRows: `{folder}/` ({len(frame)} cells); harness {', '.join(f'`{c}`' for c in commits)}.\n"

@@ -6,8 +6,10 @@ prompts x seeds with a 95% confidence interval (Student t). Memory is a per-cell
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -189,7 +191,11 @@ TIME_PHASES = (
     ("serialize_reload_s", "reload", "serialization round trip: reload"),
     ("load_s", "load and place", "loading the rest of the pipeline and placing it"),
     ("warmup_s", "warm-up", "warm-up generations (torch.compile compiles here)"),
-    ("timed_s", "timed runs", "timed generations (median x repeats per prompt and seed)"),
+    (
+        "timed_s",
+        "timed runs",
+        "timed generations (median x repeats per prompt and seed, and those at further `resolutions` sizes)",
+    ),
 )
 
 
@@ -221,6 +227,8 @@ def time_breakdown(frame: pd.DataFrame) -> pd.DataFrame:
     ran = frame[frame["cell_wall_s"].notna()]
     cells = cells_that_ran(frame)
     timed = (ran["e2e_latency_median_s"] * ran["repeats"]).groupby(ran["cell_id"], sort=False).sum()
+    if "per_resolution" in cells:  # the generations at each further size of `[generation] resolutions`
+        timed = timed.add(cells["per_resolution"].map(_later_sizes_s), fill_value=0.0)
     phases = cells[[column for column, _, _ in TIME_PHASES if column != "timed_s"]].fillna(0)
     phases["timed_s"] = timed.reindex(cells.index, fill_value=0.0)
     rest = cells["cell_wall_s"] - phases.sum(axis=1)
@@ -234,6 +242,13 @@ def time_breakdown(frame: pd.DataFrame) -> pd.DataFrame:
     breakdown = pd.DataFrame.from_records(records)
     breakdown["share"] = breakdown["seconds"] / wall if wall > 0 else np.nan
     return breakdown
+
+
+def _later_sizes_s(per_resolution: Any) -> float:
+    """Seconds of the timed generations at the sizes after the first (the first size's are the cell's own)."""
+    if not isinstance(per_resolution, str):
+        return 0.0
+    return float(sum(sum(size["e2e_latency_s"]) for size in json.loads(per_resolution)[1:]))
 
 
 @dataclass(frozen=True)

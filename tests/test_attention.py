@@ -163,6 +163,15 @@ def test_the_cpu_attention_matrix_runs_each_backend_batch_and_size(tmp_path):
         assert all(len(s["e2e_latency_s"]) == 2 and s["peak_reserved_bytes"] is None for s in sizes)
     default_second = json.loads(rows.loc["baseline bf16 compile=default", "per_resolution"])[1]
     assert default_second["timed_compiles"] > 0  # torch's default recompiles at a new size
+    from bench.report import write_report
+
+    markdown = write_report(tmp_path / "results", tmp_path / "report.md", report_format="md").read_text()
+    lines = markdown.split("## Resolution changes", 1)[1].split("\n## ", 1)[0].splitlines()
+    first = lines.index(next(line for line in lines if line.startswith("| baseline bf16 compile=default |")))
+    cells = [line.split(" | ") for line in lines[first : first + 2]]
+    assert [cell[1] for cell in cells] == ["64×64", "80×48"]  # width × height, in the order they ran
+    assert cells[0][7] == "0" and cells[1][7] == str(default_second["timed_compiles"])  # the recompile's row
+    assert sum(line.startswith("| ") and " | 80×48 | " in line for line in lines) == len(ran)  # every ok cell
 
 
 def test_the_report_names_the_largest_batch_each_method_fits_on_each_card(tmp_path):

@@ -280,11 +280,26 @@ def test_time_breakdown_puts_the_unfinished_phase_of_a_killed_cell_apart_from_th
               "e2e_latency_median_s": float("nan"), "repeats": 2}  # fmt: skip
     breakdown = time_breakdown(pd.DataFrame([finished, killed])).set_index("phase")["seconds"]
     assert breakdown["warm-up generations (torch.compile compiles here)"] == 1076.0
-    assert breakdown["timed generations (median x repeats per prompt and seed)"] == 8.0
+    timed = "timed generations (median x repeats per prompt and seed, and those at further `resolutions` sizes)"
+    assert breakdown[timed] == 8.0
     assert breakdown["rest of the cell process (interpreter start, saving outputs, exit)"] == 30.0 - 5 - 10 - 8
     unfinished = "rest of the cells that timed nothing (the phase each was in when it failed or was killed)"
     assert breakdown[unfinished] == 1500.0 - 7 - 1066
     assert breakdown.sum() == 1530.0
+
+
+def test_time_breakdown_counts_the_generations_at_further_sizes_as_timed_not_as_harness_rest():
+    import json
+
+    from bench.summary import TIME_PHASES, time_breakdown
+
+    phases = {column: float("nan") for column, _, _ in TIME_PHASES if column != "timed_s"}
+    sizes = [{"e2e_latency_s": [1.0, 1.0]}, {"e2e_latency_s": [300.0, 1.0]}, {"e2e_latency_s": [1.0, 1.0]}]
+    cell = {**phases, "cell_id": "a", "cell_wall_s": 320.0, "warmup_s": 10.0, "e2e_latency_median_s": 1.0,
+            "repeats": 2, "per_resolution": json.dumps(sizes)}  # fmt: skip
+    breakdown = time_breakdown(pd.DataFrame([cell])).set_index("phase")["seconds"]
+    assert breakdown.filter(like="timed generations").item() == 2.0 + 301.0 + 2.0  # the recompile at a new size
+    assert breakdown["rest of the cell process (interpreter start, saving outputs, exit)"] == 320.0 - 10 - 305
 
 
 def test_unfinished_cells_add_up_their_tries_and_leave_out_cells_finished_since(tmp_path):

@@ -23,6 +23,7 @@ from bench.reference_cache import ReferenceCache
 from bench.report.decision import DEFAULT_BUDGETS_GB, decide, none_text
 from bench.report.lora import LORA_COLUMNS, LORA_INTRO, lora_rows
 from bench.report.plots import SYNTHETIC_DRIFT_REASON, Plot, all_plots, colour, figure_svg, roofline
+from bench.report.resolutions import RESOLUTION_COLUMNS, RESOLUTION_INTRO, resolution_rows
 from bench.store import ResultsFolder, read_results, read_runs
 from bench.summary import cell_summary, device_label, phases_run, run_times, time_breakdown
 
@@ -126,6 +127,8 @@ def report_context(
         gpu_groups=_gpu_groups(frame, cells, budgets_gb),
         lora_columns=LORA_COLUMNS,
         lora_intro=LORA_INTRO,
+        resolution_columns=RESOLUTION_COLUMNS,
+        resolution_intro=RESOLUTION_INTRO,
         synthetic_drift=SYNTHETIC_DRIFT_REASON if (cells["weights"] == "synthetic").all() else None,
         image_grid=image_grid if images_present else [],
         images_absent=len(tiles) if tiles and not images_present else 0,
@@ -273,6 +276,7 @@ def _gpu_groups(frame: pd.DataFrame, cells: pd.DataFrame, budgets_gb: tuple[int,
                 "drift_headers": [label for metric, label in DRIFT_COLUMNS if metric in shown],
                 "plots": all_plots(group),
                 "lora": lora_rows(group, scale),
+                "resolutions": resolution_rows(group, scale),
             }
         )
     return groups

@@ -11,6 +11,7 @@ import pandas as pd
 
 from bench.report.decision import Decision, Pick, none_text
 from bench.report.lora import LORA_INTRO
+from bench.report.resolutions import RESOLUTION_INTRO
 
 
 def render_markdown(
@@ -43,7 +44,10 @@ def render_markdown(
         if len(context["gpu_groups"]) > 1:
             lines += [f"### {group['device']}", ""]
         lines += _summary(group["rows"], group["memory_unit"])
-    lines += _lora(context)
+    lines += _group_section(context, "lora", "LoRA", LORA_INTRO, context["lora_columns"])
+    lines += _group_section(
+        context, "resolutions", "Resolution changes", RESOLUTION_INTRO, context["resolution_columns"]
+    )
     lines += ["## Plots", ""]
     if context["synthetic_drift"]:
         lines += [f"The {context['synthetic_drift']}.", ""]
@@ -127,22 +131,18 @@ def _pick(pick: Pick | None, ran: bool, mode: str) -> str:
     return f"*{none_text(ran, mode)}*" if pick is None else f"{_cell(pick.label)}<br>{pick.facts()}"
 
 
-def _lora(context: dict[str, Any]) -> list[str]:
-    """The LoRA section: each LoRA cell against the same cell without an adapter; [] without LoRA cells."""
-    groups = [group for group in context["gpu_groups"] if group["lora"]]
+def _group_section(context: dict[str, Any], key: str, title: str, intro: str, columns: tuple) -> list[str]:
+    """A section of one table per device from each GPU group's `key` rows (LoRA, resolutions); [] without any."""
+    groups = [group for group in context["gpu_groups"] if group[key]]
     if not groups:
         return []
-    lines = ["## LoRA", "", LORA_INTRO, ""]
+    lines = [f"## {title}", "", intro, ""]
     for group in groups:
         if len(context["gpu_groups"]) > 1:
             lines += [f"### {group['device']}", ""]
-        headers = [
-            header + (f" {group['memory_unit']}" if key == "peak" else "") for key, header in context["lora_columns"]
-        ]
+        headers = [header + (f" {group['memory_unit']}" if column == "peak" else "") for column, header in columns]
         lines += ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
-        lines += [
-            "| " + " | ".join(_cell(row[key]) for key, _ in context["lora_columns"]) + " |" for row in group["lora"]
-        ]
+        lines += ["| " + " | ".join(_cell(row[column]) for column, _ in columns) + " |" for row in group[key]]
         lines.append("")
     return lines
 
