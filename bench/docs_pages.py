@@ -356,8 +356,9 @@ COLUMN_GROUPS: dict[str, dict[str, str]] = {
         "gpu_temperature_c": "Highest GPU temperature sampled during the timed generations.",
         "gpu_throttle_reasons": "NVML clock-event reasons other than idle seen then (`sw_power_cap`, ...), or `none`.",
         "gpu_other_processes": "The most processes besides the cell's own that NVML saw holding a CUDA context on "
-        "its GPU during the timed generations (0: the GPU was the cell's alone; null: NVML lists no processes "
-        "here, e.g. in some containers). Another process shares the GPU's time and its energy counter.",
+        "its GPU during the timed generations (0: no other process visible to NVML; null: NVML lists no processes "
+        "here, e.g. in some containers, or the GPU is split by MIG). Another process shares the GPU's time and its "
+        "energy counter.",
         "energy_note": "Why an energy column is null (on a CPU, an NVML call failed), or how it was computed.",
         "value_dependent_latency": "The method's speed depends on the activations' values (bitsandbytes int8 at a "
         "threshold > 0): synthetic weights' latency is one sample, not the method's.",
@@ -706,7 +707,7 @@ COLUMNS = {
     "note": Column("note", _note),
     "harness": Column("harness", lambda row: _text("harness_commit")(row)[:7]),
     "attention_ran": Column("attention that ran", _text("attention_backend")),
-    "batch": Column("batch", lambda row: str(row.get("batch_size") or 1)),
+    "batch": Column("batch", _num("batch_size", 0)),
     "step_image": Column("step s per image", _step_per_image),
     "images_s": Column("images/s", _num("images_per_s", 3)),
 }

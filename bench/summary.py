@@ -194,7 +194,7 @@ TIME_PHASES = (
     (
         "timed_s",
         "timed runs",
-        "timed generations (median x repeats per prompt and seed, and those at further `resolutions` sizes)",
+        "timed generations (median x repeats per prompt and seed, and the `resolutions` sweep)",
     ),
 )
 
@@ -227,8 +227,8 @@ def time_breakdown(frame: pd.DataFrame) -> pd.DataFrame:
     ran = frame[frame["cell_wall_s"].notna()]
     cells = cells_that_ran(frame)
     timed = (ran["e2e_latency_median_s"] * ran["repeats"]).groupby(ran["cell_id"], sort=False).sum()
-    if "per_resolution" in cells:  # the generations at each further size of `[generation] resolutions`
-        timed = timed.add(cells["per_resolution"].map(_later_sizes_s), fill_value=0.0)
+    if "per_resolution" in cells:  # the generations of the `[generation] resolutions` sweep, after those
+        timed = timed.add(cells["per_resolution"].map(_resolution_sweep_s), fill_value=0.0)
     phases = cells[[column for column, _, _ in TIME_PHASES if column != "timed_s"]].fillna(0)
     phases["timed_s"] = timed.reindex(cells.index, fill_value=0.0)
     rest = cells["cell_wall_s"] - phases.sum(axis=1)
@@ -244,11 +244,12 @@ def time_breakdown(frame: pd.DataFrame) -> pd.DataFrame:
     return breakdown
 
 
-def _later_sizes_s(per_resolution: Any) -> float:
-    """Seconds of the timed generations at the sizes after the first (the first size's are the cell's own)."""
+def _resolution_sweep_s(per_resolution: Any) -> float:
+    """Seconds of the generations of the `[generation] resolutions` sweep (each size's, the first's included:
+    the sweep runs after the cell's own timed generations)."""
     if not isinstance(per_resolution, str):
         return 0.0
-    return float(sum(sum(size["e2e_latency_s"]) for size in json.loads(per_resolution)[1:]))
+    return float(sum(sum(size["e2e_latency_s"]) for size in json.loads(per_resolution)))
 
 
 @dataclass(frozen=True)

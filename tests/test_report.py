@@ -285,7 +285,7 @@ def test_time_breakdown_puts_the_unfinished_phase_of_a_killed_cell_apart_from_th
               "e2e_latency_median_s": float("nan"), "repeats": 2}  # fmt: skip
     breakdown = time_breakdown(pd.DataFrame([finished, killed])).set_index("phase")["seconds"]
     assert breakdown["warm-up generations (torch.compile compiles here)"] == 1076.0
-    timed = "timed generations (median x repeats per prompt and seed, and those at further `resolutions` sizes)"
+    timed = "timed generations (median x repeats per prompt and seed, and the `resolutions` sweep)"
     assert breakdown[timed] == 8.0
     assert breakdown["rest of the cell process (interpreter start, saving outputs, exit)"] == 30.0 - 5 - 10 - 8
     unfinished = "rest of the cells that timed nothing (the phase each was in when it failed or was killed)"
@@ -293,7 +293,7 @@ def test_time_breakdown_puts_the_unfinished_phase_of_a_killed_cell_apart_from_th
     assert breakdown.sum() == 1530.0
 
 
-def test_time_breakdown_counts_the_generations_at_further_sizes_as_timed_not_as_harness_rest():
+def test_time_breakdown_counts_the_resolution_sweep_as_timed_not_as_harness_rest():
     import json
 
     from bench.summary import TIME_PHASES, time_breakdown
@@ -303,8 +303,9 @@ def test_time_breakdown_counts_the_generations_at_further_sizes_as_timed_not_as_
     cell = {**phases, "cell_id": "a", "cell_wall_s": 320.0, "warmup_s": 10.0, "e2e_latency_median_s": 1.0,
             "repeats": 2, "per_resolution": json.dumps(sizes)}  # fmt: skip
     breakdown = time_breakdown(pd.DataFrame([cell])).set_index("phase")["seconds"]
-    assert breakdown.filter(like="timed generations").item() == 2.0 + 301.0 + 2.0  # the recompile at a new size
-    assert breakdown["rest of the cell process (interpreter start, saving outputs, exit)"] == 320.0 - 10 - 305
+    # the cell's own timed runs, then the sweep: every size again, the recompile at the second included
+    assert breakdown.filter(like="timed generations").item() == 2.0 + (2.0 + 301.0 + 2.0)
+    assert breakdown["rest of the cell process (interpreter start, saving outputs, exit)"] == 320.0 - 10 - 307
 
 
 def test_unfinished_cells_add_up_their_tries_and_leave_out_cells_finished_since(tmp_path):

@@ -29,7 +29,7 @@ class FakeNvml(types.SimpleNamespace):
     """pynvml's functions used by the tracker: an energy counter that advances 700 J per second of fake time."""
 
 
-def fake_pynvml(clock: list[float], broken: tuple[str, ...] = (), processes: int = 1) -> FakeNvml:
+def fake_pynvml(clock: list[float], broken: tuple[str, ...] = (), processes: int = 1, mig: bool = False) -> FakeNvml:
     def fails(name):
         def call(*args):
             raise RuntimeError(f"{name} not supported")
@@ -48,6 +48,7 @@ def fake_pynvml(clock: list[float], broken: tuple[str, ...] = (), processes: int
         "nvmlDeviceGetTemperature": lambda h, sensor: 61,
         "nvmlDeviceGetCurrentClocksEventReasons": lambda h: 0x4 | 0x1,
         "nvmlDeviceGetComputeRunningProcesses": lambda h: [types.SimpleNamespace(pid=p) for p in range(processes)],
+        "nvmlDeviceGetMigMode": lambda h: (int(mig), int(mig)),
     }
     for name in broken:
         functions[name] = fails(name)
@@ -65,8 +66,8 @@ def fake_time(monkeypatch):
     return now
 
 
-def tracked(monkeypatch, now, generation_s, broken=(), processes=1):
-    monkeypatch.setitem(sys.modules, "pynvml", fake_pynvml(now, broken, processes))
+def tracked(monkeypatch, now, generation_s, broken=(), processes=1, mig=False):
+    monkeypatch.setitem(sys.modules, "pynvml", fake_pynvml(now, broken, processes, mig))
     tracker = EnergyTracker(cuda=True, gpu_uuid="abc", clock=lambda: now[0])
     with tracker.sampling():
         tracker._sample_once()  # the side thread's first sample, taken here so the test does not race it
@@ -98,9 +99,18 @@ def test_other_processes_on_the_gpu_are_counted_and_noted(monkeypatch, fake_time
     assert measurement_flags({"gpu_other_processes": 0}) == []
 
 
-def test_nvml_listing_no_process_leaves_the_count_null(monkeypatch, fake_time):
-    energy = tracked(monkeypatch, fake_time, generation_s=2.0, processes=0).result(step_median_s=0.1)
+@pytest.mark.parametrize(
+    "case",
+    [
+        {"processes": 0},  # NVML lists none here (e.g. a container)
+        {"broken": ("nvmlDeviceGetComputeRunningProcesses",)},  # no permission, an old driver
+        {"processes": 3, "mig": True},  # a MIG slice: the whole GPU's processes include other slices' tenants
+    ],
+)
+def test_the_process_count_is_null_where_nvml_cannot_tell_and_the_energy_note_stays_clean(monkeypatch, fake_time, case):
+    energy = tracked(monkeypatch, fake_time, generation_s=2.0, **case).result(step_median_s=0.1)
     assert energy.gpu_other_processes is None and energy.energy_note is None
+    assert energy.energy_j_per_image is not None
 
 
 def test_short_generations_give_the_mean_over_all_and_say_so(monkeypatch, fake_time):

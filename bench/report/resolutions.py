@@ -13,8 +13,8 @@ import pandas as pd
 RESOLUTION_INTRO = (
     "Each size of `[generation] resolutions`, in the order it ran (the warm-up ran at the first): a compiled cell's"
     " first generation at a new size includes any recompile the size caused, and `graphs compiled` counts the"
-    " graphs compiled during that size's generations. `graphs from cache` counts the cell's graphs Inductor found in"
-    " its cache (compiled before, by this cell's matrix or another), which shortens a compile."
+    " graphs compiled during that size's generations. `graphs from cache` counts the warm-up's graphs Inductor found"
+    " in its cache (compiled before, by this cell's matrix or another), which shortens that compile."
 )
 # (key, header): one list for the HTML and Markdown tables and the docs
 RESOLUTION_COLUMNS = (
@@ -32,7 +32,8 @@ RESOLUTION_COLUMNS = (
 
 def resolution_rows(cells: pd.DataFrame, memory_scale: float) -> list[dict[str, str]]:
     """One row per cell and size, from the cells' `per_resolution` (bench.summary.cell_summary records, or any
-    frame with one row per cell); [] when no cell timed several sizes. GPU memory in bytes / `memory_scale`."""
+    frame with one row per cell); [] when no cell ran a `[generation] resolutions` sweep. GPU memory in bytes /
+    `memory_scale`."""
     rows = []
     for _, cell in cells.sort_values("cell_label").iterrows():
         sizes = cell.get("per_resolution")

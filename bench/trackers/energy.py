@@ -68,6 +68,7 @@ class Nvml:
         self.notes: list[str] = []
         self.pynvml: Any = None
         self.handle: Any = None
+        self.mig = False
         try:
             import pynvml
 
@@ -77,6 +78,9 @@ class Nvml:
             self.note(f"NVML unavailable ({type(error).__name__}: {error})")
             return
         self.handle = self._handle(gpu_uuid)
+        # With MIG on, the handle is the whole GPU's, whose processes include other slices' tenants
+        mode = self.device("nvmlDeviceGetMigMode", noted=False)
+        self.mig = bool(mode and mode[0])
 
     def _handle(self, gpu_uuid: str | None) -> Any:
         """The handle of the GPU torch uses: by UUID (NVML numbers GPUs in PCI order and ignores
@@ -100,19 +104,20 @@ class Nvml:
         if text not in self.notes:
             self.notes.append(text)
 
-    def call(self, name: str, *args: Any) -> Any:
-        """`pynvml.<name>(*args)`, or None when NVML or the function fails."""
+    def call(self, name: str, *args: Any, noted: bool = True) -> Any:
+        """`pynvml.<name>(*args)`, or None when NVML or the function fails (saying why in the notes if `noted`)."""
         if self.pynvml is None:
             return None
         try:
             return getattr(self.pynvml, name)(*args)
         except Exception as error:  # NVMLError (not supported, driver too old) or AttributeError (old nvidia-ml-py)
-            self.note(f"{name} failed ({type(error).__name__}: {error})")
+            if noted:
+                self.note(f"{name} failed ({type(error).__name__}: {error})")
             return None
 
-    def device(self, name: str, *args: Any) -> Any:
+    def device(self, name: str, *args: Any, noted: bool = True) -> Any:
         """An NVML device query on this GPU, or None."""
-        return self.call(name, self.handle, *args) if self.ready else None
+        return self.call(name, self.handle, *args, noted=noted) if self.ready else None
 
     def clock_event_reasons(self) -> int | None:
         """The current clock-event reasons bitmask (NVML >= 12.535 names it so; older: throttle reasons)."""
@@ -180,7 +185,8 @@ class EnergyTracker:
 
     @contextlib.contextmanager
     def sampling(self) -> Iterator[None]:
-        """Sample SM clock, temperature and clock-event reasons every SAMPLE_INTERVAL_S while the block runs."""
+        """Sample SM clock, temperature, clock-event reasons and the GPU's processes every SAMPLE_INTERVAL_S while
+        the block runs."""
         if not (self.nvml and self.nvml.ready):
             yield
             return
@@ -210,7 +216,8 @@ class EnergyTracker:
         reasons = nvml.clock_event_reasons()
         if reasons is not None:
             self.samples.reasons.append(reasons)
-        processes = nvml.device("nvmlDeviceGetComputeRunningProcesses")
+        # not counted on a MIG slice; a failed listing (no permission, old driver) leaves the column null quietly
+        processes = None if nvml.mig else nvml.device("nvmlDeviceGetComputeRunningProcesses", noted=False)
         if processes is not None:
             self.samples.compute_processes.append(len(processes))
 
@@ -248,7 +255,7 @@ class EnergyTracker:
         if samples.reasons:
             energy.gpu_throttle_reasons = throttle_reasons(samples.reasons)
         # NVML lists this process too (under the host's PID inside a container, so it is counted, not matched);
-        # an empty list means NVML shows no processes here, not that none ran.
+        # an empty list means NVML shows no processes here, not that none ran. An MPS server counts as one.
         if samples.compute_processes and max(samples.compute_processes) > 0:
             energy.gpu_other_processes = max(samples.compute_processes) - 1
             if energy.gpu_other_processes:
