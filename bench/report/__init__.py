@@ -6,7 +6,6 @@ from __future__ import annotations
 import base64
 import io
 import json
-import math
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +21,7 @@ from bench.measure import measurement_flags
 from bench.reference_cache import ReferenceCache
 from bench.report.decision import DEFAULT_BUDGETS_GB, decide, none_text
 from bench.report.lora import LORA_COLUMNS, LORA_INTRO, lora_rows
+from bench.report.numbers import number
 from bench.report.plots import SYNTHETIC_DRIFT_REASON, Plot, all_plots, colour, figure_svg, roofline
 from bench.report.resolutions import RESOLUTION_COLUMNS, RESOLUTION_INTRO, resolution_rows
 from bench.store import ResultsFolder, read_results, read_runs
@@ -85,8 +85,8 @@ def render(
 ) -> str:
     """The HTML report: plots as inline SVG (each point names its cell on hover), images as thumbnails."""
     context = report_context(frame, root, kernels, budgets_gb)
-    for number, group in enumerate(context["gpu_groups"]):
-        group["plots"] = [_plot_html(plot, f"g{number}p{index}") for index, plot in enumerate(group["plots"])]
+    for group_index, group in enumerate(context["gpu_groups"]):
+        group["plots"] = [_plot_html(plot, f"g{group_index}p{index}") for index, plot in enumerate(group["plots"])]
     if kernels:
         kernels["roofline"] = _plot_html(kernels["roofline"], "roofline")
     environment = Environment(loader=PackageLoader("bench.report"), autoescape=select_autoescape(default=True))
@@ -301,24 +301,16 @@ def _environment(frame: pd.DataFrame) -> list[tuple[str, str]]:
     return rows
 
 
-def _number(value: Any, fmt: str) -> str | None:
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return None
-    if isinstance(value, float) and math.isinf(value):
-        return "∞" if value > 0 else "-∞"
-    return fmt.format(value)
-
-
 def _summary_row(cell: pd.Series, drift_shown: set[str], memory_scale: float) -> dict[str, Any]:
     """One summary table row; GPU memory in bytes / `memory_scale` (GiB at real size, MiB for tiny models)."""
 
     def memory(column: str) -> str | None:
-        return _number(cell[column] / memory_scale if cell[column] is not None else None, "{:.2f}")
+        return number(cell[column] / memory_scale if cell[column] is not None else None, "{:.2f}")
 
     drift = []
     for metric, _ in DRIFT_COLUMNS:
-        value = _number(cell[metric], "{:.4g}")
-        low, high = _number(cell[f"{metric}_ci_low"], "{:.3g}"), _number(cell[f"{metric}_ci_high"], "{:.3g}")
+        value = number(cell[metric], "{:.4g}")
+        low, high = number(cell[f"{metric}_ci_low"], "{:.3g}"), number(cell[f"{metric}_ci_high"], "{:.3g}")
         ci = f"95% CI [{low}, {high}]" if low and high else None
         drift.append({"value": value, "ci": ci, "shown": metric in drift_shown})
     counts_json = cell["compile_counts"]  # compiled cells only
@@ -330,21 +322,21 @@ def _summary_row(cell: pd.Series, drift_shown: set[str], memory_scale: float) ->
         "status": cell["status"],
         "resident": memory("resident_reserved_bytes"),
         "peak": memory("peak_reserved_bytes"),
-        "tensor_mib": _number(cell["transformer_tensor_bytes"] / 1024**2, "{:.2f}"),
-        "footprint_mib": _number(cell["transformer_footprint_bytes"] / 1024**2, "{:.2f}"),
-        "step": _number(cell["step_latency_median_s"], "{:.4f}"),
-        "step_iqr": _number(cell["step_latency_iqr_s"], "{:.4f}"),
-        "e2e": _number(cell["e2e_latency_median_s"], "{:.3f}"),
-        "e2e_iqr": _number(cell["e2e_latency_iqr_s"], "{:.3f}"),
-        "e2e_extrapolated": _number(cell["e2e_latency_extrapolated_s"], "{:.2f}"),
-        "extrapolated_to_steps": _number(cell["extrapolated_to_steps"], "{:.0f}"),
-        "compile": _number(cell["compile_s"], "{:.1f}"),
+        "tensor_mib": number(cell["transformer_tensor_bytes"] / 1024**2, "{:.2f}"),
+        "footprint_mib": number(cell["transformer_footprint_bytes"] / 1024**2, "{:.2f}"),
+        "step": number(cell["step_latency_median_s"], "{:.4f}"),
+        "step_iqr": number(cell["step_latency_iqr_s"], "{:.4f}"),
+        "e2e": number(cell["e2e_latency_median_s"], "{:.3f}"),
+        "e2e_iqr": number(cell["e2e_latency_iqr_s"], "{:.3f}"),
+        "e2e_extrapolated": number(cell["e2e_latency_extrapolated_s"], "{:.2f}"),
+        "extrapolated_to_steps": number(cell["extrapolated_to_steps"], "{:.0f}"),
+        "compile": number(cell["compile_s"], "{:.1f}"),
         "compile_work": _compile_work(counts, cell["inductor_cache_at_start"]),
-        "timed_compiles": _number(cell["timed_compiles"] or None, "{:.0f}"),  # 0 recompiles: nothing to flag
+        "timed_compiles": number(cell["timed_compiles"] or None, "{:.0f}"),  # 0 recompiles: nothing to flag
         "compile_flags": (_compile_flags(counts) if counts else []) + measurement_flags(cell),
         "against_eager": _step_against_eager(cell["step_latency_median_s"], cell["eager_step_latency_median_s"]),
-        "speedup": _number(cell["speedup"], "{:.2f}×"),
-        "memory_saving": _number(cell["memory_saving"] * 100, "{:.1f} %"),
+        "speedup": number(cell["speedup"], "{:.2f}×"),
+        "memory_saving": number(cell["memory_saving"] * 100, "{:.1f} %"),
         "drift": drift,
         "gate": cell["gate_status"] if isinstance(cell["gate_status"], str) else "–",
         "gate_failures": cell["gate_failures"] if isinstance(cell["gate_failures"], str) else None,
@@ -438,7 +430,7 @@ def _image_grid(frame: pd.DataFrame, cells: pd.DataFrame, root: Path) -> list[di
             caption = ", ".join(
                 f"{label} {text}"
                 for metric, label in DRIFT_COLUMNS
-                if (text := _number(row[metric], "{:.3g}")) is not None
+                if (text := number(row[metric], "{:.3g}")) is not None
             )
             path = root / row["image_path"] if row["image_path"] else root / "missing"
             tiles.append(

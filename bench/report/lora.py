@@ -4,12 +4,12 @@ peak memory, and drift against the reference pipeline with the same adapter."""
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import pandas as pd
 
 from bench.contract import Status
+from bench.report.numbers import shown
 
 LORA_INTRO = (
     "Each cell with a LoRA adapter against the same cell without one (`lora = none`): `unfused` keeps the LoRA"
@@ -47,18 +47,18 @@ def lora_rows(cells: pd.DataFrame, memory_scale: float) -> list[dict[str, str]]:
             {
                 "cell": cell["cell_label"].split(" lora=")[0],
                 "mode": cell["lora"],
-                "rank": _text(cell["lora_rank"], "{:.0f}"),
+                "rank": shown(cell["lora_rank"], "{:.0f}"),
                 "status": cell["status"] if ok else f"{cell['status']}: {_last_line(cell['error'])}",
-                "step": _text(cell["step_latency_median_s"], "{:.4f}"),
-                "step_overhead": _text(cell["lora_step_overhead"] * 100, "{:+.1f} %"),
-                "e2e": _text(cell["e2e_latency_median_s"], "{:.3f}"),
-                "e2e_overhead": _text(cell["lora_e2e_overhead"] * 100, "{:+.1f} %"),
-                "load": _text(cell["lora_load_s"], "{:.3f}"),
-                "fuse": _text(cell["lora_fuse_s"], "{:.3f}"),
-                "swap": _text(cell["lora_swap_s"], "{:.3f}"),
-                "timed_compiles": _text(cell["timed_compiles"], "{:.0f}") if compiled else "eager",
-                "peak": _text(_scaled(cell["peak_reserved_bytes"], memory_scale), "{:.2f}"),
-                "psnr_db": _text(cell.get("psnr_db"), "{:.2f}"),
+                "step": shown(cell["step_latency_median_s"], "{:.4f}"),
+                "step_overhead": shown(cell["lora_step_overhead"] * 100, "{:+.1f} %"),
+                "e2e": shown(cell["e2e_latency_median_s"], "{:.3f}"),
+                "e2e_overhead": shown(cell["lora_e2e_overhead"] * 100, "{:+.1f} %"),
+                "load": shown(cell["lora_load_s"], "{:.3f}"),
+                "fuse": shown(cell["lora_fuse_s"], "{:.3f}"),
+                "swap": shown(cell["lora_swap_s"], "{:.3f}"),
+                "timed_compiles": shown(cell["timed_compiles"], "{:.0f}") if compiled else "eager",
+                "peak": shown(_scaled(cell["peak_reserved_bytes"], memory_scale), "{:.2f}"),
+                "psnr_db": shown(cell.get("psnr_db"), "{:.2f}"),
             }
         )
     return rows
@@ -71,11 +71,3 @@ def _last_line(error: Any) -> str:
 
 def _scaled(value: Any, scale: float) -> float | None:
     return None if value is None else float(value) / scale
-
-
-def _text(value: Any, fmt: str) -> str:
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return "–"
-    if isinstance(value, float) and math.isinf(value):
-        return "∞"
-    return fmt.format(value)

@@ -5,10 +5,11 @@ compiled during its generations and its peak memory, with the cell's warm-up com
 from __future__ import annotations
 
 import json
-import math
 from typing import Any
 
 import pandas as pd
+
+from bench.report.numbers import shown
 
 RESOLUTION_INTRO = (
     "Each size of `[generation] resolutions`, in the order it ran (the warm-up ran at the first): a compiled cell's"
@@ -46,13 +47,13 @@ def resolution_rows(cells: pd.DataFrame, memory_scale: float) -> list[dict[str, 
                 {
                     "cell": cell["cell_label"] if index == 0 else "",
                     "size": f"{size['width']}×{size['height']}",
-                    "compile": _text(cell.get("compile_s"), "{:.0f}") if index == 0 and compiled else "",
+                    "compile": shown(cell.get("compile_s"), "{:.0f}") if index == 0 and compiled else "",
                     "from_cache": _from_cache(cell.get("compile_counts")) if index == 0 and compiled else "",
-                    "first": _text(first, "{:.2f}"),
-                    "later": _text(sum(later) / len(later) if later else None, "{:.3f}"),
-                    "step": _text(size["step_latency_median_s"], "{:.4f}"),
-                    "compiles": _text(size["timed_compiles"], "{:.0f}") if compiled else "eager",
-                    "peak": _text(
+                    "first": shown(first, "{:.2f}"),
+                    "later": shown(sum(later) / len(later) if later else None, "{:.3f}"),
+                    "step": shown(size["step_latency_median_s"], "{:.4f}"),
+                    "compiles": shown(size["timed_compiles"], "{:.0f}") if compiled else "eager",
+                    "peak": shown(
                         None if size["peak_reserved_bytes"] is None else size["peak_reserved_bytes"] / memory_scale,
                         "{:.2f}",
                     ),
@@ -63,9 +64,3 @@ def resolution_rows(cells: pd.DataFrame, memory_scale: float) -> list[dict[str, 
 
 def _from_cache(counts: Any) -> str:
     return str(json.loads(counts).get("graphs_from_cache", "–")) if isinstance(counts, str) else "–"
-
-
-def _text(value: Any, fmt: str) -> str:
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return "–"
-    return fmt.format(value)
