@@ -317,7 +317,9 @@ def test_the_slow_fault_slows_every_step_and_compare_flags_it(tmp_path, quantben
     run_matrix(matrix, tmp_path / "slowed")
     clean, slowed = read_results(tmp_path / "clean"), read_results(tmp_path / "slowed")
     assert (slowed["status"] == "ok").all()
-    ratio = np.median(slowed["step_times_s"].iloc[0]) / np.median(clean["step_times_s"].iloc[0])
+    # Fastest steps: a step stalled by the machine's other work (CI's second xdist worker) only makes a step slower,
+    # so the fastest of each run is its compute with the least of that noise (the medians once differed x3.02).
+    ratio = np.min(slowed["step_times_s"].iloc[0]) / np.min(clean["step_times_s"].iloc[0])
     assert 1.5 < ratio < 3, f"every step paused about as long as it ran: x{ratio:.2f}"
     (verdict,) = compare_frames(clean, slowed).to_dict("records")
     assert verdict["regressions"].startswith("latency +"), verdict
