@@ -348,7 +348,7 @@ COLUMN_GROUPS: dict[str, dict[str, str]] = {
     },
     "Energy, clocks, value-dependent speed, quantization effect": {
         "energy_j_per_image": "NVML's total-energy counter over each timed generation (windows aligned to the "
-        "counter's 20-100 ms updates), median, divided by `batch_size`; the mean over all of them when generations are under 0.5 s.",
+        "counter's updates), median, divided by `batch_size`; the mean over all of them when generations are under 0.5 s.",
         "energy_j_per_step": "`avg_power_w` × the median step time.",
         "avg_power_w": "Energy over the timed generations / their time.",
         "gpu_sm_clock_mhz": "Median SM clock sampled every 0.1 s during the timed generations.",
@@ -432,13 +432,24 @@ def _constraints(metadata: list[Any], unit: str = "items") -> list[str]:
     """Words for pydantic / annotated-types constraints; `unit` is what a length counts."""
     words = {"ge": "≥", "gt": ">", "le": "≤", "lt": "<", "multiple_of": "multiple of"}
     lengths = {"min_length": "at least", "max_length": "at most"}
-    out = []
+    out, bounds = [], {}
     for item in metadata:
         for name, word in {**words, **lengths, "pattern": "matches"}.items():
             value = getattr(item, name, None)
-            if value is not None:
-                shown = f"`{value:g}`" if isinstance(value, float) else f"`{value}`"
-                out.append(f"{word} {shown}" + (f" {unit}" if name in lengths else ""))
+            if value is None:
+                continue
+            if name in lengths:
+                bounds[name] = value
+            else:
+                out.append(f"{word} " + (f"`{value:g}`" if isinstance(value, float) else f"`{value}`"))
+    low, high = bounds.get("min_length"), bounds.get("max_length")
+    counted = unit if (high if high is not None else low) != 1 else unit.removesuffix("s")
+    if low is not None and low == high:
+        out.append(f"exactly `{low}` {counted}")
+    elif low is not None and high is not None:
+        out.append(f"`{low}`–`{high}` {unit}")
+    elif bounds:
+        out.append(f"{'at least' if high is None else 'at most'} `{low if high is None else high}` {counted}")
     return out
 
 
@@ -448,17 +459,25 @@ def _describe_type(annotation: Any) -> tuple[str, list[str]]:
     if origin is typing.Annotated:
         name, allowed = _describe_type(args[0])
         unit = "characters" if args[0] is str else "items"
-        for extra in args[1:]:
-            allowed += _constraints(getattr(extra, "metadata", [extra]), unit)
-        return name, allowed
+        constraints = [word for extra in args[1:] for word in _constraints(getattr(extra, "metadata", [extra]), unit)]
+        return name, constraints + allowed if typing.get_origin(args[0]) is list else allowed + constraints
     if origin in (typing.Union, types.UnionType):
-        present = [arg for arg in args if arg is not type(None)]
-        name, allowed = _describe_type(present[0]) if len(present) == 1 else (" or ".join(map(str, present)), [])
-        return name, allowed
+        described = [_describe_type(arg) for arg in args if arg is not type(None)]
+        names = list(dict.fromkeys(name for name, _ in described))
+        allowed = [word for _, words in described for word in words]
+        if len(described) > 1 and bool in args:  # a value or a switch (e.g. "auto", true, false)
+            allowed = [", ".join([*allowed, "`true`, `false`"])]
+        return " or ".join(names), allowed
     if origin is typing.Literal:
-        return "string" if all(isinstance(a, str) for a in args) else "value", [", ".join(f"`{a}`" for a in args)]
+        kinds = {type(a) for a in args}
+        kind = (
+            {str: "string", int: "integer", bool: "boolean"}.get(kinds.pop(), "value") if len(kinds) == 1 else "value"
+        )
+        return kind, [", ".join(f"`{json.dumps(a)}`" if isinstance(a, bool) else f"`{a}`" for a in args)]
     if origin is list:
         name, allowed = _describe_type(args[0])
+        if allowed and typing.get_origin(args[0]) is typing.Annotated:  # the item's own rules, apart from the list's
+            allowed = ["each item: " + ", ".join(word.replace("each item: ", "each ", 1) for word in allowed)]
         return f"list of {name}", allowed
     if origin is dict:
         key, key_allowed = _describe_type(args[0])

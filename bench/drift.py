@@ -125,7 +125,7 @@ class DriftScorer:
         if not self.lpips:
             return "LPIPS disabled in the matrix ([drift] lpips = false)"
         if importlib.util.find_spec("torchvision") is None:
-            return "LPIPS needs torchvision, which is not installed"
+            return "LPIPS needs torchvision, which is not installed (pip install 'quantbench[lpips]')"
         import torch
 
         weights = Path(torch.hub.get_dir()) / "checkpoints" / LPIPS_BACKBONE_FILES[net]

@@ -10,7 +10,7 @@ import importlib.util
 import re
 from typing import Any, ClassVar
 
-from pydantic import field_validator
+from pydantic import Field, field_validator
 
 from bench.methods.base import Component, ConfigOptions, Method, MethodOptions, MethodUnavailable, needs_cuda
 
@@ -30,7 +30,11 @@ FLOAT8_DYNAMIC = ("float8dq", "float8dq_e4m3", "float8_e4m3_tensor", "float8_e4m
 
 
 class TorchAoOptions(ConfigOptions):
-    quant_type: str
+    quant_type: str = Field(
+        description="The quantization type (see the method's page for what each maps to): "
+        + ", ".join(f"`{name}`" for name in NAMED_TYPES + PATTERN_TYPES)
+        + "; one the installed torchao lacks is `unsupported`."
+    )
     group_size: int | None = None
     modules_to_not_convert: list[str] | None = None
 

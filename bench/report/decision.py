@@ -299,7 +299,7 @@ def memory_measure(cells: pd.DataFrame) -> tuple[pd.Series, str, float, str]:
     if cells["peak_reserved_bytes"].notna().any():
         values, what = cells["peak_reserved_bytes"], "peak reserved GPU memory"
     else:
-        values, what = cells["transformer_tensor_bytes"], "transformer tensor size (no GPU memory on this run)"
+        values, what = cells["transformer_tensor_bytes"], "transformer tensor size, no GPU memory on this run"
     scale, unit = (GIB, "GiB") if values.max() >= GIB else (1024**2, "MiB")
     return values, what, scale, unit
 
