@@ -98,8 +98,10 @@ MATRIX_KEYS = {
     "run.max_warmup_step_s": "The same for compiled cells, as an absolute step time in seconds (default none).",
     "run.cell_start": "When a cell's process starts: `spawn` (default) when the cell does, importing torch, "
     "diffusers and the method's libraries then; `prestarted` (the `local` and `local-gpus` executors) while the "
-    "cell before it on the same slot runs, so its imports overlap that cell and it only waits for its spec. Every "
-    "cell still has a fresh process of its own (its own CUDA context and allocator) with the cell's environment.",
+    "cell before it on the same slot runs, so its imports overlap that cell's loading and warm-up (that cell's timed "
+    "generations wait until they are done, so they never share the CPU with them) and it only waits for its spec. "
+    "Every cell still has a fresh process of its own (its own CUDA context and allocator) with the cell's "
+    "environment.",
     "run.trust_pickled_checkpoints": "Let the serialization round trip reload a pickled checkpoint that "
     "quantbench itself wrote in that cell with `torch.load(weights_only=False)`.",
     "axes": "The grid: each list is an axis, cells are their product; an axis a method does not use collapses for it.",

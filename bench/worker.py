@@ -30,6 +30,10 @@ from bench.time_limit import time_limit
 
 PROCESS_START = time.perf_counter()
 STANDBY_FLAG = "--standby"
+# A folder per executor slot: a process started ahead keeps a file named by its pid there while it imports, and the
+# slot's running cell waits for none to be left before its timed generations (they would share the CPU).
+STANDBY_MARKS_ENV = "QUANTBENCH_STANDBY_MARKS"
+NEXT_IMPORTS_WAIT_LIMIT_S = 120.0
 Generate = Callable[..., tuple[Any, Any]]  # (prompt, seed, size) -> (images, latency)
 PHASE_PREFIX = "[quantbench] "
 ENERGY_WINDOWS_PREFIX = "energy windows (Unix seconds): "
@@ -377,6 +381,9 @@ def _generate(
         )
         progress(result.error)
         return None
+    waited = wait_for_next_cell_imports()
+    if waited >= 0.1:
+        progress(f"waited {waited:.1f} s for the next cell's process to finish importing before timing")
     if spec.lora and spec.lora["mode"] == "hotswap":  # the timed runs use the second adapter
         from bench.lora import CellAdapters, swap_adapter
 
@@ -505,10 +512,16 @@ def _wait_for_cell(template: CellSpec) -> tuple[list[str], float]:
     """As a standby: import what a cell like `template` needs, then wait for the cell's spec path (and when it was
     handed over) on stdin; the arguments of that cell and when it came, on this process's clock. Ends the process
     when stdin closes without one."""
+    mark = _importing_mark()
+    if mark is not None:
+        mark.touch()
     try:
         import_libraries(template)
     except Exception:  # the cell that comes imports again, and its row says what failed
         traceback.print_exc()
+    finally:
+        if mark is not None:
+            mark.unlink(missing_ok=True)
     imported = time.perf_counter()
     spec_path, _, handed_over = sys.stdin.readline().strip().partition("\t")
     if not spec_path:
@@ -518,6 +531,35 @@ def _wait_for_cell(template: CellSpec) -> tuple[list[str], float]:
     when = f"then {waited:.1f} s waiting" if waited >= 0 else f"the cell came {-waited:.1f} s before their end"
     _say(f"started ahead: imports {imported - PROCESS_START:.1f} s, {when}")
     return [spec_path], started
+
+
+def _importing_mark() -> Path | None:
+    """This process's file in its slot's marks folder (`STANDBY_MARKS_ENV`), if it has one."""
+    folder = os.environ.get(STANDBY_MARKS_ENV)
+    return Path(folder) / str(os.getpid()) if folder else None
+
+
+def _alive(pid: str) -> bool:
+    try:
+        os.kill(int(pid), 0)
+    except (ProcessLookupError, ValueError):
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def wait_for_next_cell_imports(limit_s: float = NEXT_IMPORTS_WAIT_LIMIT_S) -> float:
+    """Wait while another process of this slot, started ahead of its cell, is still importing (its imports would
+    share the CPU with this cell's timed generations); the seconds waited, at most `limit_s`."""
+    folder = os.environ.get(STANDBY_MARKS_ENV)
+    start = time.perf_counter()
+    while folder and time.perf_counter() - start < limit_s:
+        marks = [mark.name for mark in Path(folder).iterdir() if mark.name != str(os.getpid())]
+        if not any(_alive(pid) for pid in marks):
+            break
+        time.sleep(0.05)
+    return time.perf_counter() - start
 
 
 def _finish(spec: CellSpec, result: CellResult) -> None:

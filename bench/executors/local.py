@@ -8,13 +8,16 @@ import os
 import queue
 import signal
 import subprocess
+import tempfile
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
 
 from bench.environment import Machine, detect_machine
 from bench.errors import UserError
 from bench.executors.base import THREADS_ENV, Executor, threads_per_cell
 from bench.launch import CellJob, CellOutcome, Standby, job_environment, launch_cell
+from bench.worker import STANDBY_MARKS_ENV
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +52,7 @@ class LocalExecutor(Executor):
         self._standbys: dict[str | None, Standby] = {}  # by slot (GPU)
         self._closed = False
         self._lock = threading.Lock()
+        self._marks = tempfile.TemporaryDirectory(prefix="quantbench-standbys-")  # see STANDBY_MARKS_ENV
         share = threads_per_cell(os.cpu_count() or 1, self.slots)  # a thread count the user set wins
         self._threads = {THREADS_ENV: str(share)} if gpus and THREADS_ENV not in os.environ else {}
 
@@ -61,7 +65,10 @@ class LocalExecutor(Executor):
     def _run(self, job: CellJob) -> CellOutcome:
         gpu = self._free.get()
         try:
+            marks = Path(self._marks.name) / (gpu or "cpu")
+            marks.mkdir(exist_ok=True)
             env = {"CUDA_VISIBLE_DEVICES": gpu, **self._threads} if gpu is not None else {}
+            env[STANDBY_MARKS_ENV] = str(marks)
             with self._lock:
                 standby = self._standbys.pop(gpu, None)
 
@@ -94,3 +101,4 @@ class LocalExecutor(Executor):
                 standby.discard()
             self._standbys.clear()
         self._pool.shutdown(wait=True, cancel_futures=True)
+        self._marks.cleanup()
