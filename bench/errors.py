@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import difflib
 import traceback
 from collections.abc import Iterable
 from pathlib import Path
@@ -36,6 +37,12 @@ class MatrixError(UserError):
         if self.allowed:
             text += "; allowed: " + ", ".join(str(a) for a in self.allowed)
         super().__init__(text)
+
+
+def did_you_mean(name: str, choices: Iterable[str]) -> str:
+    """ "; did you mean 'X'?" naming the choice closest to a misspelled `name`, or "" when none is close."""
+    close = difflib.get_close_matches(name, list(choices), n=1)
+    return f"; did you mean {close[0]!r}?" if close else ""
 
 
 def _short_repr(value: object, limit: int = 80) -> str:

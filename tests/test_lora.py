@@ -161,6 +161,8 @@ def test_bad_lora_tables_are_one_line_naming_the_key(tmp_path, lora, axes, key, 
         load_matrix(path)
     message = str(caught.value)
     assert message.startswith(f"{path}: {key}") and words in message and "\n" not in message
+    if key == "lora.path":  # the file as resolved, and no "allowed" list (nothing to pick from)
+        assert f": {(tmp_path / lora['path']).resolve()} (got " in message and "allowed" not in message, message
 
 
 def test_a_lora_file_that_is_not_safetensors_exits_2_before_any_work(tmp_path):

@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import tomllib
+from pathlib import Path
+
 import pytest
 
 from bench.errors import MatrixError
 from bench.matrix import load_matrix
 from tests.conftest import matrix_data, write_matrix
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def test_product_of_axes_and_method_options(make_matrix):
@@ -143,7 +148,24 @@ def test_cell_id_ignores_the_order_of_option_keys(tmp_path):
         ({"model": {"builtin": "tiny-flux", "hub": "a/b"}}, "model", ["exactly one of builtin, path, hub"]),
         ({"model": {"builtin": "huge-flux"}}, "model.builtin", ["allowed: tiny-flux"]),
         ({"name": "../escape"}, "name", ["no path separators"]),
-        ({"exclude": [{"methd": "baseline"}]}, "exclude.0.methd", ["unknown rule key"]),
+        ({"exclude": [{"methd": "baseline"}]}, "exclude.0.methd", ["unknown rule key; did you mean 'method'?"]),
+        (
+            {"method": {"torchao": {"quant_typ": "int8wo"}}},
+            "method.torchao.quant_typ",
+            ["unknown option; did you mean 'quant_type'?"],
+        ),
+        (
+            {"method": {"gguf": {"quant_type": "Q8_0"}}},
+            "method.gguf",
+            ["options for a method no cell uses; axes.method has ['baseline', 'torchao']"],
+        ),
+        (
+            {"method": {"gguf": {"quant_type": "Q8_0"}}, "include": [{"method": "torchao", "compile": "default"}]},
+            "method.gguf",
+            ["axes.method has ['baseline', 'torchao'] and [[include]] ['torchao']"],
+        ),
+        ({"axes": {"method": "baseline", "compile": "fast"}}, "axes.compile.0", ["(got 'fast'); allowed: off"]),
+        ({"axes": {"method": "baseline", "components": 3}}, "axes.components.0", ["valid list"]),
         ({"include": [{"dtype": "fp16"}]}, "include.0.method", ["must name a method"]),
         ({"include": [{"method": "baseline", "dtype": "fp8"}]}, "include.0.dtype", ["allowed: bf16, fp16, fp32"]),
         ({"exclude": [{"method": ["baseline", "torchao"]}]}, "exclude", ["exclude every cell"]),
@@ -185,8 +207,37 @@ def test_missing_model_path_is_reported_before_any_work(tmp_path):
     data = matrix_data()
     data["model"] = {"path": "no/such/folder"}
     path = write_matrix(tmp_path, data)
-    with pytest.raises(MatrixError, match=r"model\.path: no such folder \(got 'no/such/folder'\)"):
+    with pytest.raises(MatrixError) as caught:
         load_matrix(path)
+    resolved = (tmp_path / "no/such/folder").resolve()
+    assert str(caught.value) == f"{path}: model.path: no such folder: {resolved} (got 'no/such/folder')"
+
+
+@pytest.mark.parametrize(
+    ("written", "meant", "fragment"),
+    [
+        ("generaton", "generation", "unknown key; did you mean 'generation'? [and 1 more problem]"),
+        ("axis", "axes", "unknown key; did you mean 'axes'? [and 1 more problem]"),
+    ],
+)
+def test_a_misspelled_table_is_reported_as_unknown_before_the_missing_one(tmp_path, written, meant, fragment):
+    data = matrix_data()
+    data[written] = data.pop(meant)
+    path = write_matrix(tmp_path, data)
+    with pytest.raises(MatrixError) as caught:
+        load_matrix(path)
+    assert str(caught.value).startswith(f"{path}: {written}: {fragment}"), caught.value
+    assert "allowed: axes, drift, exclude, gates, generation, include, lora, method, model, name, run" in str(
+        caught.value
+    )
+
+
+def test_an_empty_matrix_names_every_table_it_needs(tmp_path):
+    path = tmp_path / "empty.toml"
+    path.write_text("")
+    with pytest.raises(MatrixError) as caught:
+        load_matrix(path)
+    assert str(caught.value) == f"{path}: model: missing required key (also missing: generation, axes)"
 
 
 @pytest.mark.parametrize(
@@ -276,7 +327,85 @@ def test_select_keeps_a_subset_with_the_full_matrix_ids(make_matrix):
     assert [c.options for c in load_matrix(serialized, select=["serialize=false"]).cells] == [
         {"quant_type": "int8wo"}
     ], "an option left at its default is selected by that default"
-    with pytest.raises(MatrixError, match=r"--select\.quant: unknown rule key"):
+    with pytest.raises(MatrixError, match=r"--select\.quant: unknown rule key; did you mean 'quant_type'\?"):
         load_matrix(path, select=["quant=int8wo"])
-    with pytest.raises(MatrixError, match=r"--select: no cell matches"):
-        load_matrix(path, select=["quant_type=Q2_K"])
+
+
+@pytest.mark.parametrize(
+    ("select", "message"),
+    [
+        (
+            ["method=torchoa"],
+            "--select.method: no cell has this value; did you mean 'torchao'? (got 'torchoa');"
+            " allowed: baseline, torchao, gguf",
+        ),
+        (
+            ['quant_type=["int8wo","Q2_K"]'],
+            "--select.quant_type: no cell has this value (got 'Q2_K'); allowed: int8wo, float8wo, Q8_0, Q4_0",
+        ),
+        (
+            ["compile=max-autotune"],
+            "--select.compile: no cell has this value (got 'max-autotune'); allowed: off, default",
+        ),
+        (
+            ['quant_type=["int8wo"'],
+            "--select: VALUE is not valid TOML (a list needs its ], a string its quotes) (got 'quant_type=[\"int8wo\"')",
+        ),
+        (
+            ["method=baseline", "quant_type=int8wo"],
+            "--select: no cell has all of these values together (got {'method': 'baseline', 'quant_type': 'int8wo'})",
+        ),
+    ],
+)
+def test_a_select_no_cell_matches_names_the_key_and_the_values_cells_have(make_matrix, select, message):
+    path = make_matrix(
+        axes={"method": ["baseline", "torchao", "gguf"], "compile": ["off", "default"]},
+        method={"torchao": {"quant_type": ["int8wo", "float8wo"]}, "gguf": {"quant_type": ["Q8_0", "Q4_0"]}},
+    )
+    with pytest.raises(MatrixError) as caught:
+        load_matrix(path, select=select)
+    assert str(caught.value) == f"{path}: {message}"
+
+
+def _one_value_axes_as_scalars(axes: dict) -> dict:
+    """The axes with every one-value axis, and every axis left at its default, written as a single value."""
+    from bench.matrix import Axes
+
+    defaults = {name: field.default for name, field in Axes.model_fields.items() if not field.is_required()}
+    axes = {**defaults, **axes}
+    scalars = {name: values[0] for name, values in axes.items() if len(values) == 1}
+    if len(axes["components"]) == 1:  # one group: its one name, or its names as a flat list
+        group = axes["components"][0]
+        scalars["components"] = group[0] if len(group) == 1 else group
+    return {**axes, **scalars}
+
+
+@pytest.mark.parametrize("committed", sorted((ROOT / "matrices").glob("*.toml")), ids=lambda p: p.stem)
+def test_single_values_in_axes_are_one_value_axes_with_the_same_cell_ids(tmp_path, committed):
+    data = tomllib.loads(committed.read_text())
+    axes = _one_value_axes_as_scalars(data["axes"])
+    assert any(not isinstance(value, list) for value in axes.values())
+    copy = write_matrix(tmp_path, {**data, "name": committed.stem, "axes": axes})  # no matrix has a relative path
+    assert [c.id for c in load_matrix(copy).cells] == [c.id for c in load_matrix(committed).cells]
+
+
+def test_single_values_in_axes_work_with_include_and_exclude_rules(make_matrix):
+    as_lists = make_matrix(
+        "lists.toml",
+        axes={"method": ["torchao"], "compile": ["default"], "regional": [True], "components": [["transformer"]]},
+        exclude=[{"quant_type": "int8dq"}],
+        include=[{"method": "baseline", "compile": "off"}],
+        method={"torchao": {"quant_type": ["int8wo", "int8dq"]}},
+    )
+    as_scalars = make_matrix(
+        "scalars.toml",
+        axes={"method": "torchao", "compile": "default", "regional": True, "components": "transformer"},
+        exclude=[{"quant_type": "int8dq"}],
+        include=[{"method": "baseline", "compile": "off"}],
+        method={"torchao": {"quant_type": ["int8wo", "int8dq"]}},
+    )
+    cells = load_matrix(as_scalars).cells
+    assert [c.label for c in cells] == ["torchao[int8wo] bf16 compile=default+regional", "baseline bf16"]
+    assert [c.id for c in cells] == [c.id for c in load_matrix(as_lists).cells]
+    grouped = make_matrix("group.toml", axes={"method": "torchao", "components": ["transformer", "text_encoder_2"]})
+    assert [c.components for c in load_matrix(grouped).cells] == [("transformer", "text_encoder_2")]

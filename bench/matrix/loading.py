@@ -10,7 +10,7 @@ from pydantic import ValidationError
 
 from bench.errors import MatrixError
 from bench.matrix.pydantic_errors import matrix_error
-from bench.matrix.rules import expand, matches, rule_keys
+from bench.matrix.rules import expand, select_cells
 from bench.matrix.schema import SAFE_NAME, Generation, Matrix, MatrixFile
 from bench.prompts import BUILTIN_PROMPTS, PromptFileError, read_prompt_file
 
@@ -31,15 +31,13 @@ def load_matrix(path: str | Path, select: list[str] | tuple[str, ...] = ()) -> M
     name = spec.name or path.stem
     if not SAFE_NAME.fullmatch(name) or ".." in name:
         raise MatrixError(path, "name", "the matrix name (default: the file name) must be a safe folder name", name)
-    if spec.model.path and not (path.parent / spec.model.path).expanduser().is_dir():
-        raise MatrixError(path, "model.path", "no such folder", spec.model.path)
+    if spec.model.path:
+        folder = (path.parent / spec.model.path).expanduser().resolve()
+        if not folder.is_dir():
+            raise MatrixError(path, "model.path", f"no such folder: {folder}", spec.model.path)
     cells = expand(spec, path)
     if select:
-        rule = dict(_select_item(path, item) for item in select)
-        rule_keys(spec, rule, path, "--select")
-        cells = [cell for cell in cells if matches(path, rule, cell, "--select")]
-        if not cells:
-            raise MatrixError(path, "--select", "no cell matches", " ".join(select))
+        cells = select_cells(path, spec, cells, dict(_select_item(path, item) for item in select))
     return Matrix(path=path, name=name, spec=spec, cells=cells)
 
 
@@ -51,6 +49,10 @@ def _select_item(path: Path, item: str) -> tuple[str, Any]:
     try:
         value = _parse_toml(path, f"v = {text}", "--select")["v"]
     except MatrixError:
+        if text.lstrip().startswith(("[", "{", '"', "'")):  # meant as TOML (a list, a table, a quoted string)
+            raise MatrixError(
+                path, "--select", "VALUE is not valid TOML (a list needs its ], a string its quotes)", item
+            ) from None
         value = text
     return key.strip(), value
 

@@ -11,7 +11,7 @@ from pydantic import ValidationError
 
 from bench.cache import folder_fingerprint
 from bench.cells import AXES, Cell
-from bench.errors import MatrixError
+from bench.errors import MatrixError, did_you_mean
 from bench.lora import AdapterFileError, file_adapter
 from bench.matrix.pydantic_errors import matrix_error
 from bench.matrix.schema import Axes, MatrixFile
@@ -22,11 +22,19 @@ from bench.methods.base import MethodOptions
 def expand(spec: MatrixFile, path: Path) -> list[Cell]:
     """The cells of a matrix: the product of its axes, collapsed per method, with include/exclude applied."""
     axes = spec.axes
-    for name in spec.method:  # options of a known method not on the axis are kept for later, not an error
+    included = {rule.get("method") for rule in spec.include if isinstance(rule.get("method"), str)}
+    for name in spec.method:
         try:
             method_class(name)
         except KeyError as error:
             raise MatrixError(path, f"method.{name}", error.args[0], None, method_names()) from None
+        if name not in axes.method and name not in included:
+            raise MatrixError(
+                path,
+                f"method.{name}",
+                f"options for a method no cell uses; axes.method has {axes.method}"
+                + (f" and [[include]] {sorted(included)}" if included else ""),
+            )
     ranks = lora_ranks(spec, path)
     cells: list[Cell] = []
     for name in axes.method:
@@ -81,10 +89,11 @@ def lora_ranks(spec: MatrixFile, path: Path) -> list[int]:
 def _adapter_file(spec: MatrixFile, path: Path, key: str) -> Any:
     """The adapter file at `lora.<key>`, checked (safetensors, LoRA weights in it); MatrixError otherwise."""
     written = getattr(spec.lora, key)
+    resolved = (path.parent / written).expanduser().resolve()
     try:
-        return file_adapter((path.parent / written).expanduser().resolve())
+        return file_adapter(resolved)
     except AdapterFileError as error:
-        raise MatrixError(path, f"lora.{key}", str(error), written, [".safetensors"]) from None
+        raise MatrixError(path, f"lora.{key}", f"{error}: {resolved}", written) from None
 
 
 def lora_identity(spec: MatrixFile, path: Path, mode: str) -> dict[str, Any]:
@@ -193,7 +202,8 @@ def expand_options(path: Path, method: str, table: dict[str, Any]) -> list[dict[
     key = f"method.{method}"
     for option in table:
         if option not in options_model.model_fields:
-            raise MatrixError(path, f"{key}.{option}", "unknown option", None, sorted(options_model.model_fields))
+            allowed = sorted(options_model.model_fields)
+            raise MatrixError(path, f"{key}.{option}", "unknown option" + did_you_mean(option, allowed), None, allowed)
     choices = {option: _option_values(options_model, option, value) for option, value in table.items()}
     combos = [dict(zip(choices, values)) for values in itertools.product(*choices.values())]
     return [_validated_options(path, key, options_model, combo) for combo in combos]
@@ -223,16 +233,48 @@ def rule_keys(spec: MatrixFile, rule: dict[str, Any], path: Path, key: str) -> N
     named = rule.get("method", [])
     methods = {*spec.axes.method, *(named if isinstance(named, list) else [named])} & set(method_names())
     option_names = {o for name in methods for o in method_class(name).Options.model_fields}
+    allowed = sorted(set(AXES) | option_names)
     for name in rule:
-        if name not in AXES and name not in option_names:
-            raise MatrixError(path, f"{key}.{name}", "unknown rule key", None, sorted(set(AXES) | option_names))
+        if name not in allowed:
+            raise MatrixError(path, f"{key}.{name}", "unknown rule key" + did_you_mean(name, allowed), None, allowed)
+
+
+def select_cells(path: Path, spec: MatrixFile, cells: list[Cell], rule: dict[str, Any]) -> list[Cell]:
+    """The cells matching a --select rule; MatrixError naming a value no cell has, with the values cells have."""
+    rule_keys(spec, rule, path, "--select")
+    for name, wanted in rule.items():
+        present = [value for value in _values_of(cells, name) if value is not None]
+        for value in _candidates(name, wanted):
+            if value not in present:
+                hint = did_you_mean(value, [str(p) for p in present]) if isinstance(value, str) else ""
+                raise MatrixError(path, f"--select.{name}", "no cell has this value" + hint, value, present)
+    chosen = [cell for cell in cells if matches(path, rule, cell, "--select")]
+    if not chosen:
+        raise MatrixError(path, "--select", "no cell has all of these values together", rule)
+    return chosen
+
+
+def _values_of(cells: list[Cell], name: str) -> list[Any]:
+    """The values the cells have for an axis or option, in first-seen order."""
+    values: list[Any] = []
+    for cell in cells:
+        value = _rule_values(cell).get(name)
+        if value not in values:
+            values.append(value)
+    return values
 
 
 def matches(path: Path, rule: dict[str, Any], cell: Cell, key: str) -> bool:
     """Whether `cell` matches an include/exclude rule: every key equal to (or one of) the rule's values."""
     if not rule:
         raise MatrixError(path, key, "empty rule")
-    values = {
+    values = _rule_values(cell)
+    return all(values.get(name) in _candidates(name, wanted) for name, wanted in rule.items())
+
+
+def _rule_values(cell: Cell) -> dict[str, Any]:
+    """A cell's value of every key a rule may name: its axes, and its method's options (defaults included)."""
+    return {
         **_option_defaults(method_class(cell.method).Options),
         **cell.options,
         **cell.axes(),
@@ -244,7 +286,6 @@ def matches(path: Path, rule: dict[str, Any], cell: Cell, key: str) -> bool:
         "lora": cell.lora,
         "lora_rank": cell.lora_rank,
     }
-    return all(values.get(name) in _candidates(name, wanted) for name, wanted in rule.items())
 
 
 def _option_defaults(model: type[MethodOptions]) -> dict[str, Any]:

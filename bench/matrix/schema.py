@@ -221,7 +221,8 @@ class LoraSettings(_Strict):
 
 
 class Axes(_Strict):
-    """The grid. Each list is an axis; the matrix is their product, minus axes a method does not use."""
+    """The grid. Each list is an axis (a single value: an axis of one); the matrix is their product, minus axes a
+    method does not use."""
 
     method: list[str] = Field(min_length=1)
     dtype: list[Literal[tuple(DTYPES)]] = Field(default=["bf16"], min_length=1)  # type: ignore[valid-type]
@@ -243,6 +244,17 @@ class Axes(_Strict):
     # adapter swapped in after the warm-up; compiled cells are prepared for it before compiling)
     lora: list[Literal[LORA_MODES]] = Field(default=["none"], min_length=1)  # type: ignore[valid-type]
 
+    @model_validator(mode="before")
+    @classmethod
+    def _single_values_are_one_value_axes(cls, data: Any) -> Any:
+        """`compile = "off"` is `compile = ["off"]`, as method options take one value or a list; a components
+        group (`"transformer"`, `["transformer", "vae"]`) is one group, as in include and exclude rules."""
+        if not isinstance(data, dict):
+            return data
+        return {
+            name: _one_value_axis(name, value) if name in cls.model_fields else value for name, value in data.items()
+        }
+
     @field_validator("method")
     @classmethod
     def _known_methods(cls, names: list[str]) -> list[str]:
@@ -259,6 +271,15 @@ class Axes(_Strict):
         if any(not group for group in value):
             raise ValueError("each components entry must name at least one component")
         return value
+
+
+def _one_value_axis(name: str, value: Any) -> Any:
+    """An axis as a list: a single value becomes a one-value list (a flat list of names, for `components`)."""
+    if name == "components" and isinstance(value, str):
+        return [[value]]
+    if name == "components" and isinstance(value, list) and value and all(isinstance(v, str) for v in value):
+        return [value]
+    return value if isinstance(value, list) else [value]
 
 
 class MatrixFile(_Strict):

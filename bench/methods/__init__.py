@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-import difflib
 import importlib
 from typing import TYPE_CHECKING
+
+from bench.errors import did_you_mean
 
 if TYPE_CHECKING:
     from bench.methods.base import Method
@@ -35,8 +36,6 @@ def method_class(name: str) -> type[Method]:
     try:
         target = _REGISTRY[name]
     except KeyError:
-        close = difflib.get_close_matches(name, _REGISTRY, n=1)
-        hint = f"; did you mean {close[0]!r}?" if close else ""
-        raise KeyError(f"unknown method {name!r}{hint}") from None
+        raise KeyError(f"unknown method {name!r}{did_you_mean(name, _REGISTRY)}") from None
     module_name, class_name = target.split(":")
     return getattr(importlib.import_module(module_name), class_name)
