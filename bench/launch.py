@@ -33,7 +33,7 @@ from bench.contract import CellResult, CellSpec, Measurements, Status
 from bench.faults import FAULT_ENV
 from bench.heartbeat import HEARTBEAT_ENV
 from bench.parent_death import PARENT_ENV
-from bench.worker import STANDBY_FLAG
+from bench.worker import STANDBY_FLAG, STANDBY_MARKS_ENV
 
 LOG_TAIL_CHARS = 4000
 PACKAGE_ROOT = Path(__file__).resolve().parent.parent
@@ -148,6 +148,8 @@ class Standby:
             self.process.wait()
         with contextlib.suppress(OSError):
             self.process.stdin.close()
+        if marks := self.env.get(STANDBY_MARKS_ENV):  # killed while importing: its mark must not outlive its pid
+            (Path(marks) / str(self.process.pid)).unlink(missing_ok=True)
 
     def discard(self) -> None:
         """Kill the process and delete its scratch folder."""

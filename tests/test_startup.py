@@ -194,6 +194,12 @@ def test_a_standby_marks_itself_while_it_imports_and_the_running_cell_waits_for_
             waited = wait_for_next_cell_imports(limit_s=120)
         assert not mark.exists() and 0 < waited < 120, "the wait ends when the imports do"
         assert standby.process.poll() is None, "the standby, imported, now waits for its cell"
+        killed = Standby(spec, standby.env)
+        killed_mark = marks / str(killed.process.pid)
+        while not killed_mark.exists() and time.monotonic() < deadline + 30:
+            time.sleep(0.01)
+        killed.discard()  # while it imports
+        assert not killed_mark.exists(), "a standby killed while importing leaves no mark to wait for"
     finally:
         standby.discard()
 

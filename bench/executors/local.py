@@ -16,8 +16,7 @@ from pathlib import Path
 from bench.environment import Machine, detect_machine
 from bench.errors import UserError
 from bench.executors.base import THREADS_ENV, Executor, threads_per_cell
-from bench.launch import CellJob, CellOutcome, Standby, job_environment, launch_cell
-from bench.worker import STANDBY_MARKS_ENV
+from bench.launch import STANDBY_MARKS_ENV, CellJob, CellOutcome, Standby, job_environment, launch_cell
 
 log = logging.getLogger(__name__)
 
