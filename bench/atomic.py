@@ -9,16 +9,28 @@ from collections.abc import Iterator
 from pathlib import Path
 
 
+def _process_umask() -> int:
+    """The umask (read once, at import: reading it means setting it, which is not safe while threads create files)."""
+    umask = os.umask(0o022)
+    os.umask(umask)
+    return umask
+
+
+FILE_MODE = 0o666 & ~_process_umask()  # what open() gives a new file; mkstemp's temporaries are 0600 whatever the umask
+
+
 @contextlib.contextmanager
 def atomic_path(target: Path | str) -> Iterator[Path]:
-    """A temporary path in `target`'s folder to write; on success it is fsynced, renamed onto `target` and the
-    folder fsynced; on failure it is removed and `target` left as it was."""
+    """A temporary path in `target`'s folder to write; on success it gets the mode open() would give a new file
+    (`FILE_MODE`), is fsynced, renamed onto `target` and the folder fsynced; on failure it is removed and `target`
+    left as it was."""
     target = Path(target)
     handle, name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
     os.close(handle)
     temporary = Path(name)
     try:
         yield temporary
+        os.chmod(temporary, FILE_MODE)
         with open(temporary, "rb+") as written:
             os.fsync(written.fileno())
         os.replace(temporary, target)

@@ -12,6 +12,16 @@ from bench.errors import UserError
 
 DEFAULT_RESULTS_ROOT = Path("results")
 SELECT_HELP = "only cells whose axis or method option KEY equals VALUE (repeatable; e.g. compile=off)"
+SUFFIX_FORMATS = {".html": "html", ".htm": "html", ".md": "md"}  # report -o suffix -> --format
+
+
+class _LibraryNamedFormatter(logging.Formatter):
+    """quantbench's own log records as `quantbench: ...`, other libraries' under their logger's name
+    (`torchao.kernel.intmm: ...`), so a library's warning does not read as quantbench's."""
+
+    def formatMessage(self, record: logging.LogRecord) -> str:  # noqa: N802 (logging.Formatter's name)
+        own = record.name == "bench" or record.name.startswith("bench.")
+        return f"{'quantbench' if own else record.name}: {record.getMessage()}"
 
 
 class _Parser(argparse.ArgumentParser):
@@ -62,8 +72,8 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument(
         "--format",
         choices=("html", "md"),
-        default="html",
-        help="html (default) or md: GitHub-flavoured Markdown, PNG plots beside it",
+        help="html or md: GitHub-flavoured Markdown, PNG plots beside it (default: md for an -o ending in .md, "
+        "otherwise html; a format the -o suffix contradicts is an error)",
     )
     report.add_argument(
         "--budgets", type=_budgets, default=(80, 48, 24, 16, 12), metavar="GB,GB,...",
@@ -109,6 +119,28 @@ def _duration(text: str) -> float:
     return seconds
 
 
+def _report_format(output: Path, asked: str | None) -> str:
+    """--format, or the one the -o suffix names (html without either); a contradiction is a UserError."""
+    implied = SUFFIX_FORMATS.get(output.suffix.lower())
+    if asked and implied and asked != implied:
+        raise UserError(
+            f"-o {output}: a {output.suffix} file, but --format {asked}; name it *.{asked} or drop --format"
+        )
+    return asked or implied or "html"
+
+
+def _check_path(path: Path, option: str, folder: bool) -> None:
+    """`path`, a folder (`folder`) or a file to write, must be one or creatable as one: no folder where the file
+    goes and no file where a folder goes, before any work."""
+    if not folder and path.is_dir():
+        raise UserError(f"{option} {path}: is a folder; {option} takes the file to write")
+    for above in (path, *path.parents) if folder else path.parents:
+        if above.exists():
+            if not above.is_dir():
+                raise UserError(f"{option} {path}: {'it' if above == path else above} is a file, not a folder")
+            return
+
+
 def _interrupt(signum: int, frame: object) -> None:
     raise KeyboardInterrupt  # SIGTERM (e.g. `timeout`) stops a run like Ctrl-C: the running cell is killed, rows kept
 
@@ -116,7 +148,9 @@ def _interrupt(signum: int, frame: object) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     signal.signal(signal.SIGTERM, _interrupt)
-    logging.basicConfig(level=logging.WARNING, format="quantbench: %(message)s")
+    handler = logging.StreamHandler()
+    handler.setFormatter(_LibraryNamedFormatter())
+    logging.basicConfig(level=logging.WARNING, handlers=[handler])
     try:
         return _dispatch(args)
     except UserError as error:
@@ -135,6 +169,7 @@ def _dispatch(args: argparse.Namespace) -> int:
 
         matrix = load_matrix(args.matrix, args.select)
         results_dir = args.results or DEFAULT_RESULTS_ROOT / matrix.name
+        _check_path(results_dir, "--results", folder=True)
         if args.verb == "plan":
             from bench.runner import plan
 
@@ -149,10 +184,13 @@ def _dispatch(args: argparse.Namespace) -> int:
 
         executor = make_executor(args.executor, args.address, args.gpus)
         return console.run_with_progress(matrix, results_dir, args.force, executor, args.max_time)
+    if args.output:
+        _check_path(args.output, "-o", folder=False)
     if args.verb == "report":
         from bench.report import write_report
 
-        path = write_report(args.results, args.output, args.kernels, args.format, args.budgets)
+        report_format = _report_format(args.output, args.format)
+        path = write_report(args.results, args.output, args.kernels, report_format, args.budgets)
         print(f"report written to {path}")
         return 0
     from bench.compare import compare_runs

@@ -14,9 +14,10 @@ change is then larger than the threshold with 95 % confidence (one-sided 97.5 %)
 threshold is never flagged, and one just above it only when the samples pin it down, so the threshold is the
 smallest slowdown worth a red build, not a noise allowance. Samples within a run are treated as independent;
 drift between runs (a busier machine, clocks) that shifts every sample is what the threshold absorbs.
-Rows written before per-sample columns existed (schema 1) fall back to the old rule, and the table says so: the
-e2e median beyond max(5 %, 3 x the larger IQR). `benchmarks/regression_detection.py` measures the rule's false
-alarms (A/A runs) and its detection of injected slowdowns (`QUANTBENCH_INJECT_FAULT=slow=10%`).
+Rows written before per-sample columns existed (schema 1), and cells with fewer than `latency_min_samples` samples of
+either kind, fall back to the old rule, and the table says which of the two: the e2e median beyond max(5 %, 3 x the
+larger IQR). `benchmarks/regression_detection.py` measures the rule's false alarms (A/A runs) and its detection of
+injected slowdowns (`QUANTBENCH_INJECT_FAULT=slow=10%`).
 
 When a cell regressed, compare also prints the library versions (and lock hash, harness commit) that differ
 between the two runs.
@@ -32,6 +33,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from bench.atomic import write_text_atomic
 from bench.contract import Status
 from bench.errors import UserError
 from bench.measure import measurement_footnotes
@@ -67,7 +69,8 @@ class LatencyChange:
 
 
 SAMPLE_COLUMNS = (("step_times_s", "steps"), ("e2e_times_s", "e2e times"))
-OLD_RULE = "medians and IQR (rows without per-sample times)"
+OLD_RULE = "medians and IQR"  # a cell's latency_samples under the old rule: f"{OLD_RULE}: {why}"
+NO_SAMPLES = "rows without per-sample times (written before results schema 2)"
 
 
 def pooled_samples(rows: pd.DataFrame, column: str) -> np.ndarray:
@@ -80,6 +83,24 @@ def pooled_samples(rows: pd.DataFrame, column: str) -> np.ndarray:
 
 def _is_list(values: Any) -> bool:
     return values is not None and not (isinstance(values, float) and np.isnan(values))
+
+
+def why_old_rule(old_rows: pd.DataFrame, new_rows: pd.DataFrame, thresholds: Thresholds) -> str:
+    """Why a cell's latency falls back to the old rule: rows written without samples, or too few of them (a
+    generation's first step is no sample, so 2 steps x 2 repeats give 2 step samples)."""
+    if not all(
+        column in rows and any(_is_list(values) for values in rows.loc[rows["status"] == Status.OK, column])
+        for rows in (old_rows, new_rows)
+        for column, _ in SAMPLE_COLUMNS
+    ):
+        return NO_SAMPLES
+    steps, e2e = (
+        min(len(pooled_samples(rows, column)) for rows in (old_rows, new_rows)) for column, _ in SAMPLE_COLUMNS
+    )
+    return (
+        f"{steps} step samples and {e2e} end-to-end times, fewer than the {thresholds.latency_min_samples} the latency"
+        " rule needs: raise num_inference_steps or repeats"
+    )
 
 
 def latency_change(old_rows: pd.DataFrame, new_rows: pd.DataFrame, thresholds: Thresholds) -> LatencyChange | None:
@@ -189,7 +210,8 @@ def _latency_regression(
     old_change = record["e2e_latency_change"]
     if old_change is None:
         return []
-    record["latency_samples"], record["latency_change"] = OLD_RULE, old_change
+    record["latency_samples"] = f"{OLD_RULE}: {why_old_rule(old_rows, new_rows, thresholds)}"
+    record["latency_change"] = old_change
     noise = thresholds.latency_iqr_multiple * max(before["e2e_latency_iqr_s"], after["e2e_latency_iqr_s"])
     allowed = max(thresholds.latency_increase * before["e2e_latency_median_s"], noise)
     if after["e2e_latency_median_s"] - before["e2e_latency_median_s"] > allowed:
@@ -232,7 +254,7 @@ def compare_runs(old: Path, new: Path, output: Path | None = None) -> int:
     if (table["note"] != "").all():  # a reference from another GPU model: no verdict either way
         raise UserError(f"{old} and {new} ran on different devices ({table['note'].iloc[0]}): nothing to compare")
     if output:
-        table.to_csv(output, index=False)
+        _write_csv(table, output)
     view = Table(title=f"{old} -> {new}")
     for column in ("cell id", "cell", "status", "peak memory", "transformer size", "latency [95 % interval]",
                    "regression"):  # fmt: skip
@@ -264,11 +286,11 @@ def compare_runs(old: Path, new: Path, output: Path | None = None) -> int:
             f"{len(not_rerun)} cell{'s' * many} of {old} {'are' if many else 'is'} not in {new}: not compared",
             soft_wrap=True,
         )
-    old_rule = int((table["latency_samples"] == OLD_RULE).sum())
-    if old_rule:
+    old_rule = table["latency_samples"].dropna()
+    for why, cells in old_rule[old_rule.str.startswith(f"{OLD_RULE}: ")].value_counts(sort=False).items():
         console.print(
-            f"latency of {old_rule} cell{'s' * (old_rule != 1)} judged by the old rule, e2e median beyond max(5 %,"
-            " 3 x IQR): their rows have no per-sample times (written before results schema 2)",
+            f"latency of {cells} cell{'s' * (cells != 1)} judged by the old rule, e2e median beyond max(5 %, 3 x IQR):"
+            f" {why.removeprefix(f'{OLD_RULE}: ')}",
             soft_wrap=True,
         )
     regressed = int((table["regressions"] != "").sum())
@@ -278,6 +300,15 @@ def compare_runs(old: Path, new: Path, output: Path | None = None) -> int:
     if regressed:
         console.print(environment_difference(*frames), soft_wrap=True)
     return 1 if regressed else 0
+
+
+def _write_csv(table: pd.DataFrame, output: Path) -> None:
+    """The comparison as CSV at `output`, its folder created if missing (as `report -o` does), written atomically."""
+    try:
+        output.parent.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(output, table.to_csv(index=False))
+    except OSError as error:
+        raise UserError(f"{output}: cannot write the comparison: {error.strerror or error}") from None
 
 
 def latency_text(row: pd.Series) -> str:

@@ -34,6 +34,8 @@ STATUSES = ROW_STATUSES  # (WORST_FIRST and worst_status: bench.contract)
 INTERRUPTED_LOG_SUFFIX = ".interrupted.log"  # logs/<cell id>.interrupted.log: a cell stopped while running
 INTERRUPTED_PROGRESS_SUFFIX = ".interrupted.json"  # what its last stopped try had measured (contract.Measurements)
 RUNS_FILE = "runs.jsonl"  # one line per `quantbench run` invocation on the folder (runner.RunRecord)
+RERUN = "its cell will run again"  # what becomes of an unreadable part: in a run of the folder...
+LEFT_OUT = "its cell's rows are left out"  # ...and where the folder is only read (report, compare)
 
 
 log = logging.getLogger(__name__)
@@ -323,14 +325,15 @@ class ResultsFolder:
         with open(self.root / RUNS_FILE, "a") as handle:
             handle.write(json.dumps(record, sort_keys=True) + "\n")
 
-    def read_parts(self) -> dict[str, pa.Table]:
-        """Every readable part file by cell id; unreadable (truncated, foreign) parts are skipped with a warning."""
+    def read_parts(self, unreadable: str = RERUN) -> dict[str, pa.Table]:
+        """Every readable part file by cell id; unreadable (truncated, foreign) parts are skipped with a warning
+        that ends in `unreadable`, what becomes of their cells (`RERUN` or `LEFT_OUT`)."""
         parts = {}
         for path in sorted(self.cells_dir.glob("*.parquet")):
             try:
                 table = pq.read_table(path, schema=SCHEMA)
             except (pa.ArrowException, OSError) as error:
-                log.warning("ignoring unreadable result part %s (%s); its cell will run again", path, error)
+                log.warning("ignoring unreadable result part %s (%s); %s", path, error, unreadable)
                 continue
             parts[path.stem] = table
         return parts
@@ -356,9 +359,9 @@ class ResultsFolder:
         """Cells whose every row has status ok: a resumed run skips these."""
         return {cell_id for cell_id, status in self.cell_statuses().items() if status == Status.OK}
 
-    def read_table(self) -> pa.Table:
+    def read_table(self, unreadable: str = RERUN) -> pa.Table:
         """All rows of the folder as one table (empty, with the schema, when there are none)."""
-        parts = list(self.read_parts().values())
+        parts = list(self.read_parts(unreadable).values())
         return pa.concat_tables(parts) if parts else SCHEMA.empty_table()
 
 
@@ -375,8 +378,25 @@ def read_runs(path: str | Path) -> list[dict[str, Any]]:
     return runs
 
 
-def read_results(path: str | Path) -> Any:
-    """A results folder or a Parquet file as a pandas DataFrame."""
+def read_results(path: str | Path, unreadable: str = LEFT_OUT) -> Any:
+    """A results folder or a Parquet file of result rows as a pandas DataFrame; any other file is a UserError.
+    `unreadable`: what the warning on a folder's unreadable part says becomes of its cell."""
     path = Path(path)
-    table = pq.read_table(path, schema=SCHEMA) if path.is_file() else ResultsFolder(path).read_table()
+    if not path.is_file():
+        return ResultsFolder(path).read_table(unreadable).to_pandas()
+    try:
+        missing = {"cell_id", "status"} - set(pq.read_schema(path).names)
+        table = pq.read_table(path, schema=SCHEMA)
+    except (pa.ArrowException, OSError) as error:
+        reason = error.strerror if isinstance(error, OSError) and error.strerror else "pyarrow reads no table from it"
+        raise UserError(_not_results(path, reason)) from None
+    if missing:
+        raise UserError(_not_results(path, f"a Parquet file without the result columns {', '.join(sorted(missing))}"))
     return table.to_pandas()
+
+
+def _not_results(path: Path, reason: str) -> str:
+    return (
+        f"{path}: not a results folder or Parquet file of results ({reason}); pass a results folder"
+        " (results/<matrix name>/) or a Parquet file from one (its cells/*.parquet)"
+    )

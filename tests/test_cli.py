@@ -148,3 +148,72 @@ def test_a_run_stopped_by_max_time_exits_3_and_keeps_the_stopped_cells_log(make_
     assert "[quantbench] imports" in log.read_text(), "the log says how far the stopped cell got"
     cell_id = log.name.removesuffix(".interrupted.log")
     assert f"baseline bf16 ({cell_id}); its log so far: out/logs/{log.name}" in done.stdout
+
+
+def _results_folder(root: Path) -> Path:
+    from bench.store import ResultsFolder
+    from tests.test_store import row
+
+    folder = ResultsFolder(root)
+    folder.create()
+    folder.write_cell("aaa", [row("aaa")])
+    return root
+
+
+@pytest.mark.parametrize(
+    ("args", "fragment"),
+    [
+        (["report", "m.toml", "-o", "x.html"], "m.toml: not a results folder or Parquet file of results"),
+        (["compare", "m.toml", "done"], "m.toml: not a results folder or Parquet file of results"),
+        (["compare", "done", "m.toml"], "m.toml: not a results folder or Parquet file of results"),
+        (["report", "done", "-o", "a-folder"], "-o a-folder: is a folder; -o takes the file to write"),
+        (["compare", "done", "done", "-o", "a-folder"], "-o a-folder: is a folder; -o takes the file to write"),
+        (["report", "done", "-o", "m.toml/x.html"], "-o m.toml/x.html: m.toml is a file, not a folder"),
+        (["report", "done", "-o", "x.md", "--format", "html"], "-o x.md: a .md file, but --format html"),
+        (["report", "done", "-o", "x.htm", "--format", "md"], "-o x.htm: a .htm file, but --format md"),
+        (["run", "m.toml", "--results", "m.toml"], "--results m.toml: it is a file, not a folder"),
+        (["run", "m.toml", "--results", "m.toml/sub"], "--results m.toml/sub: m.toml is a file, not a folder"),
+    ],
+)
+def test_a_wrong_kind_of_path_exits_2_with_one_line_before_any_work(args, fragment, make_matrix, tmp_path):
+    make_matrix("m.toml")
+    _results_folder(tmp_path / "done")
+    (tmp_path / "a-folder").mkdir()
+    done = quantbench(*args, cwd=tmp_path)
+    assert done.returncode == 2, done.stderr
+    (error,) = [line for line in done.stderr.splitlines() if line.startswith("quantbench: error:")]
+    assert error.startswith(f"quantbench: error: {fragment}"), done.stderr
+    assert "Traceback" not in done.stderr
+    assert done.stdout == "", "nothing drawn (no progress bar, no table) before the error"
+    assert not list(tmp_path.glob("x.*")) and list((tmp_path / "a-folder").iterdir()) == []
+    assert not (tmp_path / "results").exists()
+
+
+@pytest.mark.parametrize(
+    ("output", "asked", "written"),
+    [("r.md", None, "md"), ("r.html", None, "html"), ("r.HTM", None, "html"), ("r", None, "html"), ("r", "md", "md"),
+     ("r.md", "md", "md")],
+)  # fmt: skip
+def test_the_report_format_follows_the_output_suffix_unless_given(output, asked, written, tmp_path, monkeypatch):
+    import bench.report
+    from bench.cli import main
+
+    formats = []
+    monkeypatch.setattr(bench.report, "write_report", lambda *args: formats.append(args[3]) or args[1])
+    assert main(["report", str(tmp_path), "-o", str(tmp_path / output), *(["--format", asked] if asked else [])]) == 0
+    assert formats == [written]
+
+
+def test_other_libraries_log_records_carry_their_own_name_not_quantbenchs():
+    import logging
+
+    from bench.cli import _LibraryNamedFormatter
+
+    def formatted(name: str) -> str:
+        return _LibraryNamedFormatter().format(
+            logging.LogRecord(name, logging.WARNING, "f.py", 1, "a %s", ("b",), None)
+        )
+
+    assert formatted("torchao.kernel.intmm") == "torchao.kernel.intmm: a b"
+    assert formatted("bench.store") == "quantbench: a b"
+    assert formatted("benchmarks") == "benchmarks: a b"

@@ -12,7 +12,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from bench.compare import OLD_RULE, Thresholds, compare_frames, compare_runs
+from bench.compare import NO_SAMPLES, OLD_RULE, Thresholds, compare_frames, compare_runs
 from bench.faults import StepSlowdown, injected_slowdown
 from bench.store import SCHEMA, ResultsFolder, read_results
 from tests.test_store import row
@@ -82,6 +82,21 @@ def test_cells_with_few_steps_are_judged_on_e2e_times():
     assert verdict["regressions"].startswith("latency +")
 
 
+def test_too_few_samples_for_the_latency_rule_is_said_as_such_not_as_an_old_schema(tmp_path, capsys):
+    rng = np.random.default_rng(8)
+    old, new = cell_rows("c", rng, 0.1), cell_rows("c", rng, 0.1)
+    for frame in (old, new):  # 2 steps x 2 repeats: each generation's first step is no sample
+        frame["step_times_s"], frame["e2e_times_s"] = [[0.1, 0.1]], [[0.2, 0.2]]
+    write_folder(tmp_path / "old", old)
+    write_folder(tmp_path / "new", new)
+    assert compare_runs(tmp_path / "old", tmp_path / "new", tmp_path / "table.csv") == 0
+    out = " ".join(capsys.readouterr().out.split())
+    few = "2 step samples and 2 end-to-end times, fewer than the 5 the latency rule needs: raise num_inference_steps or repeats"
+    assert f"latency of 1 cell judged by the old rule, e2e median beyond max(5 %, 3 x IQR): {few}" in out
+    assert "per-sample" not in out and "schema" not in out
+    assert pd.read_csv(tmp_path / "table.csv").iloc[0]["latency_samples"] == f"{OLD_RULE}: {few}"
+
+
 def write_folder(folder, frame: pd.DataFrame, schema: pa.Schema = SCHEMA) -> None:
     results = ResultsFolder(folder)
     results.create()
@@ -96,11 +111,14 @@ def test_a_folder_without_samples_still_compares_by_the_old_rule_and_says_so(tmp
     write_folder(tmp_path / "old", old, schema_1)
     write_folder(tmp_path / "new", new)
     assert read_results(tmp_path / "old")["step_times_s"].isna().all()
-    assert compare_runs(tmp_path / "old", tmp_path / "new", tmp_path / "table.csv") == 1
-    out = capsys.readouterr().out
-    assert "latency of 1 cell judged by the old rule" in out
-    verdict = pd.read_csv(tmp_path / "table.csv").iloc[0]
-    assert verdict["latency_samples"] == OLD_RULE and pd.isna(verdict["latency_change_low"])
+    table = tmp_path / "out" / "table.csv"  # its folder is made, as report -o makes one
+    assert compare_runs(tmp_path / "old", tmp_path / "new", table) == 1
+    out = " ".join(capsys.readouterr().out.split())
+    assert (
+        "latency of 1 cell judged by the old rule, e2e median beyond max(5 %, 3 x IQR): rows without per-sample" in out
+    )
+    verdict = pd.read_csv(table).iloc[0]
+    assert verdict["latency_samples"] == f"{OLD_RULE}: {NO_SAMPLES}" and pd.isna(verdict["latency_change_low"])
     assert verdict["regressions"].startswith("e2e latency +")
 
 

@@ -1,9 +1,11 @@
-"""The results folder: atomic part files, unreadable parts ignored (so their cell reruns), the run lock."""
+"""The results folder: atomic part files with open()'s mode, unreadable parts ignored (so their cell reruns), the run
+lock; reading results from a file that is not a part file."""
 
 from __future__ import annotations
 
 import multiprocessing
 import os
+import re
 
 import pytest
 
@@ -70,6 +72,61 @@ def test_truncated_part_is_not_read_as_valid_and_its_cell_counts_as_not_done(tmp
     path.write_bytes(path.read_bytes()[:-40])
     assert folder.completed_cell_ids() == {"bbb"}
     assert folder.read_table().column("cell_id").to_pylist() == ["bbb"]
+
+
+def test_an_unreadable_part_is_left_out_where_the_folder_is_only_read_and_rerun_where_it_is_run(tmp_path, caplog):
+    from bench.store import LEFT_OUT, RERUN, read_results
+
+    folder = ResultsFolder(tmp_path)
+    folder.create()
+    folder.write_cell("aaa", [row("aaa")])
+    folder.part_path("bbb").write_bytes(b"not parquet")
+    assert list(read_results(tmp_path)["cell_id"]) == ["aaa"]  # as report and compare read it
+    assert f"ignoring unreadable result part {folder.part_path('bbb')}" in caplog.text
+    assert caplog.text.rstrip().endswith(LEFT_OUT) and RERUN not in caplog.text
+    caplog.clear()
+    assert folder.completed_cell_ids() == {"aaa"}  # as a run reads it
+    assert caplog.text.rstrip().endswith(RERUN) and LEFT_OUT not in caplog.text
+
+
+def test_reading_results_from_a_file_that_is_not_a_part_is_a_user_error(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from bench.store import read_results
+
+    folder = ResultsFolder(tmp_path / "run")
+    folder.create()
+    part = folder.write_cell("aaa", [row("aaa")])
+    assert list(read_results(part)["cell_id"]) == ["aaa"], "one part file is a valid input"
+    (tmp_path / "m.toml").write_text('name = "m"\n')
+    pq.write_table(pa.table({"x": [1]}), tmp_path / "other.parquet")
+    truncated = tmp_path / "truncated.parquet"
+    truncated.write_bytes(part.read_bytes()[:-40])
+    for path, reason in [
+        ("m.toml", "pyarrow reads no table from it"),
+        ("truncated.parquet", "pyarrow reads no table from it"),
+        ("other.parquet", "a Parquet file without the result columns cell_id, status"),
+    ]:
+        said = f"{tmp_path / path}: not a results folder or Parquet file of results ({reason})"
+        with pytest.raises(UserError, match=f"^{re.escape(said)}"):
+            read_results(tmp_path / path)
+
+
+def test_written_files_get_the_mode_open_gives_not_mkstemps_0600(tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    write = (
+        "import os, sys; os.umask(int(sys.argv[2], 8)); from bench.atomic import write_text_atomic; "
+        "write_text_atomic(sys.argv[1], 'x')"
+    )
+    root = str(Path(__file__).resolve().parent.parent)
+    for umask, mode in (("022", 0o644), ("027", 0o640)):
+        target = tmp_path / f"umask-{umask}.txt"
+        subprocess.run([sys.executable, "-c", write, str(target), umask], check=True, cwd=root)
+        assert target.stat().st_mode & 0o777 == mode, oct(target.stat().st_mode)
 
 
 def test_rewriting_a_cell_replaces_its_rows(tmp_path):
