@@ -333,7 +333,7 @@ class ResultsFolder:
             try:
                 table = pq.read_table(path, schema=SCHEMA)
             except (pa.ArrowException, OSError) as error:
-                log.warning("ignoring unreadable result part %s (%s); %s", path, error, unreadable)
+                _warn_once(path, f"ignoring unreadable result part {path} ({error}); {unreadable}")
                 continue
             parts[path.stem] = table
         return parts
@@ -376,6 +376,19 @@ def read_runs(path: str | Path) -> list[dict[str, Any]]:
         with contextlib.suppress(json.JSONDecodeError):
             runs.append(json.loads(line))
     return runs
+
+
+_WARNED: set[tuple[Path, int, str]] = set()
+
+
+def _warn_once(path: Path, message: str) -> None:
+    """Log `message` about `path` once per process for this version of the file (a command reads parts often)."""
+    with contextlib.suppress(OSError):
+        key = (path, path.stat().st_mtime_ns, message)
+        if key in _WARNED:
+            return
+        _WARNED.add(key)
+    log.warning("%s", message)
 
 
 def read_results(path: str | Path, unreadable: str = LEFT_OUT) -> Any:

@@ -432,7 +432,7 @@ def _image_grid(frame: pd.DataFrame, cells: pd.DataFrame, root: Path) -> list[di
                 for metric, label in DRIFT_COLUMNS
                 if (text := number(row[metric], "{:.3g}")) is not None
             )
-            path = root / row["image_path"] if row["image_path"] else root / "missing"
+            path = root / row["image_path"] if isinstance(row["image_path"], str) else root / "missing"
             tiles.append(
                 {
                     "title": row["cell_label"],
