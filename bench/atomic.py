@@ -30,7 +30,8 @@ def atomic_path(target: Path | str) -> Iterator[Path]:
     temporary = Path(name)
     try:
         yield temporary
-        os.chmod(temporary, FILE_MODE)
+        with contextlib.suppress(PermissionError, NotImplementedError):  # filesystems without modes (vfat, SMB)
+            os.chmod(temporary, FILE_MODE)
         with open(temporary, "rb+") as written:
             os.fsync(written.fileno())
         os.replace(temporary, target)

@@ -77,8 +77,13 @@ def pooled_samples(rows: pd.DataFrame, column: str) -> np.ndarray:
     """Every sample of `column` (a list per row) in the cell's ok rows; empty for rows written without it."""
     if column not in rows:
         return np.empty(0)
-    lists = [values for values in rows.loc[rows["status"] == Status.OK, column] if _is_list(values)]
+    lists = _sample_lists(rows, column)
     return np.concatenate([np.asarray(values, dtype=float) for values in lists]) if lists else np.empty(0)
+
+
+def _sample_lists(rows: pd.DataFrame, column: str) -> list[Any]:
+    """The per-row sample lists of `column` in the cell's ok rows (rows written without it have none)."""
+    return [values for values in rows.loc[rows["status"] == Status.OK, column] if _is_list(values)]
 
 
 def _is_list(values: Any) -> bool:
@@ -89,14 +94,14 @@ def why_old_rule(old_rows: pd.DataFrame, new_rows: pd.DataFrame, thresholds: Thr
     """Why a cell's latency falls back to the old rule: rows written without samples, or too few of them (a
     generation's first step is no sample, so 2 steps x 2 repeats give 2 step samples)."""
     if not all(
-        column in rows and any(_is_list(values) for values in rows.loc[rows["status"] == Status.OK, column])
-        for rows in (old_rows, new_rows)
-        for column, _ in SAMPLE_COLUMNS
+        column in rows and _sample_lists(rows, column) for rows in (old_rows, new_rows) for column, _ in SAMPLE_COLUMNS
     ):
         return NO_SAMPLES
     steps, e2e = (
         min(len(pooled_samples(rows, column)) for rows in (old_rows, new_rows)) for column, _ in SAMPLE_COLUMNS
     )
+    if max(steps, e2e) >= thresholds.latency_min_samples:  # enough of a kind, so its old median was 0
+        return "the old run's median is 0 s"
     return (
         f"{steps} step samples and {e2e} end-to-end times, fewer than the {thresholds.latency_min_samples} the latency"
         " rule needs: raise num_inference_steps or repeats"
@@ -286,7 +291,7 @@ def compare_runs(old: Path, new: Path, output: Path | None = None) -> int:
             f"{len(not_rerun)} cell{'s' * many} of {old} {'are' if many else 'is'} not in {new}: not compared",
             soft_wrap=True,
         )
-    old_rule = table["latency_samples"].dropna()
+    old_rule = table["latency_samples"].dropna().astype(str)  # float NaN only when no cell had a latency
     for why, cells in old_rule[old_rule.str.startswith(f"{OLD_RULE}: ")].value_counts(sort=False).items():
         console.print(
             f"latency of {cells} cell{'s' * (cells != 1)} judged by the old rule, e2e median beyond max(5 %, 3 x IQR):"

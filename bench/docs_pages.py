@@ -467,7 +467,9 @@ def _describe_type(annotation: Any) -> tuple[str, list[str]]:
         described = [_describe_type(arg) for arg in args if arg is not type(None)]
         names = list(dict.fromkeys(name for name, _ in described))
         allowed = [word for _, words in described for word in words]
-        if len(described) > 1 and bool in args:  # a value or a switch (e.g. "auto", true, false)
+        if (
+            len(described) > 1 and bool in args and all(words for kind, words in described if kind != "boolean")
+        ):  # "auto", true, false
             allowed = [", ".join([*allowed, "`true`, `false`"])]
         return " or ".join(names), allowed
     if origin is typing.Literal:

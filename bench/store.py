@@ -378,13 +378,13 @@ def read_runs(path: str | Path) -> list[dict[str, Any]]:
     return runs
 
 
-_WARNED: set[tuple[Path, int, str]] = set()
+_WARNED: set[tuple[Path, int]] = set()
 
 
 def _warn_once(path: Path, message: str) -> None:
     """Log `message` about `path` once per process for this version of the file (a command reads parts often)."""
     with contextlib.suppress(OSError):
-        key = (path, path.stat().st_mtime_ns, message)
+        key = (path, path.stat().st_mtime_ns)
         if key in _WARNED:
             return
         _WARNED.add(key)

@@ -69,7 +69,11 @@ def matrix_data(**sections: Any) -> dict[str, Any]:
     # The smoke's [method.torchao] goes with torchao: options for a method no cell uses are an error.
     axes_methods = data.get("axes", {}).get("method", [])
     used = {*(axes_methods if isinstance(axes_methods, list) else [axes_methods])}
-    used |= {rule.get("method") for rule in data.get("include", []) if isinstance(rule, dict)}
+    used |= {
+        rule.get("method")
+        for rule in data.get("include", [])
+        if isinstance(rule, dict) and isinstance(rule.get("method"), str)
+    }
     if isinstance(data.get("method"), dict):
         given = sections.get("method") if isinstance(sections.get("method"), dict) else {}
         data["method"] = {name: table for name, table in data["method"].items() if name in used or name in given}

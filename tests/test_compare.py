@@ -12,7 +12,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from bench.compare import NO_SAMPLES, OLD_RULE, Thresholds, compare_frames, compare_runs
+from bench.compare import NO_SAMPLES, OLD_RULE, Thresholds, compare_frames, compare_runs, why_old_rule
 from bench.faults import StepSlowdown, injected_slowdown
 from bench.store import SCHEMA, ResultsFolder, read_results
 from tests.test_store import row
@@ -95,6 +95,25 @@ def test_too_few_samples_for_the_latency_rule_is_said_as_such_not_as_an_old_sche
     assert f"latency of 1 cell judged by the old rule, e2e median beyond max(5 %, 3 x IQR): {few}" in out
     assert "per-sample" not in out and "schema" not in out
     assert pd.read_csv(tmp_path / "table.csv").iloc[0]["latency_samples"] == f"{OLD_RULE}: {few}"
+
+
+def test_a_new_run_whose_every_cell_failed_is_a_status_regression_not_a_crash(tmp_path, capsys):
+    rng = np.random.default_rng(9)
+    old, new = cell_rows("c", rng, 0.1), cell_rows("c", rng, 0.1)
+    new["status"], new["error"] = "failed", "injected crash"
+    new["step_times_s"], new["e2e_times_s"] = None, None
+    new["e2e_latency_median_s"] = new["step_latency_median_s"] = float("nan")
+    write_folder(tmp_path / "old", old)
+    write_folder(tmp_path / "new", new)
+    assert compare_runs(tmp_path / "old", tmp_path / "new", tmp_path / "table.csv") == 1
+    assert "status ok -> failed" in pd.read_csv(tmp_path / "table.csv").iloc[0]["regressions"]
+
+
+def test_an_old_median_of_zero_is_the_reason_given_when_samples_are_plenty():
+    rng = np.random.default_rng(10)
+    old, new = cell_rows("c", rng, 0.1), cell_rows("c", rng, 0.1)
+    old["step_times_s"], old["e2e_times_s"] = [[0.0] * 28], [[0.0] * 4]
+    assert why_old_rule(old, new, Thresholds()) == "the old run's median is 0 s"
 
 
 def write_folder(folder, frame: pd.DataFrame, schema: pa.Schema = SCHEMA) -> None:

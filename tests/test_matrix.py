@@ -409,3 +409,20 @@ def test_single_values_in_axes_work_with_include_and_exclude_rules(make_matrix):
     assert [c.id for c in cells] == [c.id for c in load_matrix(as_lists).cells]
     grouped = make_matrix("group.toml", axes={"method": "torchao", "components": ["transformer", "text_encoder_2"]})
     assert [c.components for c in load_matrix(grouped).cells] == [("transformer", "text_encoder_2")]
+
+
+def test_a_components_group_written_as_a_string_matches_in_exclude_and_select(make_matrix):
+    path = make_matrix(
+        "groups.toml",
+        axes={"method": "torchao", "components": [["transformer"], ["transformer", "text_encoder_2"]]},
+        exclude=[{"components": "transformer"}],
+    )
+    assert [c.components for c in load_matrix(path).cells] == [("transformer", "text_encoder_2")]
+    both = make_matrix("both.toml", axes={"method": "torchao", "components": [["transformer"], ["transformer", "vae"]]})
+    assert [c.components for c in load_matrix(both, ["components=transformer"]).cells] == [("transformer",)]
+
+
+def test_an_include_rule_naming_several_methods_is_one_clear_error(make_matrix):
+    path = make_matrix("several.toml", include=[{"method": ["baseline", "torchao"], "compile": "default"}])
+    with pytest.raises(MatrixError, match=r"include\.0\.method: an include rule names one method"):
+        load_matrix(path)

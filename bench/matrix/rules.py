@@ -295,8 +295,8 @@ def _option_defaults(model: type[MethodOptions]) -> dict[str, Any]:
 
 def _candidates(name: str, wanted: Any) -> list[Any]:
     """A rule value as the list of values it accepts (`components` values are themselves lists)."""
-    if name == "components":
-        return wanted if wanted and isinstance(wanted[0], list) else [wanted]
+    if name == "components":  # "transformer" and ["transformer", "vae"] are one group each, as in [axes]
+        return [[wanted]] if isinstance(wanted, str) else wanted if wanted and isinstance(wanted[0], list) else [wanted]
     return wanted if isinstance(wanted, list) else [wanted]
 
 
@@ -306,6 +306,8 @@ def _included_cell(path: Path, spec: MatrixFile, rule: dict[str, Any], key: str,
     if "method" not in rule:
         raise MatrixError(path, f"{key}.method", "an include rule must name a method", None, method_names())
     method = rule["method"]
+    if not isinstance(method, str):
+        raise MatrixError(path, f"{key}.method", "an include rule names one method", method, method_names())
     try:
         cls = method_class(method)
     except KeyError as error:
