@@ -16,6 +16,7 @@ the child.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import importlib.util
 import os
 import signal
@@ -112,20 +113,36 @@ class Standby:
         self.scratch = Path(self._scratch.name)
         template_path = self.scratch / "template.json"
         template.save(template_path)
+        self._mark: Path | None = None
+        lock = self._importing_lock(env.get(STANDBY_MARKS_ENV))
         try:
             with open(self.scratch / "cell.log", "w") as log:
                 self.process = subprocess.Popen(
-                    [*WORKER_COMMAND, STANDBY_FLAG, str(template_path)],
+                    [*WORKER_COMMAND, STANDBY_FLAG, str(template_path), *([str(lock)] if lock is not None else [])],
                     stdout=log,
                     stderr=subprocess.STDOUT,
                     stdin=subprocess.PIPE,
                     env=env,
                     text=True,
                     start_new_session=True,
+                    pass_fds=(lock,) if lock is not None else (),
                 )
         except OSError:
             self._scratch.cleanup()
             raise
+        finally:
+            if lock is not None:
+                os.close(lock)  # the process's copy holds the lock now
+
+    def _importing_lock(self, marks: str | None) -> int | None:
+        """A new file in the slot's marks folder, locked, for the process to hold while it imports
+        (`STANDBY_MARKS_ENV`): locked before the process exists, so no cell can time before the imports start."""
+        if not marks:
+            return None
+        lock, name = tempfile.mkstemp(prefix="importing-", dir=marks)
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        self._mark = Path(name)
+        return lock
 
     def hand_over(self, spec_path: Path) -> bool:
         """Give the process its cell (with the time of the hand-over: a standby still importing has the rest of
@@ -148,8 +165,8 @@ class Standby:
             self.process.wait()
         with contextlib.suppress(OSError):
             self.process.stdin.close()
-        if marks := self.env.get(STANDBY_MARKS_ENV):  # killed while importing: its mark must not outlive its pid
-            (Path(marks) / str(self.process.pid)).unlink(missing_ok=True)
+        if self._mark is not None:
+            self._mark.unlink(missing_ok=True)
 
     def discard(self) -> None:
         """Kill the process and delete its scratch folder."""

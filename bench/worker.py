@@ -10,6 +10,7 @@ the results folder's tables.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import os
 import sys
@@ -30,8 +31,9 @@ from bench.time_limit import time_limit
 
 PROCESS_START = time.perf_counter()
 STANDBY_FLAG = "--standby"
-# A folder per executor slot: a process started ahead keeps a file named by its pid there while it imports, and the
-# slot's running cell waits for none to be left before its timed generations (they would share the CPU).
+# A folder per executor slot: the driver locks a file there for each process it starts ahead, which holds the lock
+# while it imports (the kernel drops it when the process ends, however it ends), and the slot's running cell waits
+# for no file to be locked before its timed generations (they would share the CPU).
 STANDBY_MARKS_ENV = "QUANTBENCH_STANDBY_MARKS"
 NEXT_IMPORTS_WAIT_LIMIT_S = 120.0
 Generate = Callable[..., tuple[Any, Any]]  # (prompt, seed, size) -> (images, latency)
@@ -496,7 +498,7 @@ def main(argv: list[str]) -> None:
     die_with_parent()
     started = PROCESS_START
     if argv[0] == STANDBY_FLAG:
-        argv, started = _wait_for_cell(CellSpec.load(Path(argv[1])))
+        argv, started = _wait_for_cell(CellSpec.load(Path(argv[1])), int(argv[2]) if len(argv) > 2 else None)
     spec = CellSpec.load(Path(argv[0]))
     result = CellResult()
     try:
@@ -508,20 +510,17 @@ def main(argv: list[str]) -> None:
     _finish(spec, result)
 
 
-def _wait_for_cell(template: CellSpec) -> tuple[list[str], float]:
+def _wait_for_cell(template: CellSpec, importing_lock: int | None) -> tuple[list[str], float]:
     """As a standby: import what a cell like `template` needs, then wait for the cell's spec path (and when it was
     handed over) on stdin; the arguments of that cell and when it came, on this process's clock. Ends the process
     when stdin closes without one."""
-    mark = _importing_mark()
-    if mark is not None:
-        mark.touch()
     try:
         import_libraries(template)
     except Exception:  # the cell that comes imports again, and its row says what failed
         traceback.print_exc()
     finally:
-        if mark is not None:
-            mark.unlink(missing_ok=True)
+        if importing_lock is not None:
+            os.close(importing_lock)  # the last descriptor of the locked file: the slot's running cell may time now
     imported = time.perf_counter()
     spec_path, _, handed_over = sys.stdin.readline().strip().partition("\t")
     if not spec_path:
@@ -533,20 +532,16 @@ def _wait_for_cell(template: CellSpec) -> tuple[list[str], float]:
     return [spec_path], started
 
 
-def _importing_mark() -> Path | None:
-    """This process's file in its slot's marks folder (`STANDBY_MARKS_ENV`), if it has one."""
-    folder = os.environ.get(STANDBY_MARKS_ENV)
-    return Path(folder) / str(os.getpid()) if folder else None
-
-
-def _alive(pid: str) -> bool:
+def _locked(mark: Path) -> bool:
+    """Whether a process started ahead still holds `mark`'s lock (still imports)."""
     try:
-        os.kill(int(pid), 0)
-    except (ProcessLookupError, ValueError):
-        return False
-    except PermissionError:
+        with open(mark, "rb") as handle:
+            fcntl.flock(handle, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
         return True
-    return True
+    except OSError:  # gone meanwhile
+        return False
+    return False
 
 
 def wait_for_next_cell_imports(limit_s: float = NEXT_IMPORTS_WAIT_LIMIT_S) -> float:
@@ -555,8 +550,7 @@ def wait_for_next_cell_imports(limit_s: float = NEXT_IMPORTS_WAIT_LIMIT_S) -> fl
     folder = os.environ.get(STANDBY_MARKS_ENV)
     start = time.perf_counter()
     while folder and time.perf_counter() - start < limit_s:
-        marks = [mark.name for mark in Path(folder).iterdir() if mark.name != str(os.getpid())]
-        if not any(_alive(pid) for pid in marks):
+        if not any(_locked(mark) for mark in Path(folder).iterdir()):
             break
         time.sleep(0.05)
     return time.perf_counter() - start

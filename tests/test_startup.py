@@ -170,48 +170,47 @@ def test_the_executor_ends_a_standby_no_cell_used_when_it_shuts_down(tmp_path, m
     assert standby.process.returncode is not None and not standby.scratch.exists()
 
 
-def test_a_standby_marks_itself_while_it_imports_and_the_running_cell_waits_for_it(tmp_path):
+def test_a_standby_holds_a_lock_while_it_imports_and_the_running_cell_waits_for_it(tmp_path):
     """The slot's running cell times nothing while a process started ahead still imports (they would share the
-    CPU): the standby keeps a file named by its pid in the slot's marks folder until its imports are done."""
+    CPU): the driver locks a file in the slot's marks folder before the standby exists, the standby holds the
+    lock until its imports are done, and the kernel drops it however the standby ends."""
+    import signal
     import time
 
-    from bench.worker import STANDBY_MARKS_ENV, wait_for_next_cell_imports
+    from bench.worker import STANDBY_MARKS_ENV, _locked, wait_for_next_cell_imports
 
     spec = CellSpec(cell={"method": "baseline"}, cell_id="x", model_folder=str(tmp_path), components={},
                     generation={}, device="cpu")  # fmt: skip
     marks = tmp_path / "marks"
     marks.mkdir()
-    standby = Standby(spec, job_environment(CellJob(spec, 60), {STANDBY_MARKS_ENV: str(marks)}))
-    mark = marks / str(standby.process.pid)
+    env = job_environment(CellJob(spec, 60), {STANDBY_MARKS_ENV: str(marks)})
+    standby = Standby(spec, env)
+    killed = Standby(spec, env)
     try:
-        deadline = time.monotonic() + 30
-        while not mark.exists() and time.monotonic() < deadline:
+        held = sorted(marks.iterdir())
+        assert len(held) == 2 and all(_locked(mark) for mark in held), "locked from the start, before any import"
+        os.kill(killed.process.pid, signal.SIGKILL)  # dies while importing, not reaped: a zombie keeps no lock
+        deadline = time.monotonic() + 10
+        while len([mark for mark in held if _locked(mark)]) > 1 and time.monotonic() < deadline:
             time.sleep(0.01)
-        assert mark.exists(), "the standby marked itself while importing torch and diffusers"
+        assert len([mark for mark in held if _locked(mark)]) == 1 and standby.process.poll() is None
         with pytest.MonkeyPatch.context() as mp:
             mp.setenv(STANDBY_MARKS_ENV, str(marks))
-            assert wait_for_next_cell_imports(limit_s=0.3) >= 0.3, "a live importer is waited for, up to the limit"
+            assert wait_for_next_cell_imports(limit_s=0.3) >= 0.3, "a standby still importing is waited for"
             waited = wait_for_next_cell_imports(limit_s=120)
-        assert not mark.exists() and 0 < waited < 120, "the wait ends when the imports do"
+        assert 0 < waited < 120 and not any(_locked(mark) for mark in held), "the wait ends when the imports do"
         assert standby.process.poll() is None, "the standby, imported, now waits for its cell"
-        killed = Standby(spec, standby.env)
-        killed_mark = marks / str(killed.process.pid)
-        while not killed_mark.exists() and time.monotonic() < deadline + 30:
-            time.sleep(0.01)
-        killed.discard()  # while it imports
-        assert not killed_mark.exists(), "a standby killed while importing leaves no mark to wait for"
     finally:
         standby.discard()
+        killed.discard()
+    assert not list(marks.iterdir()), "a discarded standby's file goes with it"
 
 
-def test_the_wait_for_imports_ignores_dead_importers_and_the_cells_own_mark(tmp_path, monkeypatch):
+def test_cells_without_a_marks_folder_or_with_only_released_marks_never_wait(tmp_path, monkeypatch):
     from bench.worker import STANDBY_MARKS_ENV, wait_for_next_cell_imports
 
-    dead = psutil.Popen(["true"])
-    dead.wait()
-    (tmp_path / str(dead.pid)).touch()  # a standby killed while importing leaves its mark behind
-    (tmp_path / str(os.getpid())).touch()  # the cell's own mark, from when it was a standby
+    (tmp_path / "importing-done").touch()  # a standby's file after its imports: no lock on it
     monkeypatch.setenv(STANDBY_MARKS_ENV, str(tmp_path))
     assert wait_for_next_cell_imports(limit_s=5) < 1
     monkeypatch.delenv(STANDBY_MARKS_ENV)
-    assert wait_for_next_cell_imports(limit_s=5) < 1, "cells started without a marks folder never wait"
+    assert wait_for_next_cell_imports(limit_s=5) < 1

@@ -52,6 +52,9 @@ class LocalExecutor(Executor):
         self._closed = False
         self._lock = threading.Lock()
         self._marks = tempfile.TemporaryDirectory(prefix="quantbench-standbys-")  # see STANDBY_MARKS_ENV
+        self._slot_marks = {gpu: Path(self._marks.name) / f"slot{index}" for index, gpu in enumerate(gpus or [None])}
+        for folder in self._slot_marks.values():
+            folder.mkdir()
         share = threads_per_cell(os.cpu_count() or 1, self.slots)  # a thread count the user set wins
         self._threads = {THREADS_ENV: str(share)} if gpus and THREADS_ENV not in os.environ else {}
 
@@ -64,10 +67,8 @@ class LocalExecutor(Executor):
     def _run(self, job: CellJob) -> CellOutcome:
         gpu = self._free.get()
         try:
-            marks = Path(self._marks.name) / (gpu or "cpu")
-            marks.mkdir(exist_ok=True)
             env = {"CUDA_VISIBLE_DEVICES": gpu, **self._threads} if gpu is not None else {}
-            env[STANDBY_MARKS_ENV] = str(marks)
+            env[STANDBY_MARKS_ENV] = str(self._slot_marks[gpu])  # by slot index: a GPU id may hold a "/" (MIG)
             with self._lock:
                 standby = self._standbys.pop(gpu, None)
 
