@@ -15,7 +15,7 @@ from bench.errors import UserError
 from bench.executors import make_executor
 from bench.executors.base import THREADS_ENV
 from bench.executors.local import LocalExecutor
-from bench.launch import CellJob, CellOutcome
+from bench.launch import STANDBY_MARKS_ENV, CellJob, CellOutcome
 from bench.matrix import load_matrix
 from bench.runner import run_matrix
 from bench.store import ResultsFolder, read_results
@@ -76,7 +76,8 @@ def test_local_gpus_leaves_threads_alone_when_the_user_set_them(monkeypatch):
     monkeypatch.setenv(THREADS_ENV, "5")  # inherited by the cell unchanged
     with LocalExecutor(["0", "1"]) as executor:
         executor.submit(_job(0)).result()
-    assert seen == [{"CUDA_VISIBLE_DEVICES": "0"}]
+    assert [{k: v for k, v in env.items() if k != STANDBY_MARKS_ENV} for env in seen] == [{"CUDA_VISIBLE_DEVICES": "0"}]
+    assert seen[0][STANDBY_MARKS_ENV].endswith("slot0"), "the slot's folder for processes started ahead"
 
 
 def test_ray_error_without_a_message_still_names_the_error():
