@@ -85,6 +85,11 @@ def test_an_unreadable_part_is_left_out_where_the_folder_is_only_read_and_rerun_
     assert f"ignoring unreadable result part {folder.part_path('bbb')}" in caplog.text
     assert caplog.text.rstrip().endswith(LEFT_OUT) and RERUN not in caplog.text
     caplog.clear()
+    assert list(read_results(tmp_path)["cell_id"]) == ["aaa"]
+    assert not caplog.text, "one warning per file and command, however often it is read"
+    broken = folder.part_path("bbb")
+    broken.write_bytes(b"still not parquet")  # another version of the file is warned about again
+    os.utime(broken, ns=(broken.stat().st_atime_ns, broken.stat().st_mtime_ns + 10**9))
     assert folder.completed_cell_ids() == {"aaa"}  # as a run reads it
     assert caplog.text.rstrip().endswith(RERUN) and LEFT_OUT not in caplog.text
 
