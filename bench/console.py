@@ -24,7 +24,7 @@ from bench.cells import Cell
 from bench.contract import WORST_FIRST, Status
 from bench.executors import Executor
 from bench.matrix import Matrix
-from bench.store import RERUN, ResultsFolder, read_results, read_runs
+from bench.store import ResultsFolder, read_results, read_runs
 from bench.summary import cells_that_ran
 
 console = Console(highlight=False, width=None if sys.stdout.isatty() else 160)
@@ -102,7 +102,7 @@ def _print_cells(matrix: Matrix, title: str, here: Callable[[Cell], str], result
             + f"; a run there would run the {to_run} that are not ok",
             soft_wrap=True,
         )
-        walls = cells_that_ran(read_results(results_dir, RERUN))["cell_wall_s"]  # warned once, as a run would
+        walls = cells_that_ran(read_results(results_dir))["cell_wall_s"]
         timed = [cell.id for cell in matrix.cells if cell.id in walls.index]
         if timed:
             total = sum(walls[cell_id] for cell_id in timed)

@@ -104,7 +104,8 @@ MATRIX_KEYS = {
     "environment.",
     "run.trust_pickled_checkpoints": "Let the serialization round trip reload a pickled checkpoint that "
     "quantbench itself wrote in that cell with `torch.load(weights_only=False)`.",
-    "axes": "The grid: each list is an axis (a single value: an axis of one), cells are their product; an axis a method does not use collapses for it.",
+    "axes": "The grid: each list is an axis (a single value: an axis of one), cells are their product; an axis a "
+    "method does not use collapses for it.",
     "axes.method": "Method names (see the method options below and the Methods pages).",
     "axes.dtype": "`torch_dtype` of the modules that are not quantized.",
     "axes.threshold": "`llm_int8_threshold`; varies bitsandbytes 8-bit cells only.",

@@ -147,6 +147,7 @@ class Standby:
     def hand_over(self, spec_path: Path) -> bool:
         """Give the process its cell (with the time of the hand-over: a standby still importing has the rest of
         its imports in the cell's `import_s`); False (the process killed) when it no longer runs."""
+        self._drop_mark()  # the slot's cell before this one, the only one that waits on it, has ended
         try:
             if self.process.poll() is not None:
                 raise BrokenPipeError
@@ -165,6 +166,10 @@ class Standby:
             self.process.wait()
         with contextlib.suppress(OSError):
             self.process.stdin.close()
+        self._drop_mark()
+
+    def _drop_mark(self) -> None:
+        """Delete the file of the import lock: a cell that waited on it has ended by the time this is called."""
         if self._mark is not None:
             self._mark.unlink(missing_ok=True)
 
