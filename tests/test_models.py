@@ -59,6 +59,19 @@ def test_full_size_builtins_are_refused_before_any_work_without_a_gpu(name, tmp_
     assert not left, "no half-built model is left in the cache"
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine where building on a GPU fails")
+def test_full_size_builtins_are_built_in_a_child_process_not_in_the_driver(tmp_path, quantbench_cache, monkeypatch):
+    # The driver is told a GPU is there; the child process, which builds, finds none and fails: the error it
+    # reports is the child's own, so the build (and the CUDA context it would create) never ran in the driver.
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    matrix = load_matrix(write_matrix(tmp_path, matrix_data(model={"builtin": "flux-dev-shape"})))
+    with pytest.raises(UserError, match="model builtin 'flux-dev-shape': building it failed: .*CUDA") as error:
+        plan(matrix)
+    assert len(str(error.value).splitlines()) == 1
+    left = [path for path in (quantbench_cache / "models").iterdir() if path.is_dir() and "flux-dev" in path.name]
+    assert not left, "no half-built model is left in the cache"
+
+
 @pytest.mark.parametrize("path", sorted((ROOT / "matrices").glob("*.toml")), ids=lambda path: path.name)
 def test_every_shipped_matrix_is_valid(path):
     matrix = load_matrix(path)
