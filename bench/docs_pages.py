@@ -734,6 +734,9 @@ COLUMNS = {
     "batch": Column("batch", _num("batch_size", 0)),
     "step_image": Column("step s per image", _step_per_image),
     "images_s": Column("images/s", _num("images_per_s", 3)),
+    "lora_load": Column("LoRA load s", _num("lora_load_s", 2)),
+    "lora_fuse": Column("LoRA fuse s", _num("lora_fuse_s", 2)),
+    "shared": Column("other processes on the GPU", _num("gpu_other_processes", 0)),
 }
 
 
@@ -887,6 +890,11 @@ FINDINGS_TABLES = (
             "latent",
             "harness",
         ),
+    ),
+    FindingsTable(
+        "lora-h200",
+        "results/reference/h200/lora-h200",
+        ("cell", "status", "step4", "peak", "lora_load", "lora_fuse", "energy", "shared", "note", "harness"),
     ),
     FindingsTable(
         "step-timing-events-h200",
