@@ -97,8 +97,8 @@ MATRIX_KEYS = {
     "its warm-up as a `timeout` row keeping the warm-up's step time (default 20).",
     "run.max_warmup_step_s": "The same for compiled cells, as an absolute step time in seconds (default none).",
     "run.cell_start": "When a cell's process starts: `spawn` (default) when the cell does, importing torch, "
-    "diffusers and the method's libraries then; `prestarted` (the `local` and `local-gpus` executors) while the "
-    "cell before it on the same slot runs, so its imports overlap that cell's loading and warm-up (that cell's timed "
+    "diffusers and the method's libraries then; `prestarted` while the cell before it on the same slot (GPU; on Ray, "
+    "the same Ray worker process, when Ray reuses it with the same GPU) runs, so its imports overlap that cell's loading and warm-up (that cell's timed "
     "generations wait until they are done, so they never share the CPU with them) and it only waits for its spec. "
     "Every cell still has a fresh process of its own (its own CUDA context and allocator) with the cell's "
     "environment.",

@@ -107,9 +107,9 @@ class Standby:
     like `template` needs (torch, diffusers, the model's classes), then waits for a spec path on its stdin. Its
     scratch folder and log become the cell's; a standby whose environment is not the cell's is never used."""
 
-    def __init__(self, template: CellSpec, env: dict[str, str]) -> None:
+    def __init__(self, template: CellSpec, env: dict[str, str], scratch_parent: Path | None = None) -> None:
         self.env = env
-        self._scratch = tempfile.TemporaryDirectory(prefix="quantbench-cell-")
+        self._scratch = tempfile.TemporaryDirectory(prefix="quantbench-cell-", dir=scratch_parent)
         self.scratch = Path(self._scratch.name)
         template_path = self.scratch / "template.json"
         template.save(template_path)

@@ -147,8 +147,8 @@ class RunSettings(_Strict):
     # `max_warmup_step_s`, ends after its warm-up as a `timeout` row keeping the warm-up's step time, untimed.
     slow_warmup_factor: float = Field(default=20.0, gt=1, le=1e6)
     max_warmup_step_s: Seconds | None = None
-    # When a cell's process starts: with the cell ("spawn"), or while the cell before it runs ("prestarted", the
-    # local executors: its imports overlap that cell). Each cell has a fresh process either way.
+    # When a cell's process starts: with the cell ("spawn"), or while the cell before it on the same slot runs
+    # ("prestarted": its imports overlap that cell). Each cell has a fresh process either way.
     cell_start: Literal["spawn", "prestarted"] = "spawn"
 
     @field_validator("compile_timeout_s", mode="before")
