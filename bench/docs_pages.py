@@ -93,12 +93,12 @@ MATRIX_KEYS = {
     "run.gpu_memory_limit_gib": "Cap each cell's CUDA memory (`set_per_process_memory_fraction`): what fits a "
     "smaller card? Past it the cell is an `oom` row.",
     "run.slow_warmup_factor": "A compiled cell whose warm-up steps are slower than this × the same method's "
-    "eager step (an ok row of the results folder: same options, dtype, threshold, components, placement) ends after "
-    "its warm-up as a `timeout` row keeping the warm-up's step time (default 20).",
+    "eager step (an ok row of the results folder: same options, dtype, threshold, components, placement), and than "
+    "1 s, ends after its warm-up as a `timeout` row keeping the warm-up's step time (default 20).",
     "run.max_warmup_step_s": "The same for compiled cells, as an absolute step time in seconds (default none).",
     "run.cell_start": "When a cell's process starts: `spawn` (default) when the cell does, importing torch, "
-    "diffusers and the method's libraries then; `prestarted` while the cell before it on the same slot (GPU; on Ray, "
-    "the same Ray worker process, when Ray reuses it with the same GPU) runs, so its imports overlap that cell's loading and warm-up (that cell's timed "
+    "diffusers and the method's libraries then; `prestarted` while the cell before it on the same GPU (with `ray`, "
+    "the same actor) runs, so its imports overlap that cell's loading and warm-up (that cell's timed "
     "generations wait until they are done, so they never share the CPU with them) and it only waits for its spec. "
     "Every cell still has a fresh process of its own (its own CUDA context and allocator) with the cell's "
     "environment.",

@@ -1,11 +1,11 @@
 """Run one cell in a fresh Python process, wherever an executor put it, and bring back what it made.
 
-This is the worker's side of every executor: the local ones call it in a thread of the driver, Ray calls it
-in a task on any node. It writes nothing outside a scratch folder; the images, latents and log come back
+This is the worker's side of every executor: the local ones call it in a thread of the driver, Ray in an actor
+on any node. It writes nothing outside a scratch folder; the images, latents and log come back
 as bytes in the `CellOutcome`, and only the driver writes the results folder.
 
 A cell's process is started either when the cell starts (`[run] cell_start = "spawn"`) or ahead of it, while the
-cell before it runs (`"prestarted"`, the local executors): a `Standby` imports torch, diffusers and the model's
+cell before it runs (`"prestarted"`): a `Standby` imports torch, diffusers and the model's
 classes, then waits for its cell's spec. Either way each cell has a process of its own, started with exactly
 the cell's environment, so its CUDA context and allocator are fresh. Forking cells from one pre-imported parent
 would not keep that: importing diffusers imports bitsandbytes and torchao, which query the GPU
@@ -184,12 +184,14 @@ def launch_cell(
     env: dict[str, str] | None = None,
     on_start: Callable[[subprocess.Popen], None] | None = None,
     standby: Standby | None = None,
+    scratch_parent: Path | None = None,
 ) -> CellOutcome:
     """Run `job` in a fresh `python -m bench.worker` under its time limit; any ending becomes a CellOutcome.
 
     `env` adds to the cell's environment (e.g. CUDA_VISIBLE_DEVICES); `on_start` receives the process so an
     executor can kill it when the run is interrupted. `standby`, a process started ahead with the same
-    environment, runs the cell instead of a new one (it is discarded if its environment differs).
+    environment, runs the cell instead of a new one (it is discarded if its environment differs). The cell's
+    scratch folder goes in `scratch_parent` (default: the temporary folder).
     """
     cell_env = job_environment(job, env)
     if standby is not None and standby.env != cell_env:
@@ -200,7 +202,9 @@ def launch_cell(
             cleanup.callback(standby.discard)
             scratch = standby.scratch
         else:
-            scratch = Path(cleanup.enter_context(tempfile.TemporaryDirectory(prefix="quantbench-cell-")))
+            scratch = Path(
+                cleanup.enter_context(tempfile.TemporaryDirectory(prefix="quantbench-cell-", dir=scratch_parent))
+            )
         output = scratch / "output"
         output.mkdir()
         spec = replace(job.spec, output_dir=str(output))

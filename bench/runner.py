@@ -340,9 +340,15 @@ def eager_step_times(rows: list[dict[str, Any]]) -> dict[tuple, float]:
     return {key: sorted(values)[len(values) // 2] for key, values in steps.items()}
 
 
+# The relative limit's least value: timing steps faster than this costs little, and a tiny model's eager step
+# (milliseconds on a CPU) is too small a yardstick (a busy CPU makes its compiled steps 20x as slow).
+SLOW_WARMUP_FLOOR_S = 1.0
+
+
 def warmup_step_limit(cell: Cell, run: Any, eager_steps: dict[tuple, float]) -> tuple[float | None, str]:
     """The warm-up step time past which a compiled `cell` ends untimed (run.slow_warmup_factor x the same
-    method's eager step, run.max_warmup_step_s), and why; (None, "") for eager cells or without either."""
+    method's eager step but at least SLOW_WARMUP_FLOOR_S, or run.max_warmup_step_s), and why; (None, "") for eager
+    cells or without either."""
     if cell.compile == "off":
         return None, ""
     key = (cell.method, json.dumps(cell.options, sort_keys=True), cell.dtype, cell.threshold,
@@ -350,8 +356,10 @@ def warmup_step_limit(cell: Cell, run: Any, eager_steps: dict[tuple, float]) -> 
     limits = []
     if key in eager_steps:
         eager = eager_steps[key]
-        limits.append((run.slow_warmup_factor * eager, f"run.slow_warmup_factor = {run.slow_warmup_factor:g} x the"
-                       f" eager step of {eager:.3f} s"))  # fmt: skip
+        reason = f"run.slow_warmup_factor = {run.slow_warmup_factor:g} x the eager step of {eager:.3f} s"
+        if run.slow_warmup_factor * eager < SLOW_WARMUP_FLOOR_S:
+            reason += f", at least {SLOW_WARMUP_FLOOR_S:g} s"
+        limits.append((max(run.slow_warmup_factor * eager, SLOW_WARMUP_FLOOR_S), reason))
     if run.max_warmup_step_s is not None:
         limits.append((run.max_warmup_step_s, "run.max_warmup_step_s"))
     return min(limits) if limits else (None, "")

@@ -4,8 +4,11 @@ worker once, and finishes a run another executor started."""
 from __future__ import annotations
 
 import os
+import re
+import tempfile
 import threading
 import time
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -15,11 +18,13 @@ from bench.errors import UserError
 from bench.executors import make_executor
 from bench.executors.base import THREADS_ENV
 from bench.executors.local import LocalExecutor
+from bench.executors.ray import ACTOR_FOLDER_PREFIX
 from bench.launch import STANDBY_MARKS_ENV, CellJob, CellOutcome
 from bench.matrix import load_matrix
 from bench.runner import run_matrix
 from bench.store import ResultsFolder, read_results
 from tests.conftest import matrix_data, write_matrix
+from tests.test_startup import PRESTARTED
 
 # What must not depend on where a cell ran; timings, hosts and timestamps may.
 SAME_EVERYWHERE = ["cell_id", "prompt_index", "seed", "status", "method", "transformer_tensor_bytes", "image_finite"]
@@ -42,7 +47,7 @@ def test_local_gpus_runs_one_cell_per_device_at_a_time(monkeypatch):
     threads: set[str | None] = set()
     lock = threading.Lock()
 
-    def fake_launch(job, env, on_start, standby=None):
+    def fake_launch(job, env, on_start, standby=None, scratch_parent=None):
         start = time.monotonic()
         time.sleep(0.15)
         with lock:
@@ -68,7 +73,7 @@ def test_local_gpus_runs_one_cell_per_device_at_a_time(monkeypatch):
 def test_local_gpus_leaves_threads_alone_when_the_user_set_them(monkeypatch):
     seen = []
 
-    def fake_launch(job, env, on_start, standby=None):
+    def fake_launch(job, env, on_start, standby=None, scratch_parent=None):
         seen.append(env)
         return CellOutcome(CellResult(), {}, "", "host", env["CUDA_VISIBLE_DEVICES"], job.spec.attempt)
 
@@ -78,13 +83,6 @@ def test_local_gpus_leaves_threads_alone_when_the_user_set_them(monkeypatch):
         executor.submit(_job(0)).result()
     assert [{k: v for k, v in env.items() if k != STANDBY_MARKS_ENV} for env in seen] == [{"CUDA_VISIBLE_DEVICES": "0"}]
     assert seen[0][STANDBY_MARKS_ENV].endswith("slot0"), "the slot's folder for processes started ahead"
-
-
-def test_ray_error_without_a_message_still_names_the_error():
-    from bench.executors.ray import _first_line
-
-    assert _first_line(RuntimeError("")) == "(no message)"
-    assert _first_line(RuntimeError("worker died\ntraceback...")) == "worker died"
 
 
 def test_local_gpus_devices_come_from_cuda_visible_devices(monkeypatch):
@@ -162,8 +160,28 @@ def test_ray_retries_a_lost_worker_once_then_records_the_cell_failed(tmp_path, r
     assert rows.loc[flaky.id, "status"] == "ok" and rows.loc[flaky.id, "attempts"] == 2
     assert rows.loc[dead.id, "status"] == "failed"
     assert "worker running the cell was lost on 2 attempts" in rows.loc[dead.id, "error"]
-    assert "WorkerCrashedError" in rows.loc[dead.id, "error"]
+    assert re.search(r"lost on 2 attempts: Actor\w*Error", rows.loc[dead.id, "error"]), "Ray's reason is kept"
     assert summary.statuses == {"ok": 1, "failed": 1}
+
+
+@pytest.mark.slow
+def test_each_ray_actor_starts_its_next_cells_process_ahead(tmp_path, ray_cluster):
+    """Two actors (one per fake GPU), three cells: each actor's first cell starts with its cell, and the third cell
+    comes to the process its actor started ahead, on that actor's GPU (a standby with another environment would
+    not be used)."""
+    data = {**PRESTARTED, "name": "ray-prestarted"}  # three cells, each after the first started ahead
+    data["drift"] = {"enabled": False}
+    matrix = load_matrix(write_matrix(tmp_path, data))
+    results = tmp_path / "results"
+    summary = run_matrix(matrix, results, executor=make_executor("ray"))
+    assert summary.statuses == {"ok": 3}
+    logs = [(results / "logs" / f"{cell.id}.log").read_text() for cell in matrix.cells]
+    assert sum("started ahead" in log for log in logs) == 1, "only the third cell had a process waiting for it"
+    pids = {re.search(r"imports: torch [\d.]+ s \(process (\d+)\)", log).group(1) for log in logs}
+    assert len(pids) == 3, "each cell ran in a process of its own"
+    assert set(read_results(results)["cuda_visible_devices"]) == {"0", "1"}
+    left = list(Path(tempfile.gettempdir()).glob(f"{ACTOR_FOLDER_PREFIX}*"))
+    assert not left, "the actors deleted their folders, and those of actors killed earlier (a lost worker) are gone"
 
 
 @pytest.mark.slow

@@ -65,9 +65,14 @@ def test_full_size_builtins_are_built_in_a_child_process_not_in_the_driver(tmp_p
     # reports is the child's own, so the build (and the CUDA context it would create) never ran in the driver.
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     matrix = load_matrix(write_matrix(tmp_path, matrix_data(model={"builtin": "flux-dev-shape"})))
-    with pytest.raises(UserError, match="model builtin 'flux-dev-shape': building it failed: .*CUDA") as error:
+    with pytest.raises(UserError, match="model builtin 'flux-dev-shape': building it failed: ") as error:
         plan(matrix)
-    assert len(str(error.value).splitlines()) == 1
+    message = str(error.value)
+    assert len(message.splitlines()) == 1 and "is built on a CUDA GPU" not in message, "the child's error, not ours"
+    log = quantbench_cache / "logs" / "build-flux-dev-shape.log"
+    assert f"(its whole output: {log})" in message and "Traceback" in log.read_text()
+    reason = message.partition("building it failed: ")[2].partition(" (its whole output")[0]
+    assert reason.split(":")[0].endswith(("Error", "Exception")), f"names the child's exception: {reason!r}"
     left = [path for path in (quantbench_cache / "models").iterdir() if path.is_dir() and "flux-dev" in path.name]
     assert not left, "no half-built model is left in the cache"
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import os
 import re
-import subprocess
 import tempfile
 from pathlib import Path
 
@@ -16,7 +15,7 @@ import pytest
 from bench.contract import CellSpec
 from bench.errors import UserError
 from bench.executors.local import LocalExecutor
-from bench.launch import STANDBY_MARKS_ENV, CellJob, Standby, job_environment
+from bench.launch import CellJob, Standby, job_environment
 from bench.matrix import load_matrix
 from bench.runner import run_matrix
 from bench.store import read_results
@@ -158,7 +157,7 @@ def test_the_executor_ends_a_standby_no_cell_used_when_it_shuts_down(tmp_path, m
     spec = CellSpec(cell={"method": "baseline"}, cell_id="x", model_folder=str(tmp_path), components={},
                     generation={}, device="cpu")  # fmt: skip
 
-    def started_only(job, env, on_start, standby):  # the cell itself is not needed here
+    def started_only(job, env, on_start, standby, scratch_parent):  # the cell itself is not needed here
         on_start(psutil.Popen(["true"]))
         return "outcome"
 
@@ -215,43 +214,3 @@ def test_cells_without_a_marks_folder_or_with_only_released_marks_never_wait(tmp
     assert wait_for_next_cell_imports(limit_s=5) < 1
     monkeypatch.delenv(STANDBY_MARKS_ENV)
     assert wait_for_next_cell_imports(limit_s=5) < 1
-
-
-def test_a_ray_worker_keeps_the_process_it_started_ahead_for_its_own_next_task(tmp_path, monkeypatch):
-    """On Ray, the worker process that ran a cell holds the next cell's process (its slot); the next task it runs
-    gets it, with the same marks folder to wait on, and a last cell starts nothing ahead."""
-    from bench.executors import ray as ray_executor
-
-    spec = CellSpec(cell={"method": "baseline"}, cell_id="x", model_folder=str(tmp_path), components={},
-                    generation={}, device="cpu")  # fmt: skip
-    calls = []
-
-    def started_only(job, env, on_start, standby):  # the cell itself is not needed here
-        calls.append((env, standby))
-        on_start(psutil.Popen(["true"]))
-        return "outcome"
-
-    monkeypatch.setattr(ray_executor, "launch_cell", started_only)
-    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # the node's temporary folder
-    dead = subprocess.Popen(["true"])
-    dead.wait()
-    stale = tmp_path / f"{ray_executor.RAY_WORKER_PREFIX}{dead.pid}-abc"  # a worker Ray has ended
-    live = tmp_path / f"{ray_executor.RAY_WORKER_PREFIX}{os.getppid()}-abc"
-    for folder in (stale, live):
-        (folder / "quantbench-cell-x").mkdir(parents=True)
-    monkeypatch.setattr(ray_executor._WorkerSlot, "folder", None)
-    monkeypatch.setattr(ray_executor._WorkerSlot, "standby", None)
-    assert ray_executor.launch_in_ray_worker(CellJob(spec, 60, prestart_next=True)) == "outcome"
-    ahead = ray_executor._WorkerSlot.standby
-    try:
-        assert ahead is not None and ahead.process.poll() is None, "the next cell's process waits in this worker"
-        assert calls[0][1] is None
-        marks = calls[0][0][STANDBY_MARKS_ENV]
-        assert Path(marks).is_dir() and ahead.env[STANDBY_MARKS_ENV] == marks
-        assert ahead.scratch.parent == Path(marks).parent, "in this worker's folder, beside the marks"
-        assert not stale.exists() and live.exists(), "an ended worker's folder is deleted, a running one's kept"
-        assert ray_executor.launch_in_ray_worker(CellJob(spec, 60)) == "outcome"
-        assert calls[1] == ({STANDBY_MARKS_ENV: marks}, ahead), "the next task gets it, with the same marks"
-        assert ray_executor._WorkerSlot.standby is None, "the last cell starts nothing ahead"
-    finally:
-        ahead.discard()

@@ -217,6 +217,9 @@ def test_a_compiled_cell_gets_a_warm_up_step_limit_from_the_same_methods_eager_r
     assert warmup_step_limit(Cell(**{**cell.__dict__, "compile": "off"}), run, steps) == (None, "")
     assert warmup_step_limit(cell, RunSettings(slow_warmup_factor=20.0, max_warmup_step_s=2.0), steps)[0] == 2.0
     assert warmup_step_limit(cell, run, {}) == (None, "")
+    tiny = {key: 0.009 for key in steps}  # a tiny model's eager step on a CPU: 20x is within a busy CPU's noise
+    limit, reason = warmup_step_limit(cell, run, tiny)
+    assert limit == 1.0 and reason.endswith("0.009 s, at least 1 s")
 
 
 def test_rows_from_other_library_versions_are_named_by_library():

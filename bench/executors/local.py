@@ -38,9 +38,10 @@ def visible_gpus() -> list[str]:
 class LocalExecutor(Executor):
     """Cells as subprocesses of this host. With `gpus`, one slot per GPU, each cell pinned to its GPU with
     its share of the cores; without, one slot and no pinning. A job that asks for it (`prestart_next`) has the
-    next cell's process of its slot started while it runs (`bench.launch.Standby`)."""
+    next cell's process of its slot started while it runs (`bench.launch.Standby`). Scratch folders go in
+    `scratch_parent` (default: the temporary folder)."""
 
-    def __init__(self, gpus: list[str] | None = None) -> None:
+    def __init__(self, gpus: list[str] | None = None, scratch_parent: Path | None = None) -> None:
         self.name = "local-gpus" if gpus else "local"
         self.slots = len(gpus) if gpus else 1
         self._free: queue.Queue[str | None] = queue.Queue()
@@ -51,7 +52,10 @@ class LocalExecutor(Executor):
         self._standbys: dict[str | None, Standby] = {}  # by slot (GPU)
         self._closed = False
         self._lock = threading.Lock()
-        self._marks = tempfile.TemporaryDirectory(prefix="quantbench-standbys-")  # see STANDBY_MARKS_ENV
+        self._scratch_parent = scratch_parent
+        self._marks = tempfile.TemporaryDirectory(
+            prefix="quantbench-standbys-", dir=scratch_parent
+        )  # see STANDBY_MARKS_ENV
         self._slot_marks = {gpu: Path(self._marks.name) / f"slot{index}" for index, gpu in enumerate(gpus or [None])}
         for folder in self._slot_marks.values():
             folder.mkdir()
@@ -77,11 +81,11 @@ class LocalExecutor(Executor):
                 with self._lock:
                     if job.prestart_next and not self._closed:
                         try:
-                            self._standbys[gpu] = Standby(job.spec, job_environment(job, env))
+                            self._standbys[gpu] = Standby(job.spec, job_environment(job, env), self._scratch_parent)
                         except OSError as error:  # the next cell then starts with its cell
                             log.warning("could not start the next cell's process ahead: %s", error)
 
-            return launch_cell(job, env, started, standby)
+            return launch_cell(job, env, started, standby, self._scratch_parent)
         finally:
             with self._lock:
                 self._running = {p for p in self._running if p.poll() is None}

@@ -1,35 +1,73 @@
-"""The `ray` executor: each cell a Ray task (one GPU, or one CPU on a cluster without GPUs) that runs the
-same fresh-subprocess cell on whichever node Ray picks.
+"""The `ray` executor: one Ray actor per GPU of the cluster (per CPU on a cluster without GPUs), each holding its
+GPU for the whole run and running cells there one after another, as a `local` executor does: every cell in a
+fresh subprocess, and with `run.cell_start = "prestarted"` the next cell's process started while a cell runs, on
+the same GPU and waited for before that cell times anything.
 
-With `run.cell_start = "prestarted"`, the Ray worker running a cell starts the process of its own next cell
-(`bench.launch.Standby`) and keeps it for that worker's next task; a standby whose environment (its GPU) is not
-the next cell's is not used.
-
-Every node needs quantbench installed and the model folder at the same path (shared storage); the
-driver connects to an existing cluster (`--address auto` or `ray://host:10001`).
+Every node needs quantbench installed and the model folder at the same path (shared storage); the driver
+connects to an existing cluster (`--address auto` or `ray://host:10001`).
 """
 
 from __future__ import annotations
 
-import logging
+import contextlib
 import os
+import queue
 import shutil
 import tempfile
-from concurrent.futures import Future
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 from bench.environment import Machine, detect_machine
-from bench.errors import UserError
+from bench.errors import UserError, first_line
 from bench.executors.base import Executor, WorkerLost, threads_per_cell
-from bench.launch import STANDBY_MARKS_ENV, CellJob, CellOutcome, Standby, job_environment, launch_cell
+from bench.executors.local import LocalExecutor
+from bench.launch import CellJob, CellOutcome
 
-log = logging.getLogger(__name__)
-RAY_WORKER_PREFIX = "quantbench-ray-worker-"
+SHUTDOWN_WAIT_S = 60  # for the actors to kill their cells and delete their scratch folders
+ACTOR_FOLDER_PREFIX = "quantbench-ray-actor-"  # then the actor's pid
+
+
+class CellRunner:
+    """A Ray actor: one GPU (Ray sets its CUDA_VISIBLE_DEVICES and OMP_NUM_THREADS) running one cell at a time
+    through a one-slot `LocalExecutor`. Two calls may run at once, so `shutdown` can stop a running cell.
+
+    Its cells' scratch folders are in a folder of its own, which `shutdown` deletes; an actor killed (its node's
+    memory ran out, a cell killed it) leaves that folder, and the next actor started on the node deletes it."""
+
+    def __init__(self) -> None:
+        for folder in Path(tempfile.gettempdir()).glob(f"{ACTOR_FOLDER_PREFIX}*"):
+            pid = folder.name.removeprefix(ACTOR_FOLDER_PREFIX).partition("-")[0]
+            if pid.isdigit() and not _process_exists(int(pid)):
+                shutil.rmtree(folder, ignore_errors=True)
+        self._folder = Path(tempfile.mkdtemp(prefix=f"{ACTOR_FOLDER_PREFIX}{os.getpid()}-"))
+        self._cells = LocalExecutor(scratch_parent=self._folder)
+
+    def run(self, job: CellJob) -> CellOutcome:
+        return self._cells.submit(job).result()
+
+    def machine(self) -> Machine:
+        return detect_machine()
+
+    def shutdown(self) -> None:
+        self._cells.shutdown()
+        shutil.rmtree(self._folder, ignore_errors=True)
+
+
+def _process_exists(pid: int) -> bool:
+    """Whether a process `pid` exists (a zombie does; another user's does, though we may not signal it)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass
+    return True
 
 
 class RayExecutor(Executor):
-    """Cells as Ray tasks; a worker or node lost mid-cell fails the job's future with WorkerLost."""
+    """Cells on the cluster's actors, each cell on the first free one; an actor (or its node) lost mid-cell fails
+    the job's future with WorkerLost, and Ray starts the actor again for the next cell."""
 
     name = "ray"
 
@@ -47,110 +85,57 @@ class RayExecutor(Executor):
                 raise UserError(f"--address {address}: cannot connect to a Ray cluster: {error}") from None
         resources = ray.cluster_resources()
         gpus = int(resources.get("GPU", 0))
-        # Ray sets a task's OMP_NUM_THREADS to its CPU count (1 if it asks for none); a GPU cell asks for its
-        # node's share of the cores, as local-gpus gives it, so CPU-side quantizing is not single-threaded.
-        self._options: dict[str, Any] = {"num_gpus": 1, "num_cpus": _cpus_per_gpu(ray)} if gpus else {"num_cpus": 1}
+        # Ray sets an actor's OMP_NUM_THREADS to its CPU count (1 if it asks for none); a GPU actor asks for its
+        # node's share of the cores, as local-gpus gives a cell, so CPU-side quantizing is not single-threaded.
+        options: dict[str, Any] = {"num_gpus": 1, "num_cpus": _cpus_per_gpu(ray)} if gpus else {"num_cpus": 1}
         self.slots = gpus or int(resources.get("CPU", 1))
-        # Ray's own retries are off: the driver retries a lost worker once and records the attempts. A worker may
-        # run many cells (Ray ends a GPU task's worker after one call unless told): the cells, not the worker,
-        # touch the GPU, and the process a worker starts ahead is for its own next cell.
-        self._launch = ray.remote(max_retries=0, max_calls=0, **self._options)(launch_in_ray_worker)
-        self._refs: set[Any] = set()
+        # Ray's own retries are off (the driver retries a lost cell once and records the attempts); a lost actor
+        # is started again.
+        actor = ray.remote(max_restarts=-1, max_task_retries=0, max_concurrency=2, **options)(CellRunner)
+        self._actors = [actor.remote() for _ in range(self.slots)]
+        self._free: queue.Queue[Any] = queue.Queue()
+        for runner in self._actors:
+            self._free.put(runner)
+        self._pool = ThreadPoolExecutor(self.slots, thread_name_prefix="quantbench-ray")
 
     def machine(self) -> Machine:
-        probe = self._ray.remote(max_retries=0, **self._options)(detect_machine)
-        return self._ray.get(probe.remote())
+        runner = self._free.get()
+        try:
+            return self._ray.get(runner.machine.remote())
+        finally:
+            self._free.put(runner)
 
     def submit(self, job: CellJob) -> Future[CellOutcome]:
-        ref = self._launch.remote(job)
-        self._refs.add(ref)
-        outcome: Future[CellOutcome] = Future()
+        return self._pool.submit(self._run, job)
 
-        def settle(done: Future) -> None:
-            self._refs.discard(ref)
-            error = done.exception()
-            if error is None:
-                outcome.set_result(done.result())
-            elif self._is_lost_worker(error):
-                outcome.set_exception(WorkerLost(f"{type(error).__name__}: {_first_line(error)}"))
-            else:
-                outcome.set_exception(error)
-
-        ref.future().add_done_callback(settle)
-        return outcome
-
-    def _is_lost_worker(self, error: BaseException) -> bool:
-        exceptions = self._ray.exceptions
-        return isinstance(error, exceptions.RayError) and not isinstance(error, exceptions.RayTaskError)
+    def _run(self, job: CellJob) -> CellOutcome:
+        runner = self._free.get()
+        try:
+            return self._ray.get(runner.run.remote(job))
+        except self._ray.exceptions.RayError as error:
+            if isinstance(error, self._ray.exceptions.RayTaskError):
+                raise  # the launcher itself failed: not a lost worker
+            raise WorkerLost(f"{type(error).__name__}: {first_line(error) or '(no message)'}") from None
+        finally:
+            self._free.put(runner)
 
     def shutdown(self) -> None:
-        for ref in list(self._refs):
-            self._ray.cancel(ref, force=True)
+        """Each actor kills its running cell and the process it started ahead and deletes their folders; then the
+        actors end."""
+        with contextlib.suppress(Exception):  # an actor that is gone has nothing left to stop
+            self._ray.get([runner.shutdown.remote() for runner in self._actors], timeout=SHUTDOWN_WAIT_S)
+        for runner in self._actors:
+            self._ray.kill(runner, no_restart=True)
+        self._pool.shutdown(wait=True, cancel_futures=True)
         if self._owns_connection:
             self._ray.shutdown()
 
 
 def _cpus_per_gpu(ray: Any) -> int:
-    """The cores a GPU cell may ask for and still fit on every GPU node: the smallest node's share."""
+    """The cores a GPU actor may ask for and still fit on every GPU node: the smallest node's share."""
     shares = [
         threads_per_cell(int(node["Resources"].get("CPU", 0)), int(node["Resources"]["GPU"]))
         for node in ray.nodes()
         if node.get("Alive") and node["Resources"].get("GPU", 0) >= 1
     ]
     return min(shares, default=1)
-
-
-def _first_line(error: BaseException) -> str:
-    """The first line of an exception's message; Ray's cancellations have none."""
-    lines = str(error).strip().splitlines()
-    return lines[0] if lines else "(no message)"
-
-
-class _WorkerSlot:
-    """What one Ray worker process keeps between its tasks: the process it started ahead for its next cell, in a
-    folder of this worker's (`quantbench-ray-worker-<pid>-*`, in the node's temporary folder) that also holds the
-    marks of its imports (`STANDBY_MARKS_ENV`) for the running cell to wait on.
-
-    Ray ends its workers with SIGKILL, taking their standbys along (parent-death signal) but leaving the folders;
-    each worker deletes those of workers no longer running when it starts."""
-
-    standby: Standby | None = None
-    folder: Path | None = None
-
-    @classmethod
-    def start(cls) -> Path:
-        if cls.folder is None:
-            for stale in Path(tempfile.gettempdir()).glob(f"{RAY_WORKER_PREFIX}*"):
-                pid = stale.name.removeprefix(RAY_WORKER_PREFIX).partition("-")[0]
-                if pid.isdigit() and not _running(int(pid)):
-                    shutil.rmtree(stale, ignore_errors=True)
-            cls.folder = Path(tempfile.mkdtemp(prefix=f"{RAY_WORKER_PREFIX}{os.getpid()}-"))
-            (cls.folder / "marks").mkdir()
-        return cls.folder
-
-
-def _running(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's process
-        return True
-    return True
-
-
-def launch_in_ray_worker(job: CellJob) -> CellOutcome:
-    """`launch_cell` as a Ray task: the cell uses the process this worker started ahead, if its environment is the
-    cell's, and starts the next one ahead when the job asks for it (`prestart_next`)."""
-    folder = _WorkerSlot.start()
-    env = {STANDBY_MARKS_ENV: str(folder / "marks")}
-    standby, _WorkerSlot.standby = _WorkerSlot.standby, None
-
-    def started(_process: Any) -> None:
-        if job.prestart_next:
-            try:
-                _WorkerSlot.standby = Standby(job.spec, job_environment(job, env), scratch_parent=folder)
-            except OSError as error:  # the next cell then starts with its cell
-                log.warning("could not start the next cell's process ahead: %s", error)
-
-    return launch_cell(job, env, started, standby)

@@ -14,12 +14,14 @@ import functools
 import os
 import subprocess
 import sys
+import traceback
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 from bench.cache import build_once, cache_dir, versions_key
-from bench.errors import UserError
+from bench.errors import UserError, first_line
+from bench.parent_death import PARENT_ENV, die_with_parent
 
 BUILD_VERSION = "v2"  # bump when a builder changes, so caches rebuild
 WIDTH = 64
@@ -253,6 +255,7 @@ def _build_sd3_medium_shape(folder: Path) -> None:
 
 
 # the full-size models, built on the GPU
+BUILD_FAILED = "quantbench: building failed: "  # the child's last line when it fails
 GPU_BUILDERS = {"flux-dev-shape": _build_flux_dev_shape, "sd3-medium-shape": _build_sd3_medium_shape}
 
 
@@ -260,7 +263,8 @@ def _in_a_child_process(name: str) -> Callable[[Path], None]:
     """Full-size model `name`'s builder, run in a child process (refused first where torch sees no CUDA).
 
     Building creates a CUDA context, about 0.6 GiB that would stay on the first GPU for the whole run if the
-    driver built the model itself: every cell placed there would run beside it (`gpu_other_processes` 1).
+    driver built the model itself: every cell placed there would run beside it (`gpu_other_processes` 1). The
+    child dies with the driver (`bench.parent_death`); its output goes to `<cache>/logs/build-<name>.log`.
     """
 
     def build(folder: Path) -> None:
@@ -270,15 +274,18 @@ def _in_a_child_process(name: str) -> Callable[[Path], None]:
             raise UserError(f"model builtin {name!r} is built on a CUDA GPU (billions of parameters); none is here")
         package_root = str(Path(__file__).resolve().parents[2])
         path = os.pathsep.join(filter(None, [package_root, os.environ.get("PYTHONPATH")]))
-        done = subprocess.run(
-            [sys.executable, "-m", "bench.models.builtin", name, str(folder)],
-            env={**os.environ, "PYTHONPATH": path},
-            capture_output=True,
-            text=True,
-        )
+        log_path = cache_dir("logs") / f"build-{name}.log"
+        with open(log_path, "w") as log:
+            done = subprocess.run(
+                [sys.executable, "-m", "bench.models.builtin", name, str(folder)],
+                env={**os.environ, "PYTHONPATH": path, PARENT_ENV: str(os.getpid())},
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
         if done.returncode != 0:
-            last = (done.stderr.strip().splitlines() or [f"exit status {done.returncode}"])[-1]
-            raise UserError(f"model builtin {name!r}: building it failed: {last}")
+            last = (log_path.read_text(errors="replace").strip().splitlines() or [""])[-1]
+            reason = last.removeprefix(BUILD_FAILED) if last.startswith(BUILD_FAILED) else f"exit {done.returncode}"
+            raise UserError(f"model builtin {name!r}: building it failed: {reason} (its whole output: {log_path})")
 
     return build
 
@@ -295,5 +302,17 @@ BUILDERS = {
 SYNTHETIC = tuple(BUILDERS)  # every built-in model has random weights
 
 
-if __name__ == "__main__":  # the child process of `_in_a_child_process`: NAME FOLDER
-    GPU_BUILDERS[sys.argv[1]](Path(sys.argv[2]))
+def _build_in_this_process(name: str, folder: Path) -> None:
+    """The child process of `_in_a_child_process`: build, or end with the traceback and then one line that says
+    why (`BUILD_FAILED` and the error's first line) for the driver to show."""
+    die_with_parent()
+    try:
+        GPU_BUILDERS[name](folder)
+    except Exception as error:
+        traceback.print_exc()
+        print(f"{BUILD_FAILED}{type(error).__name__}: {first_line(error)}", flush=True)
+        sys.exit(1)
+
+
+if __name__ == "__main__":  # NAME FOLDER
+    _build_in_this_process(sys.argv[1], Path(sys.argv[2]))
