@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib.metadata
+import json
 import os
 import platform
 import socket
 import subprocess
+import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
+
+from bench.errors import UserError
 
 LIBRARIES = ("torch", "diffusers", "transformers", "accelerate", "bitsandbytes", "torchao", "gguf")
 LOCK_ENV = "QUANTBENCH_LOCK"  # the lock file (e.g. locks/gpu.txt) this environment was installed from, if any
@@ -25,18 +30,32 @@ class Machine:
     gpu_count: int = 0
 
 
-def detect_machine() -> Machine:
-    """What torch sees: whether CUDA is usable, and the first GPU's name and compute capability."""
-    import torch
+# Run in a child process: querying a GPU initialises CUDA, and a CUDA context left in the driver (or in a Ray
+# actor) would sit on the first GPU for the whole run, beside every cell placed there (`gpu_other_processes`).
+MACHINE_PROBE = """
+import json, torch
+cuda = torch.cuda.is_available()
+print(json.dumps(cuda and [torch.cuda.get_device_capability(0), torch.cuda.get_device_name(0), torch.cuda.device_count()]))
+"""
 
-    if not torch.cuda.is_available():
+
+def detect_machine() -> Machine:
+    """What torch sees, from a child process: whether CUDA is usable, and the first GPU's name and compute
+    capability (asked once per process and CUDA_VISIBLE_DEVICES)."""
+    return _machine_seen_with(os.environ.get("CUDA_VISIBLE_DEVICES"))
+
+
+@functools.cache
+def _machine_seen_with(visible_devices: str | None) -> Machine:
+    done = subprocess.run([sys.executable, "-c", MACHINE_PROBE], capture_output=True, text=True)
+    if done.returncode != 0:
+        reason = (done.stderr.strip().splitlines() or [f"exit status {done.returncode}"])[-1]
+        raise UserError(f"cannot tell which GPU torch sees: {reason}")
+    seen = json.loads(done.stdout.strip().splitlines()[-1])
+    if not seen:
         return Machine(cuda_available=False)
-    return Machine(
-        cuda_available=True,
-        cuda_capability=tuple(torch.cuda.get_device_capability(0)),
-        gpu_name=torch.cuda.get_device_name(0),
-        gpu_count=torch.cuda.device_count(),
-    )
+    capability, name, count = seen
+    return Machine(cuda_available=True, cuda_capability=tuple(capability), gpu_name=name, gpu_count=count)
 
 
 @dataclass(frozen=True)

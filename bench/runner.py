@@ -14,7 +14,7 @@ import subprocess
 import time
 from collections import Counter, deque
 from collections.abc import Iterator
-from concurrent.futures import FIRST_COMPLETED, Future, wait
+from concurrent.futures import FIRST_COMPLETED, CancelledError, Future, wait
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -278,7 +278,7 @@ def submit_with_retry(pool: Executor, job: CellJob) -> Future[CellOutcome]:
 
     def attempt(job: CellJob) -> None:
         def settle(future: Future[CellOutcome]) -> None:
-            error = future.exception()
+            error = CancelledError() if future.cancelled() else future.exception()  # cancelled: the pool shut down
             if isinstance(error, WorkerLost) and job.spec.attempt < MAX_ATTEMPTS:
                 attempt(job.retry())
             elif error is not None:
@@ -286,7 +286,10 @@ def submit_with_retry(pool: Executor, job: CellJob) -> Future[CellOutcome]:
             else:
                 final.set_result(future.result())
 
-        pool.submit(job).add_done_callback(settle)
+        try:
+            pool.submit(job).add_done_callback(settle)
+        except RuntimeError as error:  # a retry after the pool shut down (an interrupted run)
+            final.set_exception(error)
 
     attempt(job)
     return final

@@ -43,3 +43,23 @@ def test_differing_versions_names_only_what_changed_between_two_runs():
     # rows written before a field existed read back as NaN: that and None are the same (unknown)
     assert differing_versions({"lock_sha256": float("nan")}, {}) == {}
     assert differing_versions({}, {"torchao_version": "0.18.0"}) == {"torchao_version": (None, "0.18.0")}
+
+
+def test_the_machine_is_asked_of_torch_in_a_child_process_never_in_this_one(monkeypatch):
+    """Querying a GPU creates a CUDA context; in the driver it would sit on the first GPU for the whole run."""
+    import torch
+
+    from bench import environment
+
+    def touched(*args, **kwargs):
+        raise AssertionError("detect_machine asked torch.cuda in the driver's process")
+
+    for name in ("is_available", "get_device_capability", "get_device_name", "device_count"):
+        monkeypatch.setattr(torch.cuda, name, touched)
+    environment._machine_seen_with.cache_clear()
+    machine = environment.detect_machine()
+    assert machine.cuda_available == (machine.gpu_count > 0) and environment.detect_machine() is machine
+    monkeypatch.setattr(environment.sys, "executable", "/bin/false")
+    with pytest.raises(UserError, match="^cannot tell which GPU torch sees: exit status 1$"):
+        environment._machine_seen_with("another GPU")
+    environment._machine_seen_with.cache_clear()

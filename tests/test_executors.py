@@ -24,6 +24,7 @@ from bench.matrix import load_matrix
 from bench.runner import run_matrix
 from bench.store import ResultsFolder, read_results
 from tests.conftest import matrix_data, write_matrix
+from tests.test_cli import quantbench
 from tests.test_startup import PRESTARTED
 
 # What must not depend on where a cell ran; timings, hosts and timestamps may.
@@ -123,6 +124,23 @@ def _assert_same_rows(expected: pd.DataFrame, actual: pd.DataFrame) -> None:
         assert actual[metric].to_numpy() == pytest.approx(expected[metric].to_numpy(), rel=1e-3, abs=1e-6), metric
 
 
+def test_a_ray_actors_folder_is_locked_while_it_lives_and_a_killed_actors_is_deleted_by_the_next(tmp_path, monkeypatch):
+    from bench.executors.ray import CellRunner  # the actor's class, here without Ray
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # the node's temporary folder
+    killed = tmp_path / f"{ACTOR_FOLDER_PREFIX}killed"  # what a killed actor leaves: its lock released by the kernel
+    (killed / "quantbench-cell-x").mkdir(parents=True)
+    (killed / ".lock").touch()
+    first = CellRunner()
+    assert not killed.exists(), "an ended actor's folder is deleted"
+    second = CellRunner()
+    assert first.folder.exists() and second.folder.exists(), "a running actor's folder is kept"
+    first.shutdown()
+    assert not first.folder.exists() and second.folder.exists()
+    second.shutdown()
+    assert not list(tmp_path.iterdir())
+
+
 @pytest.fixture(scope="module")
 def ray_cluster():
     """A local Ray cluster of 4 CPUs and 2 fake GPUs (Ray pins each task's CUDA_VISIBLE_DEVICES)."""
@@ -199,3 +217,17 @@ def test_a_run_started_locally_is_finished_on_ray(tmp_path, ray_cluster):
     assert folder.part_path(baseline_id).read_bytes() == finished_part
     rows = read_results(results)
     assert dict(zip(rows["method"], rows["executor"])) == {"baseline": "local", "torchao": "ray"}
+
+
+@pytest.mark.slow
+def test_a_ray_run_stopped_by_max_time_exits_3_and_ends_the_cluster_it_started(make_matrix, tmp_path, monkeypatch):
+    """The driver starts its own Ray (`--address local`) and the run is stopped: the executor is shut down by the
+    run and again on leaving, and the second time must not start Ray anew nor hide the time limit."""
+    pytest.importorskip("ray", reason="Ray is not installed (pip install 'quantbench[ray]')")
+    monkeypatch.setenv("QUANTBENCH_INJECT_FAULT", "hang")  # the cell never ends: the time limit must stop it
+    path = make_matrix(axes={"method": ["baseline"]}, drift={"enabled": False})
+    args = ("run", str(path), "--executor", "ray", "--address", "local", "--max-time", "45s", "--results", "out")
+    done = quantbench(*args, cwd=tmp_path)
+    assert done.returncode == 3 and "Traceback" not in done.stderr, done.stderr
+    assert "stopped at the time limit of 45 s with 1 cell not finished; rerun to resume" in done.stderr
+    assert list((tmp_path / "out").glob("logs/*.interrupted.log")), "the stopped cell's log is kept"

@@ -3,6 +3,7 @@ each pinned with CUDA_VISIBLE_DEVICES and given its share of the CPU cores, unle
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import queue
@@ -79,7 +80,9 @@ class LocalExecutor(Executor):
             def started(process: subprocess.Popen) -> None:
                 self._track(process)
                 with self._lock:
-                    if job.prestart_next and not self._closed:
+                    if self._closed:  # shut down while this cell's process started: it must not run on
+                        _kill_group(process)
+                    elif job.prestart_next:
                         try:
                             self._standbys[gpu] = Standby(job.spec, job_environment(job, env), self._scratch_parent)
                         except OSError as error:  # the next cell then starts with its cell
@@ -99,10 +102,16 @@ class LocalExecutor(Executor):
         with self._lock:
             self._closed = True
             for process in self._running:
-                if process.poll() is None:
-                    os.killpg(process.pid, signal.SIGKILL)
+                _kill_group(process)
             for standby in self._standbys.values():
                 standby.discard()
             self._standbys.clear()
         self._pool.shutdown(wait=True, cancel_futures=True)
         self._marks.cleanup()
+
+
+def _kill_group(process: subprocess.Popen) -> None:
+    """SIGKILL a cell's process group, if it still runs."""
+    if process.poll() is None:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)

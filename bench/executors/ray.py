@@ -10,10 +10,11 @@ connects to an existing cluster (`--address auto` or `ray://host:10001`).
 from __future__ import annotations
 
 import contextlib
-import os
+import fcntl
 import queue
 import shutil
 import tempfile
+import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -24,24 +25,32 @@ from bench.executors.base import Executor, WorkerLost, threads_per_cell
 from bench.executors.local import LocalExecutor
 from bench.launch import CellJob, CellOutcome
 
+ACTOR_START_S = 120  # for an actor to start (or start again after its node was lost) before it is given up
+RESULT_MARGIN_S = 120  # past a cell's time limit, for its files to come back before the actor is taken for lost
 SHUTDOWN_WAIT_S = 60  # for the actors to kill their cells and delete their scratch folders
-ACTOR_FOLDER_PREFIX = "quantbench-ray-actor-"  # then the actor's pid
+ACTOR_FOLDER_PREFIX = "quantbench-ray-actor-"
+# Threads of an actor: its one running cell, `shutdown` beside it, and a cell the driver gave up on (Ray could
+# not reach the actor) that may still hold a thread.
+ACTOR_THREADS = 3
 
 
 class CellRunner:
     """A Ray actor: one GPU (Ray sets its CUDA_VISIBLE_DEVICES and OMP_NUM_THREADS) running one cell at a time
-    through a one-slot `LocalExecutor`. Two calls may run at once, so `shutdown` can stop a running cell.
+    through a one-slot `LocalExecutor`; `shutdown` runs beside a running cell and stops it.
 
-    Its cells' scratch folders are in a folder of its own, which `shutdown` deletes; an actor killed (its node's
-    memory ran out, a cell killed it) leaves that folder, and the next actor started on the node deletes it."""
+    Its cells' scratch folders are in a folder of its own, locked while the actor lives and deleted by `shutdown`;
+    a killed actor's folder (its node's memory ran out, a cell killed it) is deleted by the next actor started on
+    that node, which finds it unlocked."""
 
     def __init__(self) -> None:
         for folder in Path(tempfile.gettempdir()).glob(f"{ACTOR_FOLDER_PREFIX}*"):
-            pid = folder.name.removeprefix(ACTOR_FOLDER_PREFIX).partition("-")[0]
-            if pid.isdigit() and not _process_exists(int(pid)):
+            with contextlib.suppress(OSError), open(folder / ".lock") as lock:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)  # OSError: its actor still runs
                 shutil.rmtree(folder, ignore_errors=True)
-        self._folder = Path(tempfile.mkdtemp(prefix=f"{ACTOR_FOLDER_PREFIX}{os.getpid()}-"))
-        self._cells = LocalExecutor(scratch_parent=self._folder)
+        self.folder = Path(tempfile.mkdtemp(prefix=ACTOR_FOLDER_PREFIX))
+        self._lock = open(self.folder / ".lock", "w")  # noqa: SIM115 - held for the actor's life
+        fcntl.flock(self._lock, fcntl.LOCK_EX)
+        self._cells = LocalExecutor(scratch_parent=self.folder)
 
     def run(self, job: CellJob) -> CellOutcome:
         return self._cells.submit(job).result()
@@ -51,23 +60,13 @@ class CellRunner:
 
     def shutdown(self) -> None:
         self._cells.shutdown()
-        shutil.rmtree(self._folder, ignore_errors=True)
-
-
-def _process_exists(pid: int) -> bool:
-    """Whether a process `pid` exists (a zombie does; another user's does, though we may not signal it)."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        pass
-    return True
+        shutil.rmtree(self.folder, ignore_errors=True)
+        self._lock.close()
 
 
 class RayExecutor(Executor):
-    """Cells on the cluster's actors, each cell on the first free one; an actor (or its node) lost mid-cell fails
-    the job's future with WorkerLost, and Ray starts the actor again for the next cell."""
+    """Cells on the cluster's actors, each cell on the first free one. An actor (or its node) lost mid-cell fails
+    the job's future with WorkerLost; Ray starts the actor again, and one that does not start is given up."""
 
     name = "ray"
 
@@ -83,23 +82,41 @@ class RayExecutor(Executor):
                 ray.init(address=address, log_to_driver=False, configure_logging=False)
             except (ConnectionError, RuntimeError, ValueError) as error:
                 raise UserError(f"--address {address}: cannot connect to a Ray cluster: {error}") from None
+        self._closed = threading.Event()
+        self._actors: list[Any] = []
+        self._pool: ThreadPoolExecutor | None = None
         resources = ray.cluster_resources()
         gpus = int(resources.get("GPU", 0))
         # Ray sets an actor's OMP_NUM_THREADS to its CPU count (1 if it asks for none); a GPU actor asks for its
         # node's share of the cores, as local-gpus gives a cell, so CPU-side quantizing is not single-threaded.
         options: dict[str, Any] = {"num_gpus": 1, "num_cpus": _cpus_per_gpu(ray)} if gpus else {"num_cpus": 1}
-        self.slots = gpus or int(resources.get("CPU", 1))
         # Ray's own retries are off (the driver retries a lost cell once and records the attempts); a lost actor
         # is started again.
-        actor = ray.remote(max_restarts=-1, max_task_retries=0, max_concurrency=2, **options)(CellRunner)
-        self._actors = [actor.remote() for _ in range(self.slots)]
+        actor = ray.remote(max_restarts=-1, max_task_retries=0, max_concurrency=ACTOR_THREADS, **options)(CellRunner)
+        wanted = [actor.remote() for _ in range(gpus or int(resources.get("CPU", 1)))]
+        self._actors = [runner for runner in wanted if self._started(runner)]  # on GPUs other jobs hold: none
+        for runner in wanted:
+            if runner not in self._actors:
+                ray.kill(runner, no_restart=True)
+        if not self._actors:
+            self.shutdown()
+            raise UserError(f"--executor ray: no actor ({options}) started within {ACTOR_START_S} s on the cluster")
+        self.slots = len(self._actors)
         self._free: queue.Queue[Any] = queue.Queue()
         for runner in self._actors:
             self._free.put(runner)
         self._pool = ThreadPoolExecutor(self.slots, thread_name_prefix="quantbench-ray")
 
+    def _started(self, runner: Any) -> bool:
+        """Whether `runner` runs (or runs again) within ACTOR_START_S."""
+        try:
+            self._ray.get(runner.__ray_ready__.remote(), timeout=ACTOR_START_S)
+        except self._ray.exceptions.RayError:
+            return False
+        return True
+
     def machine(self) -> Machine:
-        runner = self._free.get()
+        runner = self._take()
         try:
             return self._ray.get(runner.machine.remote())
         finally:
@@ -108,25 +125,43 @@ class RayExecutor(Executor):
     def submit(self, job: CellJob) -> Future[CellOutcome]:
         return self._pool.submit(self._run, job)
 
+    def _take(self) -> Any:
+        """A free actor; WorkerLost when none is left."""
+        while self._actors:
+            with contextlib.suppress(queue.Empty):
+                return self._free.get(timeout=1)
+        raise WorkerLost("no Ray actor is left: each was lost and did not start again")
+
     def _run(self, job: CellJob) -> CellOutcome:
-        runner = self._free.get()
+        runner = self._take()
         try:
-            return self._ray.get(runner.run.remote(job))
+            outcome = self._ray.get(runner.run.remote(job), timeout=job.timeout_s + RESULT_MARGIN_S)
         except self._ray.exceptions.RayError as error:
             if isinstance(error, self._ray.exceptions.RayTaskError):
+                self._free.put(runner)
                 raise  # the launcher itself failed: not a lost worker
+            if self._closed.is_set() or not self._started(runner):
+                self._actors.remove(runner)
+            else:
+                self._free.put(runner)
             raise WorkerLost(f"{type(error).__name__}: {first_line(error) or '(no message)'}") from None
-        finally:
-            self._free.put(runner)
+        self._free.put(runner)
+        return outcome
 
     def shutdown(self) -> None:
         """Each actor kills its running cell and the process it started ahead and deletes their folders; then the
-        actors end."""
+        actors end. A second call does nothing."""
+        if self._closed.is_set():
+            return
+        self._closed.set()
         with contextlib.suppress(Exception):  # an actor that is gone has nothing left to stop
-            self._ray.get([runner.shutdown.remote() for runner in self._actors], timeout=SHUTDOWN_WAIT_S)
-        for runner in self._actors:
-            self._ray.kill(runner, no_restart=True)
-        self._pool.shutdown(wait=True, cancel_futures=True)
+            refs = [runner.shutdown.remote() for runner in self._actors]
+            self._ray.wait(refs, num_returns=len(refs), timeout=SHUTDOWN_WAIT_S)
+        for runner in list(self._actors):
+            with contextlib.suppress(Exception):
+                self._ray.kill(runner, no_restart=True)
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
         if self._owns_connection:
             self._ray.shutdown()
 
