@@ -15,6 +15,7 @@ import queue
 import shutil
 import tempfile
 import threading
+import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -108,12 +109,18 @@ class RayExecutor(Executor):
         self._pool = ThreadPoolExecutor(self.slots, thread_name_prefix="quantbench-ray")
 
     def _started(self, runner: Any) -> bool:
-        """Whether `runner` runs (or runs again) within ACTOR_START_S."""
-        try:
-            self._ray.get(runner.__ray_ready__.remote(), timeout=ACTOR_START_S)
-        except self._ray.exceptions.RayError:
-            return False
-        return True
+        """Whether `runner` runs (or runs again) within ACTOR_START_S; while Ray restarts it, calls to it fail at
+        once as unavailable, so it is asked again until then."""
+        deadline = time.monotonic() + ACTOR_START_S
+        while (left := deadline - time.monotonic()) > 0:
+            try:
+                self._ray.get(runner.__ray_ready__.remote(), timeout=left)
+                return True
+            except self._ray.exceptions.ActorUnavailableError:
+                time.sleep(1)
+            except self._ray.exceptions.RayError:  # died for good, or not started in time
+                return False
+        return False
 
     def machine(self) -> Machine:
         runner = self._take()
