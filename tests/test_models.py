@@ -49,18 +49,25 @@ def test_full_size_architectures_have_the_published_parameter_counts(name, publi
         assert parameters(build_full_size(name)) == published
 
 
+@pytest.fixture
+def own_cache(tmp_path, monkeypatch):
+    """A cache of this test's own: the run's shared one may hold another worker's build in progress."""
+    monkeypatch.setenv("QUANTBENCH_CACHE", str(tmp_path / "cache"))
+    return tmp_path / "cache"
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")
 @pytest.mark.parametrize("name", ["flux-dev-shape", "sd3-medium-shape"])
-def test_full_size_builtins_are_refused_before_any_work_without_a_gpu(name, tmp_path, quantbench_cache):
+def test_full_size_builtins_are_refused_before_any_work_without_a_gpu(name, tmp_path, own_cache):
     matrix = load_matrix(write_matrix(tmp_path, matrix_data(model={"builtin": name})))
     with pytest.raises(UserError, match=f"model builtin '{name}' is built on a CUDA GPU"):
         plan(matrix)
-    left = [path for path in (quantbench_cache / "models").iterdir() if path.is_dir() and name in path.name]
+    left = [path for path in (own_cache / "models").iterdir() if path.is_dir() and name in path.name]
     assert not left, "no half-built model is left in the cache"
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine where building on a GPU fails")
-def test_full_size_builtins_are_built_in_a_child_process_not_in_the_driver(tmp_path, quantbench_cache, monkeypatch):
+def test_full_size_builtins_are_built_in_a_child_process_not_in_the_driver(tmp_path, own_cache, monkeypatch):
     # The driver is told a GPU is there; the child process, which builds, finds none and fails: the error it
     # reports is the child's own, so the build (and the CUDA context it would create) never ran in the driver.
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
@@ -69,11 +76,11 @@ def test_full_size_builtins_are_built_in_a_child_process_not_in_the_driver(tmp_p
         plan(matrix)
     message = str(error.value)
     assert len(message.splitlines()) == 1 and "is built on a CUDA GPU" not in message, "the child's error, not ours"
-    log = quantbench_cache / "logs" / "build-flux-dev-shape.log"
+    log = own_cache / "logs" / "build-flux-dev-shape.log"
     assert f"(its whole output: {log})" in message and "Traceback" in log.read_text()
     reason = message.partition("building it failed: ")[2].partition(" (its whole output")[0]
     assert reason.split(":")[0].endswith(("Error", "Exception")), f"names the child's exception: {reason!r}"
-    left = [path for path in (quantbench_cache / "models").iterdir() if path.is_dir() and "flux-dev" in path.name]
+    left = [path for path in (own_cache / "models").iterdir() if path.is_dir() and "flux-dev" in path.name]
     assert not left, "no half-built model is left in the cache"
 
 
