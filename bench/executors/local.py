@@ -54,9 +54,8 @@ class LocalExecutor(Executor):
         self._closed = False
         self._lock = threading.Lock()
         self._scratch_parent = scratch_parent
-        self._marks = tempfile.TemporaryDirectory(
-            prefix="quantbench-standbys-", dir=scratch_parent
-        )  # see STANDBY_MARKS_ENV
+        # see STANDBY_MARKS_ENV
+        self._marks = tempfile.TemporaryDirectory(prefix="quantbench-standbys-", dir=scratch_parent)
         self._slot_marks = {gpu: Path(self._marks.name) / f"slot{index}" for index, gpu in enumerate(gpus or [None])}
         for folder in self._slot_marks.values():
             folder.mkdir()

@@ -95,7 +95,10 @@ class RayExecutor(Executor):
         # is started again.
         actor = ray.remote(max_restarts=-1, max_task_retries=0, max_concurrency=ACTOR_THREADS, **options)(CellRunner)
         wanted = [actor.remote() for _ in range(gpus or int(resources.get("CPU", 1)))]
-        self._actors = [runner for runner in wanted if self._started(runner)]  # on GPUs other jobs hold: none
+        probes = [runner.__ray_ready__.remote() for runner in wanted]  # all at once: one wait, not one per actor
+        ready, _ = ray.wait(probes, num_returns=len(probes), timeout=ACTOR_START_S)
+        # none on GPUs other jobs hold; `_started` answers at once for an actor whose probe came back
+        self._actors = [runner for runner, probe in zip(wanted, probes) if probe in ready and self._started(runner)]
         for runner in wanted:
             if runner not in self._actors:
                 ray.kill(runner, no_restart=True)
