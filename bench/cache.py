@@ -108,15 +108,29 @@ def build_once(target: Path, build: Callable[[Path], None]) -> Path:
     return target
 
 
-def make_room(folder: Path, needed_bytes: int, keep: Path) -> list[Path]:
-    """Free `needed_bytes` on the disk holding cache `folder` by deleting its least recently used entries
-    (never `keep`, never one being built); returns the deleted entries. OSError when that is not enough.
+# The checkpoints methods write from a model (GGUF files, BFL and AutoRound checkpoints, bitsandbytes pre-quantized
+# saves): any of them can be written again, so any may be evicted to make room for another.
+PRODUCED_KINDS = ("gguf", "bfl", "auto_round", "prequantized")
 
-    Large produced files (a FLUX-sized GGUF is 4-13 GB) would otherwise fill a small disk in one reference run.
+
+def make_room(folder: Path, needed_bytes: int, keep: Path) -> list[Path]:
+    """Free `needed_bytes` on the disk holding cache `folder` by deleting the least recently used entries of
+    `folder` and of the produced-checkpoint folders beside it (`PRODUCED_KINDS`), never `keep` nor one being
+    built; returns the deleted entries. OSError when that is not enough.
+
+    Large produced files (a FLUX-sized GGUF is 4-13 GB, AutoRound saves a whole pipeline) would otherwise fill a
+    small disk in one reference run: on a 64 GiB disk the nightly's GGUF files left AutoRound's save no room.
     """
     deleted: list[Path] = []
+    folders = {folder, *(folder.parent / kind for kind in PRODUCED_KINDS)}
     entries = sorted(
-        (entry for entry in folder.iterdir() if entry.is_dir() and not entry.name.startswith(".") and entry != keep),
+        (
+            entry
+            for kind_folder in folders
+            if kind_folder.is_dir()
+            for entry in kind_folder.iterdir()
+            if entry.is_dir() and not entry.name.startswith(".") and entry != keep
+        ),
         key=lambda entry: entry.stat().st_mtime,
     )
     for entry in entries:

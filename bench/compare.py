@@ -1,7 +1,11 @@
 """`quantbench compare OLD NEW`: per-cell deltas between two runs, with noise-aware regression flags.
 
-Defaults (`Thresholds`): memory +2 % (memory barely moves between runs on one GPU model: in an H200 A/A pair bf16 and
-nf4 peaks were identical to the byte, a torchao cell quantized on the GPU through a device map 44 MiB apart);
+Defaults (`Thresholds`): the generation's peak reserved memory or the transformer's stored size +2 % (they barely
+move between runs on one GPU model: in an H200 A/A pair bf16 and nf4 peaks were identical to the byte, a torchao cell
+quantized on the GPU through a device map 44 MiB apart). The resident figure (the reserved peak while loading) is
+shown, not gated: on-GPU quantization while loading leaves it to the allocator's caching (torchao float8wo through a
+device map: 4.8 % apart between two runs of one harness commit, its generation peak 0.4 %), and a resident increase
+that matters raises the generation's peak too;
 drift beyond the cell's gate (a gate that passed and now fails); more graph breaks in a compiled cell (where both
 rows counted them); a status that was ok and is not. Exit code 1 when any cell regressed.
 
@@ -141,6 +145,7 @@ def _median_ratio(old: np.ndarray, new: np.ndarray, axis: int) -> np.ndarray:
 
 
 MEMORY_COLUMNS = ("peak_reserved_bytes", "resident_reserved_bytes", "transformer_tensor_bytes")
+GATED_MEMORY_COLUMNS = ("peak_reserved_bytes", "transformer_tensor_bytes")  # module docstring: why not resident
 COMPARISON_COLUMNS = (
     "cell_id", "cell", "old_status", "new_status", "note",
     *(f"{column}_change" for column in MEMORY_COLUMNS), "e2e_latency_change",
@@ -175,7 +180,7 @@ def compare_frames(old: pd.DataFrame, new: pd.DataFrame, thresholds: Thresholds 
         for column in MEMORY_COLUMNS:
             change = _relative(before[column], after[column])
             record[f"{column}_change"] = change
-            if change is not None and change > thresholds.memory_increase:
+            if column in GATED_MEMORY_COLUMNS and change is not None and change > thresholds.memory_increase:
                 regressions.append(f"{column} +{change:.1%} (limit +{thresholds.memory_increase:.0%})")
         record["e2e_latency_change"] = _relative(before["e2e_latency_median_s"], after["e2e_latency_median_s"])
         regressions.extend(_latency_regression(record, before, after, old_rows[cell_id], new_rows[cell_id], thresholds))

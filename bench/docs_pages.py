@@ -907,6 +907,11 @@ FINDINGS_TABLES = (
         ("cell", "step4", "step_range", "e2e", "harness"),
     ),
     FindingsTable(
+        "nightly-h200",
+        "results/reference/h200/nightly",
+        ("cell", "status", "resident", "peak", "step", "compile", "import", "wall", "harness"),
+    ),
+    FindingsTable(
         "several-gpus-local-gpus",
         "results/reference/h100x2/flux-dev-h100-local-gpus",
         ("cell", "status", "resident", "step", "executor", "gpu_index", "import", "wall", "harness"),
@@ -974,6 +979,30 @@ def resolutions_snippet(repo: Path, folder: str) -> str:
     return _table(headers, rows) + (
         f"\nRows: `{folder}/` ({len(frame)} cells); harness {', '.join(f'`{c}`' for c in commits)}.\n"
     )
+
+
+RUN_TIMES = {  # snippet name: committed results folders whose invocations (runs.jsonl) the table times
+    "nightly-time-h200": ("results/reference/h200/nightly-cold", "results/reference/h200/nightly"),
+}
+
+
+def run_times_snippet(repo: Path, folders: tuple[str, ...]) -> str:
+    """Where each invocation's wall time went (runs.jsonl: planning with model builds, the drift reference, the
+    cells, scoring), one row per invocation of each folder."""
+    rows = []
+    for folder in folders:
+        commits = sorted({str(commit)[:7] for commit in _cells(repo / folder)["harness_commit"].dropna()})
+        for line in (repo / folder / "runs.jsonl").read_text().splitlines():
+            run = json.loads(line)
+            rows.append(
+                [f"`{folder}/`", run["started_utc"][:16].replace("T", " "), f"{run['executor']} × {run['slots']}",
+                 str(run["cells_run"]), run["ended"],
+                 *(f"{run[key]:.0f}" for key in ("wall_s", "plan_s", "reference_s", "cell_s", "scoring_s")),
+                 ", ".join(f"`{commit}`" for commit in commits)]
+            )  # fmt: skip
+    headers = ["results", "started (UTC)", "executor × slots", "cells run", "ended", "wall s", "plan s",
+               "reference s", "cells s", "scoring s", "harness (rows)"]  # fmt: skip
+    return _table(headers, rows) + "\nFrom each folder's `runs.jsonl`.\n"
 
 
 DETECTION_RUNS = {  # snippet name: committed `benchmarks/regression_detection.py --output` JSON
@@ -1142,6 +1171,8 @@ def text_pages(repo: Path) -> dict[Path, str]:
         pages[Path(f"docs/snippets/{name}.md")] = detection_snippet(repo, run)
     for name, folder in RESOLUTION_RUNS.items():
         pages[Path(f"docs/snippets/{name}.md")] = resolutions_snippet(repo, folder)
+    for name, folders in RUN_TIMES.items():
+        pages[Path(f"docs/snippets/{name}.md")] = run_times_snippet(repo, folders)
     contributing = repo / "CONTRIBUTING.md"
     pages[Path("CONTRIBUTING.md")] = _with_layout(contributing.read_text(), layout_section(repo / "bench"))
     return pages

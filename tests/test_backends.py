@@ -192,6 +192,16 @@ def test_auto_round_writes_a_packed_checkpoint_that_diffusers_loads(tiny_flux, q
     assert [path.name for path in saved] == ["diffusion_pytorch_model.safetensors"]
 
 
+def test_auto_rounds_disk_estimate_is_the_other_components_whole_and_the_quantized_one_at_its_bits(tmp_path):
+    from bench.methods.auto_round import estimated_checkpoint_bytes
+
+    for name, size in (("transformer", 1600), ("text_encoder", 1000), ("vae", 200)):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "diffusion_pytorch_model.safetensors").write_bytes(b"\0" * size)
+    component = Component("transformer", "diffusers", "FluxTransformer2DModel", tmp_path)
+    assert estimated_checkpoint_bytes(component, bits=4) == 1000 + 200 + int(1600 * 4 / 16 * 1.1)
+
+
 # ModelOpt
 
 

@@ -75,6 +75,16 @@ def test_an_entry_another_process_is_building_is_skipped(tmp_path, disk):
         builder.wait()
 
 
+def test_room_is_made_from_every_kind_of_produced_checkpoint_never_from_built_models(tmp_path, disk):
+    gguf, auto_round, models = (tmp_path / kind for kind in ("gguf", "auto_round", "models"))
+    for folder in (gguf, auto_round, models):
+        folder.mkdir()
+    model = entry(models, "flux-dev-shape", 100, 500)  # the model the produced files are made from
+    written = entry(gguf, "transformer-Q8_0", 100, 1000)
+    assert make_room(auto_round, 200, keep=auto_round / "target") == [written]
+    assert model.exists()
+
+
 def test_reusing_an_entry_marks_it_recently_used(tmp_path):
     target = tmp_path / "entry"
     build_once(target, lambda folder: (folder / "f").write_text("x"))

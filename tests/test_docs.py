@@ -137,6 +137,7 @@ def test_every_snippet_is_generated_and_every_generated_snippet_is_used():
             *docs_pages.ATTENTION_KERNEL_RUNS,
             *docs_pages.DETECTION_RUNS,
             *docs_pages.RESOLUTION_RUNS,
+            *docs_pages.RUN_TIMES,
             *(f"options-{method}" for method in method_names),
         ]
     }

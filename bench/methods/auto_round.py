@@ -22,7 +22,7 @@ import shutil
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
-from bench.cache import build_once, cache_dir
+from bench.cache import build_once, cache_dir, make_room
 from bench.methods.base import Component, Method, MethodOptions, MethodUnavailable, method_notes
 from bench.methods.gguf import content_digest
 
@@ -67,6 +67,8 @@ class AutoRound(Method):
             ).encode()
         ).hexdigest()[:16]
         target = cache_dir("auto_round") / f"{component.name}-w{self.options.bits}-{key}"
+        if not target.exists():
+            make_room(cache_dir("auto_round"), estimated_checkpoint_bytes(component, self.options.bits), keep=target)
         saved = build_once(target, lambda folder: self.write_checkpoint(component, folder))
         return dataclasses.replace(component, folder=saved)
 
@@ -135,3 +137,11 @@ def pipeline_view(component: Component, view: Path) -> Path:
         if entry.name.startswith("diffusion_pytorch_model.safetensors"):
             (weights / entry.name.replace("diffusion_pytorch_model", "model", 1)).symlink_to(entry.resolve())
     return view
+
+
+def estimated_checkpoint_bytes(component: Component, bits: int) -> int:
+    """The disk AutoRound's save needs: the pipeline's other components copied as they are (removed after), and
+    the component's bf16 weights at `bits` a weight, +10 % for scales and the layers it keeps whole."""
+    weights = {path: path.stat().st_size for path in component.folder.rglob("*.safetensors")}
+    own = sum(size for path, size in weights.items() if path.parent.name == component.name)
+    return sum(weights.values()) - own + int(own * bits / 16 * 1.1)
