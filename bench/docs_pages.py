@@ -361,7 +361,8 @@ COLUMN_GROUPS: dict[str, dict[str, str]] = {
         "gpu_other_processes": "The most processes besides the cell's own that NVML saw holding a CUDA context on "
         "its GPU during the timed generations (0: no other process visible to NVML; null: NVML lists no processes "
         "here, e.g. in some containers, or the GPU is split by MIG). Another process shares the GPU's time and its "
-        "energy counter.",
+        "energy counter. Not counted: the slot's next cell's process, started ahead "
+        '(`run.cell_start = "prestarted"`), which waits holding a CUDA context and does no GPU work.',
         "energy_note": "Why an energy column is null (on a CPU, an NVML call failed), or how it was computed.",
         "value_dependent_latency": "The method's speed depends on the activations' values (bitsandbytes int8 at a "
         "threshold > 0): synthetic weights' latency is one sample, not the method's.",

@@ -34,7 +34,7 @@ from bench.contract import CellResult, CellSpec, Measurements, Status
 from bench.faults import FAULT_ENV
 from bench.heartbeat import HEARTBEAT_ENV
 from bench.parent_death import PARENT_ENV
-from bench.worker import STANDBY_FLAG, STANDBY_MARKS_ENV
+from bench.worker import IMPORTING_MARK_PREFIX, STANDBY_FLAG, STANDBY_MARKS_ENV, idle_context_mark
 
 LOG_TAIL_CHARS = 4000
 PACKAGE_ROOT = Path(__file__).resolve().parent.parent
@@ -139,7 +139,7 @@ class Standby:
         (`STANDBY_MARKS_ENV`): locked before the process exists, so no cell can time before the imports start."""
         if not marks:
             return None
-        lock, name = tempfile.mkstemp(prefix="importing-", dir=marks)
+        lock, name = tempfile.mkstemp(prefix=IMPORTING_MARK_PREFIX, dir=marks)
         fcntl.flock(lock, fcntl.LOCK_EX)
         self._mark = Path(name)
         return lock
@@ -167,6 +167,8 @@ class Standby:
         with contextlib.suppress(OSError):
             self.process.stdin.close()
         self._drop_mark()
+        if self.env.get(STANDBY_MARKS_ENV):  # the file of its idle CUDA context, if it made one
+            idle_context_mark(self.env[STANDBY_MARKS_ENV], self.process.pid).unlink(missing_ok=True)
 
     def _drop_mark(self) -> None:
         """Delete the file of the import lock: a cell that waited on it has ended by the time this is called."""

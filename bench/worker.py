@@ -35,6 +35,11 @@ STANDBY_FLAG = "--standby"
 # while it imports (the kernel drops it when the process ends, however it ends), and the slot's running cell waits
 # for no file to be locked before its timed generations (they would share the CPU).
 STANDBY_MARKS_ENV = "QUANTBENCH_STANDBY_MARKS"
+IMPORTING_MARK_PREFIX = "importing-"
+# A standby whose imports initialised CUDA (bitsandbytes and torchao query the GPU when imported) holds a context on
+# the slot's GPU while it waits, doing no GPU work: it locks a file with this prefix there until its cell starts, so
+# the slot's running cell does not count it among the other processes on its GPU.
+IDLE_CONTEXT_MARK_PREFIX = "idle-cuda-context-"
 NEXT_IMPORTS_WAIT_LIMIT_S = 120.0
 Generate = Callable[..., tuple[Any, Any]]  # (prompt, seed, size) -> (images, latency)
 PHASE_PREFIX = "[quantbench] "
@@ -140,7 +145,7 @@ def run_cell(spec: CellSpec, result: CellResult, started: float = PROCESS_START)
     if generate is None or not result.samples:  # ended after its warm-up (too slow to time): nothing was timed
         return
     steps = [s for sample in result.samples for s in sample.step_latency_s]
-    m.update(asdict(energy.result(float(np.median(steps)) if steps else None)))
+    m.update(asdict(energy.result(float(np.median(steps)) if steps else None, idle_contexts())))
     if m.energy_j_per_image is not None:
         m.energy_j_per_image /= cell.batch_size  # each timed generation made `batch_size` images
     if energy.wall_windows:  # for an independent reading of the same windows (benchmarks/energy_crosscheck.py)
@@ -514,8 +519,10 @@ def _wait_for_cell(template: CellSpec, importing_lock: int | None) -> tuple[list
     """As a standby: import what a cell like `template` needs, then wait for the cell's spec path (and when it was
     handed over) on stdin; the arguments of that cell and when it came, on this process's clock. Ends the process
     when stdin closes without one."""
+    idle_context = None
     try:
         import_libraries(template)
+        idle_context = _mark_idle_context()  # before the imports' lock goes: the running cell times after that
     except Exception:  # the cell that comes imports again, and its row says what failed
         traceback.print_exc()
     finally:
@@ -525,6 +532,8 @@ def _wait_for_cell(template: CellSpec, importing_lock: int | None) -> tuple[list
     spec_path, _, handed_over = sys.stdin.readline().strip().partition("\t")
     if not spec_path:
         os._exit(0)
+    if idle_context is not None:  # this process is the slot's running cell now
+        idle_context.unlink()
     started = time.perf_counter() - max(0.0, time.time() - float(handed_over or time.time()))
     waited = started - imported
     when = f"then {waited:.1f} s waiting" if waited >= 0 else f"the cell came {-waited:.1f} s before their end"
@@ -532,8 +541,31 @@ def _wait_for_cell(template: CellSpec, importing_lock: int | None) -> tuple[list
     return [spec_path], started
 
 
+def idle_context_mark(folder: str | Path, pid: int) -> Path:
+    """The file process `pid` locks in the marks `folder` while it waits holding a CUDA context."""
+    return Path(folder) / f"{IDLE_CONTEXT_MARK_PREFIX}{pid}"
+
+
+def _mark_idle_context() -> Path | None:
+    """As a standby that holds a CUDA context: its file, locked for as long as this process lives (the descriptor
+    stays open; the kernel drops the lock when the process ends), see IDLE_CONTEXT_MARK_PREFIX; None without one."""
+    folder = os.environ.get(STANDBY_MARKS_ENV)
+    torch = sys.modules.get("torch")
+    if not folder or torch is None or not torch.cuda.is_initialized():
+        return None
+    mark = idle_context_mark(folder, os.getpid())
+    fcntl.flock(os.open(mark, os.O_CREAT | os.O_WRONLY, 0o644), fcntl.LOCK_EX)
+    return mark
+
+
+def idle_contexts() -> int:
+    """How many processes of this slot, started ahead and waiting for their cell, hold a CUDA context."""
+    folder = os.environ.get(STANDBY_MARKS_ENV)
+    return sum(_locked(mark) for mark in Path(folder).glob(f"{IDLE_CONTEXT_MARK_PREFIX}*")) if folder else 0
+
+
 def _locked(mark: Path) -> bool:
-    """Whether a process started ahead still holds `mark`'s lock (still imports)."""
+    """Whether a process started ahead still holds `mark`'s lock (still imports, or waits holding a context)."""
     try:
         with open(mark, "rb") as handle:
             fcntl.flock(handle, fcntl.LOCK_SH | fcntl.LOCK_NB)
@@ -550,7 +582,7 @@ def wait_for_next_cell_imports(limit_s: float = NEXT_IMPORTS_WAIT_LIMIT_S) -> fl
     folder = os.environ.get(STANDBY_MARKS_ENV)
     start = time.perf_counter()
     while folder and time.perf_counter() - start < limit_s:
-        if not any(_locked(mark) for mark in Path(folder).iterdir()):
+        if not any(_locked(mark) for mark in Path(folder).glob(f"{IMPORTING_MARK_PREFIX}*")):
             break
         time.sleep(0.05)
     return time.perf_counter() - start

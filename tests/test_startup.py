@@ -206,6 +206,45 @@ def test_a_standby_holds_a_lock_while_it_imports_and_the_running_cell_waits_for_
     assert not list(marks.iterdir()), "a discarded standby's file goes with it"
 
 
+def test_a_waiting_process_holding_a_cuda_context_is_counted_as_idle_and_never_waited_for(tmp_path, monkeypatch):
+    """A standby whose imports initialised CUDA locks its idle-context file until its cell starts (no CUDA here:
+    a process stands in with the same lock); the running cell neither waits for it nor counts it as another
+    process on its GPU, and killing the standby removes the file."""
+    import subprocess
+    import sys
+    import time
+
+    from bench.worker import STANDBY_MARKS_ENV, idle_context_mark, idle_contexts, wait_for_next_cell_imports
+
+    monkeypatch.setenv(STANDBY_MARKS_ENV, str(tmp_path))
+    holder = subprocess.Popen(  # holds its idle-context file's lock, as a waiting standby does
+        [sys.executable, "-c", "import fcntl, os, sys, time; from bench.worker import idle_context_mark;"
+         " fcntl.flock(os.open(idle_context_mark(sys.argv[1], os.getpid()), os.O_CREAT | os.O_WRONLY), fcntl.LOCK_EX);"
+         " print('locked', flush=True); time.sleep(60)", str(tmp_path)],
+        stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        assert idle_contexts() == 1
+        assert wait_for_next_cell_imports(limit_s=5) < 1, "imports done: nothing to wait for"
+    finally:
+        holder.kill()
+        holder.wait()
+    deadline = time.monotonic() + 10
+    while idle_contexts() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert idle_contexts() == 0, "a process that ended holds no context"
+    assert idle_context_mark(tmp_path, holder.pid).exists()
+
+    spec = CellSpec(cell={"method": "baseline"}, cell_id="x", model_folder=str(tmp_path), components={},
+                    generation={}, device="cpu")  # fmt: skip
+    standby = Standby(spec, job_environment(CellJob(spec, 60), {STANDBY_MARKS_ENV: str(tmp_path)}))
+    mark = idle_context_mark(tmp_path, standby.process.pid)
+    mark.touch()
+    standby.discard()
+    assert not mark.exists(), "a killed standby's idle-context file goes with it"
+
+
 def test_cells_without_a_marks_folder_or_with_only_released_marks_never_wait(tmp_path, monkeypatch):
     from bench.worker import STANDBY_MARKS_ENV, wait_for_next_cell_imports
 

@@ -99,6 +99,11 @@ def test_other_processes_on_the_gpu_are_counted_and_noted(monkeypatch, fake_time
     assert measurement_flags({"gpu_other_processes": 0}) == []
 
 
+def test_the_slots_next_cell_waiting_with_a_cuda_context_is_not_another_process(monkeypatch, fake_time):
+    energy = tracked(monkeypatch, fake_time, generation_s=2.0, processes=2).result(step_median_s=0.1, idle_contexts=1)
+    assert energy.gpu_other_processes == 0 and energy.energy_note is None
+
+
 @pytest.mark.parametrize(
     "case",
     [

@@ -221,8 +221,10 @@ class EnergyTracker:
         if processes is not None:
             self.samples.compute_processes.append(len(processes))
 
-    def result(self, step_median_s: float | None) -> Energy:
-        """The cell's energy columns; `step_median_s` (the timed steps' median) gives energy_j_per_step."""
+    def result(self, step_median_s: float | None, idle_contexts: int = 0) -> Energy:
+        """The cell's energy columns; `step_median_s` (the timed steps' median) gives energy_j_per_step.
+        `idle_contexts` processes on the GPU are known to hold a CUDA context and do no GPU work (the slot's next
+        cell's process, waiting): not counted as other processes."""
         if not self.cuda:
             return Energy(energy_note=CPU_NOTE)
         energy = Energy(gpu_power_limit_w=self.power_limit_w)
@@ -257,7 +259,7 @@ class EnergyTracker:
         # NVML lists this process too (under the host's PID inside a container, so it is counted, not matched);
         # an empty list means NVML shows no processes here, not that none ran. An MPS server counts as one.
         if samples.compute_processes and max(samples.compute_processes) > 0:
-            energy.gpu_other_processes = max(samples.compute_processes) - 1
+            energy.gpu_other_processes = max(0, max(samples.compute_processes) - 1 - idle_contexts)
             if energy.gpu_other_processes:
                 notes.append(
                     f"{energy.gpu_other_processes} other process(es) held this GPU during the timed generations:"
