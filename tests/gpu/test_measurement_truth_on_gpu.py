@@ -100,6 +100,21 @@ def test_gpu_rows_carry_energy_and_a_timed_peak_apart_from_the_warm_ups(tmp_path
     assert rows["energy_j_per_image"].notna().all() or rows["energy_note"].notna().all()
 
 
+def test_the_next_cells_process_waiting_on_the_gpu_is_not_counted_as_sharing_it(tmp_path, quantbench_cache):
+    """Prestarted cells: each cell's process starts (and initialises CUDA while importing bitsandbytes or torchao)
+    while the cell before it runs, then waits idle; the running cell must not count it as another process."""
+    data = matrix_data(
+        name="prestarted", run={"timeout_s": 600, "cell_start": "prestarted"}, drift={"enabled": False},
+        generation={"height": 512, "width": 512, "num_inference_steps": 4, "repeats": 1},
+    )  # fmt: skip
+    run_matrix(load_matrix(write_matrix(tmp_path, data)), tmp_path / "results")
+    rows = read_results(tmp_path / "results")
+    assert (rows["status"] == "ok").all(), rows["error"].tolist()
+    if rows["gpu_other_processes"].isna().all():
+        pytest.skip("NVML lists no compute processes on this machine (a container without the host's PID view)")
+    assert (rows["gpu_other_processes"] == 0).all(), rows[["cell_id", "gpu_other_processes"]].to_string()
+
+
 def test_bitsandbytes_int8_counts_the_columns_over_the_threshold():
     import bitsandbytes as bnb
 
