@@ -2,16 +2,16 @@
 
 from __future__ import annotations
 
-import contextlib
 import fcntl
 import hashlib
 import json
 import os
 import shutil
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import IO
 
 from bench.atomic import replace_folder
 
@@ -78,34 +78,34 @@ def _autotuned_shapes(path: Path) -> int:
         return 0
 
 
-@contextlib.contextmanager
-def file_lock(path: Path) -> Iterator[None]:
-    """An exclusive advisory lock on `path` (blocking), released on exit or process death."""
-    with open(path, "a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
+# This process's shared locks on the cache entries it uses, held until it ends: `make_room` in another process
+# (a cell on another GPU) never deletes an entry a cell is reading.
+_ENTRIES_IN_USE: list[IO[str]] = []
 
 
 def build_once(target: Path, build: Callable[[Path], None]) -> Path:
-    """Create `target` with `build(tmp_folder)` unless it exists; concurrent callers build it once.
-
-    The folder appears only complete (built in a temporary sibling, then renamed).
-    """
-    if target.exists():
-        os.utime(target)  # recently used: `make_room` evicts the least recently used entries first
-        return target
-    with file_lock(target.with_name(target.name + ".lock")):
-        if not target.exists():
-            scratch = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-            try:
-                build(scratch)
-                replace_folder(scratch, target)
-            finally:
-                shutil.rmtree(scratch, ignore_errors=True)
-    return target
+    """Create `target` with `build(tmp_folder)` unless it exists; concurrent callers build it once. The folder
+    appears only complete (built in a temporary sibling, then renamed), and this process holds a shared lock on
+    it from then on (`_ENTRIES_IN_USE`)."""
+    handle = open(target.with_name(target.name + ".lock"), "a")  # noqa: SIM115 (kept open: the lock lasts)
+    try:
+        while True:
+            fcntl.flock(handle, fcntl.LOCK_SH)
+            if target.exists():
+                os.utime(target)  # recently used: `make_room` evicts the least recently used entries first
+                _ENTRIES_IN_USE.append(handle)
+                return target
+            fcntl.flock(handle, fcntl.LOCK_EX)  # (Linux drops the shared lock first: two callers never deadlock)
+            if not target.exists():
+                scratch = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+                try:
+                    build(scratch)
+                    replace_folder(scratch, target)
+                finally:
+                    shutil.rmtree(scratch, ignore_errors=True)
+    except BaseException:
+        handle.close()
+        raise
 
 
 # The checkpoints methods write from a model (GGUF files, BFL and AutoRound checkpoints, bitsandbytes pre-quantized
@@ -115,33 +115,26 @@ PRODUCED_KINDS = ("gguf", "bfl", "auto_round", "prequantized")
 
 def make_room(folder: Path, needed_bytes: int, keep: Path) -> list[Path]:
     """Free `needed_bytes` on the disk holding cache `folder` by deleting the least recently used entries of
-    `folder` and of the produced-checkpoint folders beside it (`PRODUCED_KINDS`), never `keep` nor one being
-    built; returns the deleted entries. OSError when that is not enough.
+    `folder` and of the produced-checkpoint folders beside it (`PRODUCED_KINDS`), never `keep` nor one a process
+    is building or using (`build_once`); returns the deleted entries. OSError when that is not enough.
 
     Large produced files (a FLUX-sized GGUF is 4-13 GB, AutoRound saves a whole pipeline) would otherwise fill a
     small disk in one reference run: on a 64 GiB disk the nightly's GGUF files left AutoRound's save no room.
     """
     deleted: list[Path] = []
-    folders = {folder, *(folder.parent / kind for kind in PRODUCED_KINDS)}
-    entries = sorted(
-        (
-            entry
-            for kind_folder in folders
-            if kind_folder.is_dir()
-            for entry in kind_folder.iterdir()
-            if entry.is_dir() and not entry.name.startswith(".") and entry != keep
-        ),
-        key=lambda entry: entry.stat().st_mtime,
-    )
-    for entry in entries:
+    for entry in _least_recently_used({folder, *(folder.parent / kind for kind in PRODUCED_KINDS)}, keep):
         if shutil.disk_usage(folder).free >= needed_bytes:
             break
         with open(entry.with_name(entry.name + ".lock"), "a") as handle:
             try:
                 fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:  # another process is building it right now
+            except BlockingIOError:  # a process is building it or using it (`build_once`)
                 continue
-            shutil.rmtree(entry, ignore_errors=True)
+            try:  # out of sight first: `build_once` never finds a half-deleted entry
+                hidden = entry.rename(entry.with_name(f".evicted-{entry.name}-{os.getpid()}"))
+            except FileNotFoundError:  # another process evicted it meanwhile
+                continue
+            shutil.rmtree(hidden, ignore_errors=True)
             fcntl.flock(handle, fcntl.LOCK_UN)
         deleted.append(entry)
     free = shutil.disk_usage(folder).free
@@ -151,6 +144,22 @@ def make_room(folder: Path, needed_bytes: int, keep: Path) -> list[Path]:
             f" {len(deleted)} least recently used cache entries"
         )
     return deleted
+
+
+def _least_recently_used(folders: set[Path], keep: Path) -> list[Path]:
+    """The cache entries in `folders` (not `keep`, not scratch or hidden folders), least recently used first; one
+    another process deletes meanwhile is left out."""
+    used = []
+    for folder in folders:
+        for entry in folder.iterdir() if folder.is_dir() else ():
+            if entry.name.startswith(".") or entry == keep:
+                continue
+            try:
+                if entry.is_dir():
+                    used.append((entry.stat().st_mtime, entry))
+            except OSError:
+                continue
+    return [entry for _, entry in sorted(used)]
 
 
 def folder_fingerprint(folder: Path) -> str:

@@ -94,6 +94,9 @@ def _device_list(text: str) -> list[str]:
     devices = [entry.strip() for entry in text.split(",") if entry.strip()]
     if not devices:
         raise argparse.ArgumentTypeError("expected device ids such as 0,1")
+    repeated = sorted({device for device in devices if devices.count(device) > 1})
+    if repeated:
+        raise argparse.ArgumentTypeError(f"each device once, got {', '.join(repeated)} more than once in {text!r}")
     return devices
 
 

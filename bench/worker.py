@@ -519,13 +519,12 @@ def _wait_for_cell(template: CellSpec, importing_lock: int | None) -> tuple[list
     """As a standby: import what a cell like `template` needs, then wait for the cell's spec path (and when it was
     handed over) on stdin; the arguments of that cell and when it came, on this process's clock. Ends the process
     when stdin closes without one."""
-    idle_context = None
     try:
         import_libraries(template)
-        idle_context = _mark_idle_context()  # before the imports' lock goes: the running cell times after that
     except Exception:  # the cell that comes imports again, and its row says what failed
         traceback.print_exc()
     finally:
+        idle_context = _mark_idle_context()  # before the imports' lock goes: the running cell times after that
         if importing_lock is not None:
             os.close(importing_lock)  # the last descriptor of the locked file: the slot's running cell may time now
     imported = time.perf_counter()
@@ -533,7 +532,7 @@ def _wait_for_cell(template: CellSpec, importing_lock: int | None) -> tuple[list
     if not spec_path:
         os._exit(0)
     if idle_context is not None:  # this process is the slot's running cell now
-        idle_context.unlink()
+        idle_context.unlink(missing_ok=True)
     started = time.perf_counter() - max(0.0, time.time() - float(handed_over or time.time()))
     waited = started - imported
     when = f"then {waited:.1f} s waiting" if waited >= 0 else f"the cell came {-waited:.1f} s before their end"
@@ -550,12 +549,24 @@ def _mark_idle_context() -> Path | None:
     """As a standby that holds a CUDA context: its file, locked for as long as this process lives (the descriptor
     stays open; the kernel drops the lock when the process ends), see IDLE_CONTEXT_MARK_PREFIX; None without one."""
     folder = os.environ.get(STANDBY_MARKS_ENV)
-    torch = sys.modules.get("torch")
-    if not folder or torch is None or not torch.cuda.is_initialized():
+    if not folder or not _holds_cuda_context():
         return None
     mark = idle_context_mark(folder, os.getpid())
-    fcntl.flock(os.open(mark, os.O_CREAT | os.O_WRONLY, 0o644), fcntl.LOCK_EX)
+    try:
+        fcntl.flock(os.open(mark, os.O_CREAT | os.O_WRONLY, 0o644), fcntl.LOCK_EX)
+    except OSError:  # the running cell then counts this process as another one on its GPU
+        traceback.print_exc()
+        return None
     return mark
+
+
+def _holds_cuda_context() -> bool:
+    """Whether this process has a CUDA context on a GPU (what NVML lists), without creating one."""
+    torch = sys.modules.get("torch")
+    if torch is None or not torch.cuda.is_initialized():
+        return False
+    has_context = getattr(torch._C, "_cuda_hasPrimaryContext", None)  # torch's own check, before it makes one
+    return has_context is None or any(has_context(index) for index in range(torch.cuda.device_count()))
 
 
 def idle_contexts() -> int:

@@ -198,6 +198,7 @@ def test_auto_rounds_disk_estimate_is_the_other_components_whole_and_the_quantiz
     for name, size in (("transformer", 1600), ("text_encoder", 1000), ("vae", 200)):
         (tmp_path / name).mkdir()
         (tmp_path / name / "diffusion_pytorch_model.safetensors").write_bytes(b"\0" * size)
+    (tmp_path / "flux1-dev.safetensors").write_bytes(b"\0" * 5000)  # a Hub snapshot's single-file copy: not saved
     component = Component("transformer", "diffusers", "FluxTransformer2DModel", tmp_path)
     assert estimated_checkpoint_bytes(component, bits=4) == 1000 + 200 + int(1600 * 4 / 16 * 1.1)
 

@@ -75,6 +75,26 @@ def test_an_entry_another_process_is_building_is_skipped(tmp_path, disk):
         builder.wait()
 
 
+def test_an_entry_another_process_uses_is_skipped_and_an_evicted_one_is_never_seen_half_deleted(tmp_path, disk):
+    in_use, idle = tmp_path / "a", entry(tmp_path, "b", 100, 2000)
+    user = subprocess.Popen(  # got its entry from build_once and reads it: a cell on another GPU
+        [sys.executable, "-c", "import sys, time; from pathlib import Path; from bench.cache import build_once;"
+         " build_once(Path(sys.argv[1]), lambda f: (f / 'model.gguf').write_bytes(bytes(100)));"
+         " print('using', flush=True); time.sleep(60)", str(in_use)],
+        stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert user.stdout.readline().strip() == "using"
+        os.utime(in_use, (1000, 1000))  # the least recently used, yet in use
+        assert make_room(tmp_path, 200, keep=tmp_path / "target") == [idle]
+        assert (in_use / "model.gguf").exists()
+    finally:
+        user.kill()
+        user.wait()
+    assert make_room(tmp_path, 300, keep=tmp_path / "target") == [in_use], "no longer in use: evicted"
+    assert not [path for path in tmp_path.iterdir() if path.is_dir()], "renamed away, then deleted"
+
+
 def test_room_is_made_from_every_kind_of_produced_checkpoint_never_from_built_models(tmp_path, disk):
     gguf, auto_round, models = (tmp_path / kind for kind in ("gguf", "auto_round", "models"))
     for folder in (gguf, auto_round, models):

@@ -126,6 +126,7 @@ def test_plan_shows_each_cells_status_in_a_results_folder(make_matrix, tmp_path)
         (["--executor", "slurm"], "--executor: unknown executor 'slurm'; allowed: local, local-gpus, ray"),
         (["--address", "auto"], "--address is for --executor ray, not 'local'"),
         (["--executor", "local-gpus", "--gpus", ","], "argument --gpus: expected device ids such as 0,1"),
+        (["--executor", "local-gpus", "--gpus", "0,1,0"], "argument --gpus: each device once, got 0 more than once"),
         (["--max-time", "soon"], "argument --max-time: expected seconds or a duration such as 25m or 1.5h"),
         (["--max-time", "0"], "argument --max-time: must be more than 0"),
     ],
@@ -140,9 +141,9 @@ def test_bad_executor_options_exit_2_before_any_work(args, fragment, make_matrix
 def test_a_run_stopped_by_max_time_exits_3_and_keeps_the_stopped_cells_log(make_matrix, tmp_path, monkeypatch):
     monkeypatch.setenv("QUANTBENCH_INJECT_FAULT", "hang")  # the cell never ends: the time limit must stop it
     path = make_matrix(axes={"method": ["baseline"]}, drift={"enabled": False})
-    done = quantbench("run", str(path), "--max-time", "30s", "--results", "out", cwd=tmp_path)
+    done = quantbench("run", str(path), "--max-time", "45s", "--results", "out", cwd=tmp_path)
     assert done.returncode == 3, done.stderr
-    assert "stopped at the time limit of 30 s with 1 cell not finished; rerun to resume" in done.stderr
+    assert "stopped at the time limit of 45 s with 1 cell not finished; rerun to resume" in done.stderr
     assert not list((tmp_path / "out").glob("cells/*.parquet"))
     (log,) = (tmp_path / "out").glob("logs/*.interrupted.log")
     assert "[quantbench] imports" in log.read_text(), "the log says how far the stopped cell got"

@@ -142,6 +142,6 @@ def pipeline_view(component: Component, view: Path) -> Path:
 def estimated_checkpoint_bytes(component: Component, bits: int) -> int:
     """The disk AutoRound's save needs: the pipeline's other components copied as they are (removed after), and
     the component's bf16 weights at `bits` a weight, +10 % for scales and the layers it keeps whole."""
-    weights = {path: path.stat().st_size for path in component.folder.rglob("*.safetensors")}
+    weights = {path: path.stat().st_size for path in component.folder.glob("*/*.safetensors")}  # components only
     own = sum(size for path, size in weights.items() if path.parent.name == component.name)
     return sum(weights.values()) - own + int(own * bits / 16 * 1.1)
