@@ -101,18 +101,19 @@ def smoke_run(tmp_path_factory, quantbench_cache):
     """The smoke matrix (baseline and torchao int8wo, 2 prompts x 1 seed, two gates) run once per test run, next to
     the shared cache (the first pytest-xdist worker to need it runs it, under a lock); each worker gets its own copy
     of the results folder, so a test that adds to it changes no other worker's."""
+    import fcntl
     import json
     import shutil
     from collections import Counter
 
-    from bench.cache import file_lock
     from bench.matrix import load_matrix
     from bench.runner import RunSummary, run_matrix
 
     shared = quantbench_cache.parent / "smoke"
     shared.mkdir(exist_ok=True)
     finished = shared / "summary.json"
-    with file_lock(shared / "run.lock"):
+    with open(shared / "run.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
         if not finished.exists():
             data = matrix_data(name="smoke", gates={"min_psnr_db": 30, "max_latent_rel_l2": 0.001})
             summary = run_matrix(load_matrix(write_matrix(shared, data)), shared / "results")
