@@ -83,10 +83,11 @@ def _autotuned_shapes(path: Path) -> int:
 _ENTRIES_IN_USE: list[IO[str]] = []
 
 
-def build_once(target: Path, build: Callable[[Path], None]) -> Path:
+def build_once(target: Path, build: Callable[[Path], None], needed_bytes: Callable[[], int] | None = None) -> Path:
     """Create `target` with `build(tmp_folder)` unless it exists; concurrent callers build it once. The folder
     appears only complete (built in a temporary sibling, then renamed), and this process holds a shared lock on
-    it from then on (`_ENTRIES_IN_USE`)."""
+    it from then on (`_ENTRIES_IN_USE`). `needed_bytes`: the disk the build needs, made room for first
+    (`make_room`) by the one caller that builds."""
     handle = open(target.with_name(target.name + ".lock"), "a")  # noqa: SIM115 (kept open: the lock lasts)
     try:
         while True:
@@ -97,6 +98,8 @@ def build_once(target: Path, build: Callable[[Path], None]) -> Path:
                 return target
             fcntl.flock(handle, fcntl.LOCK_EX)  # (Linux drops the shared lock first: two callers never deadlock)
             if not target.exists():
+                if needed_bytes is not None:
+                    make_room(target.parent, needed_bytes(), keep=target)
                 scratch = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
                 try:
                     build(scratch)

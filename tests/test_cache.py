@@ -105,6 +105,13 @@ def test_room_is_made_from_every_kind_of_produced_checkpoint_never_from_built_mo
     assert model.exists()
 
 
+def test_the_caller_that_builds_makes_room_first_and_one_that_finds_the_entry_never_estimates(tmp_path, disk):
+    old = entry(tmp_path, "a", 100, 1000)
+    target = build_once(tmp_path / "b", lambda folder: (folder / "model.gguf").write_bytes(bytes(10)), lambda: 200)
+    assert not old.exists() and (target / "model.gguf").exists()
+    assert build_once(target, lambda folder: pytest.fail("built twice"), lambda: pytest.fail("estimated")) == target
+
+
 def test_reusing_an_entry_marks_it_recently_used(tmp_path):
     target = tmp_path / "entry"
     build_once(target, lambda folder: (folder / "f").write_text("x"))

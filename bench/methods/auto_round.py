@@ -22,7 +22,7 @@ import shutil
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
-from bench.cache import build_once, cache_dir, make_room
+from bench.cache import build_once, cache_dir
 from bench.methods.base import Component, Method, MethodOptions, MethodUnavailable, method_notes
 from bench.methods.gguf import content_digest
 
@@ -67,9 +67,11 @@ class AutoRound(Method):
             ).encode()
         ).hexdigest()[:16]
         target = cache_dir("auto_round") / f"{component.name}-w{self.options.bits}-{key}"
-        if not target.exists():
-            make_room(cache_dir("auto_round"), estimated_checkpoint_bytes(component, self.options.bits), keep=target)
-        saved = build_once(target, lambda folder: self.write_checkpoint(component, folder))
+        saved = build_once(
+            target,
+            lambda folder: self.write_checkpoint(component, folder),
+            lambda: estimated_checkpoint_bytes(component, self.options.bits),
+        )
         return dataclasses.replace(component, folder=saved)
 
     def write_checkpoint(self, component: Component, folder: Path) -> None:

@@ -22,7 +22,7 @@ from typing import Any, ClassVar, Literal
 
 from pydantic import model_validator
 
-from bench.cache import build_once, cache_dir, make_room
+from bench.cache import build_once, cache_dir
 from bench.methods.base import Component, Method, MethodOptions, method_notes
 from bench.methods.gguf import content_digest
 
@@ -62,10 +62,11 @@ class Bfl(Method):
             ).encode()
         ).hexdigest()[:16]
         target = cache_dir("bfl") / f"{component.name}-{quant_type}-{key}"
-        if not target.exists():
-            source_bytes = sum(path.stat().st_size for path in sources)
-            make_room(cache_dir("bfl"), int(source_bytes / 2 * BYTES_PER_WEIGHT[quant_type] * 1.1), keep=target)
-        build_once(target, lambda folder: write_bfl_checkpoint(component, folder / "model.safetensors", quant_type))
+        build_once(
+            target,
+            lambda folder: write_bfl_checkpoint(component, folder / "model.safetensors", quant_type),
+            lambda: int(sum(path.stat().st_size for path in sources) / 2 * BYTES_PER_WEIGHT[quant_type] * 1.1),
+        )
         return Component(**{**component.__dict__, "single_file": target / "model.safetensors"})
 
     def load_component(self, component: Component, cell) -> Any:

@@ -15,7 +15,7 @@ from typing import Any, ClassVar, Literal
 from pydantic import model_validator
 
 from bench.atomic import write_text_atomic
-from bench.cache import build_once, cache_dir, make_room
+from bench.cache import build_once, cache_dir
 from bench.environment import library_versions
 from bench.methods.base import Component, Method, MethodOptions, MethodUnavailable, QuantizedOptions
 
@@ -75,9 +75,11 @@ class Gguf(Method):
             ).encode()
         ).hexdigest()[:16]
         target = cache_dir("gguf") / f"{component.name}-{self.options.quant_type}-{key}"
-        if not target.exists():
-            make_room(cache_dir("gguf"), estimated_gguf_bytes(source, self.options.quant_type), keep=target)
-        build_once(target, lambda folder: write_gguf(source, folder / "model.gguf", self.options))
+        build_once(
+            target,
+            lambda folder: write_gguf(source, folder / "model.gguf", self.options),
+            lambda: estimated_gguf_bytes(source, self.options.quant_type),
+        )
         return Component(**{**component.__dict__, "single_file": target / "model.gguf"})
 
     def load_component(self, component: Component, cell) -> Any:
