@@ -321,7 +321,10 @@ def test_the_slow_fault_slows_every_step_and_compare_flags_it(tmp_path, quantben
     # Fastest steps: a step stalled by the machine's other work (CI's second xdist worker) only makes a step slower,
     # so the fastest of each run is its compute with the least of that noise (the medians once differed x3.02).
     ratio = np.min(slowed["step_times_s"].iloc[0]) / np.min(clean["step_times_s"].iloc[0])
-    # Each pause is twice the step before's time, so a stalled step lengthens the next one's pause too.
-    assert 2 < ratio < 6, f"every step paused about twice as long as it ran: x{ratio:.2f}"
+    # About x3 (each pause is twice the step before's compute). The other worker's load can only inflate the slowed
+    # run, and CI saw x6.76 from that alone, so the upper bound only catches pauses that compound (each counting the
+    # pause before as compute: x3 per step); the pause's exact size is checked with controlled steps in
+    # test_compare.py::test_the_slow_fault_sleeps_its_fraction_of_each_step_after_the_step.
+    assert 2 < ratio < 20, f"every step paused about twice as long as it ran: x{ratio:.2f}"
     (verdict,) = compare_frames(clean, slowed).to_dict("records")
     assert verdict["regressions"].startswith("latency +"), verdict
