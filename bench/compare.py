@@ -264,6 +264,13 @@ def compare_runs(old: Path, new: Path, output: Path | None = None) -> int:
         raise UserError(f"{old} and {new} share no cell ids: nothing to compare")
     if (table["note"] != "").all():  # a reference from another GPU model: no verdict either way
         raise UserError(f"{old} and {new} ran on different devices ({table['note'].iloc[0]}): nothing to compare")
+    ran_in_both = (table["old_status"] == Status.OK) & (table["new_status"] == Status.OK) & (table["note"] == "")
+    if not (ran_in_both | (table["regressions"] != "")).any():  # e.g. every shared cell skipped on this machine
+        statuses = ", ".join(
+            f"{count} {pair}"
+            for pair, count in (table["old_status"] + " -> " + table["new_status"]).value_counts().items()
+        )
+        raise UserError(f"{old} and {new}: no cell ran (status ok) in both ({statuses}): no verdict")
     if output:
         _write_csv(table, output)
     view = Table(title=f"{old} -> {new}")

@@ -34,7 +34,7 @@ from bench.matrix import Matrix
 from bench.models import ResolvedModel, resolve_model
 from bench.rows import cell_rows
 from bench.scheduling import start_order
-from bench.store import ResultsFolder
+from bench.store import ResultRow, ResultsFolder
 
 log = logging.getLogger(__name__)
 MAX_ATTEMPTS = 2  # a cell whose worker is lost is retried once, then recorded as failed
@@ -154,11 +154,15 @@ def run_matrix(
                 summary.reference_runs += bool(comparison and comparison.ran_reference)
             context = {**_row_context(ready), "executor": pool.name, **(comparison.row_fields() if comparison else {})}
 
-            def record(cell: Cell, result: CellResult) -> None:
+            def write(cell: Cell, result: CellResult) -> list[ResultRow]:
+                """Score the cell's images and write its rows: until then an interrupted run counts it unfinished."""
                 with run.timing("scoring_s"):
                     drift = comparison.score(cell, result) if comparison else None
                 rows = cell_rows(matrix, ready.model, cell, result, context, drift)
                 folder.write_cell(cell.id, rows)
+                return rows
+
+            def count(cell: Cell, result: CellResult, rows: list[ResultRow]) -> None:
                 eager_steps.update(eager_step_times([asdict(row) for row in rows]))
                 status = worst_status({row.status for row in rows})
                 summary.statuses[status] += 1
@@ -179,7 +183,8 @@ def run_matrix(
                 if verdict.status == "run":
                     waiting.append(cell)
                 else:
-                    record(cell, CellResult(status=verdict.status, error=verdict.reason))
+                    result = CellResult(status=verdict.status, error=verdict.reason)
+                    count(cell, result, write(cell, result))
             running: dict[Future, Cell] = {}
             started_at: dict[str, float] = {}
             try:
@@ -194,8 +199,11 @@ def run_matrix(
                     if not finished:
                         raise TimeLimitReached(max_time_s, len(waiting) + len(running))
                     for future in finished:
-                        cell = running.pop(future)
-                        record(cell, _collect(future, folder, cell.id))
+                        cell = running[future]
+                        result = _collect(future, folder, cell.id)
+                        rows = write(cell, result)
+                        del running[future]
+                        count(cell, result, rows)
             except BaseException:  # interrupted: kill the running cells, keep how far they got
                 pool.shutdown()
                 for future, cell in running.items():

@@ -13,6 +13,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from bench.compare import NO_SAMPLES, OLD_RULE, Thresholds, compare_frames, compare_runs, why_old_rule
+from bench.errors import UserError
 from bench.faults import StepSlowdown, injected_slowdown
 from bench.store import SCHEMA, ResultsFolder, read_results
 from tests.test_store import row
@@ -195,3 +196,14 @@ def test_the_slow_fault_sleeps_its_fraction_of_each_step_after_the_step():
     pauses = [b - a - step_s for a, b in zip(ends, ends[1:], strict=False)]
     assert all(0.5 * step_s * 0.8 < pause < 0.5 * step_s * 3 for pause in pauses[1:]), pauses
     assert slow.last_step_s == pytest.approx(step_s, rel=0.5), "the pause itself is not counted as compute"
+
+
+@pytest.mark.parametrize(("old_status", "new_status"), [("skipped", "skipped"), ("failed", "ok")])
+def test_two_runs_in_which_no_cell_ran_both_times_give_no_verdict_not_a_pass(tmp_path, old_status, new_status):
+    rng = np.random.default_rng(10)
+    old, new = cell_rows("c", rng, 0.1), cell_rows("c", rng, 0.1)
+    old["status"], new["status"] = old_status, new_status
+    write_folder(tmp_path / "old", old)
+    write_folder(tmp_path / "new", new)
+    with pytest.raises(UserError, match=rf"no cell ran \(status ok\) in both \(1 {old_status} -> {new_status}\)"):
+        compare_runs(tmp_path / "old", tmp_path / "new")

@@ -196,6 +196,32 @@ def test_sigterm_stops_the_run_cleanly_and_says_how_to_resume(tmp_path, quantben
     assert "[quantbench] load and place:" in interrupted_log and "[quantbench] warm-up:" in interrupted_log
 
 
+def test_an_interrupt_while_a_finished_cell_is_scored_leaves_it_unfinished_not_lost(
+    tmp_path, quantbench_cache, monkeypatch
+):
+    """Ctrl-C can land after a cell's process ended but before its rows are written (scoring its images takes
+    seconds): the cell is then one of the run's unfinished, with its log kept as the interrupted log."""
+    from bench.comparison import ReferenceComparison
+
+    def interrupted(self, cell, result):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(ReferenceComparison, "score", interrupted)
+    data = matrix_data(
+        name="scored", generation={"prompts": ["a red apple"], "num_inference_steps": 2, "repeats": 1},
+        axes={"method": ["baseline"]},
+    )  # fmt: skip
+    matrix = load_matrix(write_matrix(tmp_path, data))
+    with pytest.raises(KeyboardInterrupt):
+        run_matrix(matrix, tmp_path / "results")
+    folder = ResultsFolder(tmp_path / "results")
+    (record,) = [json.loads(line) for line in (folder.root / "runs.jsonl").read_text().splitlines()]
+    assert record["ended"] == "interrupted"
+    assert [cell["cell_id"] for cell in record["unfinished"]] == [matrix.cells[0].id]
+    assert "[quantbench] warm-up:" in folder.interrupted_log_path(matrix.cells[0].id).read_text()
+    assert not list(folder.cells_dir.glob("*.parquet")), "no row: a rerun runs the cell again"
+
+
 def test_compilation_past_its_own_limit_is_a_timeout_row_that_keeps_the_earlier_phases(
     tmp_path, quantbench_cache, monkeypatch
 ):
