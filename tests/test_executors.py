@@ -89,9 +89,24 @@ def test_local_gpus_leaves_threads_alone_when_the_user_set_them(monkeypatch):
 def test_local_gpus_devices_come_from_cuda_visible_devices(monkeypatch):
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "2,3")
     assert make_executor("local-gpus").slots == 2
+    assert make_executor("local-gpus", gpus=["3"]).slots == 1, "named devices win"
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
-    with pytest.raises(UserError, match="no GPU is visible"):
+    with pytest.raises(UserError, match="CUDA_VISIBLE_DEVICES is empty; name the devices with --gpus 0,1"):
         make_executor("local-gpus")
+
+
+def test_local_gpus_refuses_devices_the_machine_does_not_have(monkeypatch):
+    import torch
+
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
+    with pytest.raises(UserError, match="torch sees no CUDA GPU on this machine; use --executor local"):
+        make_executor("local-gpus", gpus=["0"])
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    with pytest.raises(UserError, match="--gpus: no device 2, 5; this machine's are 0 to 1"):
+        make_executor("local-gpus", gpus=["0", "2", "5"])
+    assert make_executor("local-gpus", gpus=["1", "MIG-4f1e"]).slots == 2, "a MIG or UUID name is passed on"
+    assert make_executor("local-gpus").slots == 2
 
 
 def test_executor_options_are_checked():

@@ -26,6 +26,6 @@ def make_executor(name: str = "local", address: str | None = None, gpus: list[st
         from bench.executors.ray import RayExecutor
 
         return RayExecutor(address or "auto")
-    from bench.executors.local import LocalExecutor, visible_gpus
+    from bench.executors.local import LocalExecutor, local_gpus
 
-    return LocalExecutor(gpus if gpus is not None else visible_gpus()) if name == "local-gpus" else LocalExecutor()
+    return LocalExecutor(local_gpus(gpus)) if name == "local-gpus" else LocalExecutor()

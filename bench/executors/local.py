@@ -22,18 +22,27 @@ from bench.launch import STANDBY_MARKS_ENV, CellJob, CellOutcome, Standby, job_e
 log = logging.getLogger(__name__)
 
 
-def visible_gpus() -> list[str]:
-    """The GPUs this process may use: CUDA_VISIBLE_DEVICES's entries if set, else every device torch sees."""
+def local_gpus(named: list[str] | None = None) -> list[str]:
+    """The GPUs `local-gpus` runs on: those named with --gpus, else CUDA_VISIBLE_DEVICES's entries if set, else
+    every device torch sees. Named ids are checked against torch's devices when CUDA_VISIBLE_DEVICES is unset
+    (numeric ids only: a MIG or UUID name is passed on as given)."""
     listed = os.environ.get("CUDA_VISIBLE_DEVICES")
     if listed is not None:
-        gpus = [entry.strip() for entry in listed.split(",") if entry.strip()]
-    else:
-        import torch
+        gpus = named or [entry.strip() for entry in listed.split(",") if entry.strip()]
+        if not gpus:
+            raise UserError(
+                "--executor local-gpus: CUDA_VISIBLE_DEVICES is empty; name the devices with --gpus 0,1,..."
+            )
+        return gpus
+    import torch
 
-        gpus = [str(index) for index in range(torch.cuda.device_count())]
-    if not gpus:
-        raise UserError("--executor local-gpus: no GPU is visible here; name the devices with --gpus 0,1,...")
-    return gpus
+    count = torch.cuda.device_count()
+    if count == 0:
+        raise UserError("--executor local-gpus: torch sees no CUDA GPU on this machine; use --executor local")
+    missing = [gpu for gpu in named or [] if gpu.isdigit() and int(gpu) >= count]
+    if missing:
+        raise UserError(f"--gpus: no device {', '.join(missing)}; this machine's are 0 to {count - 1}")
+    return named or [str(index) for index in range(count)]
 
 
 class LocalExecutor(Executor):
