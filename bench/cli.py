@@ -26,8 +26,7 @@ class _LibraryNamedFormatter(logging.Formatter):
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> None:  # one line and exit 2, as for every other bad input
-        self.print_usage(sys.stderr)
-        self.exit(2, f"quantbench: error: {message}\n")
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
 def build_parser() -> argparse.ArgumentParser:

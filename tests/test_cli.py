@@ -138,6 +138,25 @@ def test_bad_executor_options_exit_2_before_any_work(args, fragment, make_matrix
     assert not (tmp_path / "results").exists()
 
 
+@pytest.mark.parametrize(
+    ("argv", "said"),
+    [
+        (["run", "m.toml", "--max-time", "25x"], "quantbench run: error: argument --max-time: expected seconds"),
+        (["report", "done", "--format", "pdf"], "quantbench report: error: argument --format: invalid choice: 'pdf'"),
+        (["compare", "done"], "quantbench compare: error: the following arguments are required: new"),
+        (["bench"], "quantbench: error: argument {plan,run,report,compare}: invalid choice: 'bench'"),
+    ],
+)
+def test_a_bad_argument_is_one_line_naming_the_verb_and_where_help_is(argv, said, capsys):
+    from bench.cli import main
+
+    with pytest.raises(SystemExit) as exited:
+        main(argv)
+    assert exited.value.code == 2
+    (line,) = capsys.readouterr().err.splitlines()
+    assert line.startswith(said) and line.endswith(f"(see {said.split(': ')[0]} --help)"), line
+
+
 def test_a_run_stopped_by_max_time_exits_3_and_keeps_the_stopped_cells_log(make_matrix, tmp_path, monkeypatch):
     monkeypatch.setenv("QUANTBENCH_INJECT_FAULT", "hang")  # the cell never ends: the time limit must stop it
     path = make_matrix(axes={"method": ["baseline"]}, drift={"enabled": False})
