@@ -294,6 +294,12 @@ def compare_runs(old: Path, new: Path, output: Path | None = None) -> int:
     console.print(view)
     for note in measurement_footnotes(frames[1], table["cell_id"]):
         console.print(f"[yellow]{escape(note)}[/]", soft_wrap=True)
+    if (frames[1]["gpu_name"].isna()).any():
+        console.print(
+            "[yellow]cells that ran on a CPU: their latency moves with whatever else the machine runs; "
+            "compare runs from an otherwise idle machine before reading a latency regression[/]",
+            soft_wrap=True,
+        )
     timing = wall_time_comparison(*frames)
     if timing:
         console.print(timing)

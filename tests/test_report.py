@@ -434,7 +434,8 @@ def test_compare_does_not_call_another_gpu_a_regression(smoke_run, tmp_path, cap
     assert main(["compare", paths["h100"], paths["a100"]]) == 2, "no cell compared: no verdict, not a pass"
     assert "ran on different devices (not compared: ran on NVIDIA H100" in capsys.readouterr().err
     assert main(["compare", paths["h100"], paths["moved"]]) == 0, "the baseline, on the same GPU, is compared"
-    assert "not compared: ran on" in capsys.readouterr().out
+    said = capsys.readouterr().out
+    assert "not compared: ran on" in said and "ran on a CPU" not in said
 
 
 def test_compare_cli_exits_1_on_a_regression_and_0_otherwise(smoke_run, tmp_path, capsys):
@@ -455,7 +456,9 @@ def test_compare_cli_exits_1_on_a_regression_and_0_otherwise(smoke_run, tmp_path
     from bench.cli import main
 
     assert main(["compare", str(results), str(results)]) == 0
-    assert "not compared" not in capsys.readouterr().out
+    said = " ".join(capsys.readouterr().out.split())
+    assert "not compared" not in said
+    assert "cells that ran on a CPU: their latency moves with whatever else the machine runs" in said
     one_cell = slower[slower["cell_id"] == slower["cell_id"].iloc[0]]
     pq.write_table(pa.Table.from_pandas(one_cell, schema=SCHEMA, preserve_index=False), tmp_path / "one.parquet")
     assert main(["compare", str(results), str(tmp_path / "one.parquet")]) == 1
