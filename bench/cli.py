@@ -172,6 +172,11 @@ def _dispatch(args: argparse.Namespace) -> int:
         matrix = load_matrix(args.matrix, args.select)
         results_dir = args.results or DEFAULT_RESULTS_ROOT / matrix.name
         _check_path(results_dir, "--results", folder=True)
+        from bench.store import ResultsFolder
+
+        mixed = ResultsFolder(results_dir).other_matrices(matrix.name)
+        if mixed:
+            logging.getLogger("bench").warning(mixed)
         if args.verb == "plan":
             from bench.runner import plan
 

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from bench.atomic import atomic_path, write_bytes_atomic
@@ -354,6 +355,19 @@ class ResultsFolder:
         """Cells with an interrupted log (stopped while running, and not finished since), sorted."""
         logs = self.logs_dir.glob(f"*{INTERRUPTED_LOG_SUFFIX}")
         return sorted(path.name.removesuffix(INTERRUPTED_LOG_SUFFIX) for path in logs)
+
+    def other_matrices(self, name: str) -> str | None:
+        """A line saying which other matrices' rows the folder holds, if any but `name`'s (a cell id two matrices
+        share is one measurement, so such rows count as done for both); None when there are none."""
+        table = self.read_table()
+        others = sorted(set(table.column("matrix_name").to_pylist()) - {name})
+        if not others:
+            return None
+        cells = len(set(table.filter(pc.field("matrix_name") != name).column("cell_id").to_pylist()))
+        return (
+            f"{self.root} also holds rows of matrix {', '.join(map(repr, others))} ({cells} cell{'s' * (cells != 1)});"
+            f" they show in its report, and a cell this matrix shares with it counts as done"
+        )
 
     def completed_cell_ids(self) -> set[str]:
         """Cells whose every row has status ok: a resumed run skips these."""

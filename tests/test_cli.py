@@ -103,11 +103,12 @@ def test_plan_shows_each_cells_status_in_a_results_folder(make_matrix, tmp_path)
     from tests.test_store import row
 
     path = make_matrix(axes={"method": ["baseline", "torchao"], "compile": ["off", "default"]})
-    first, second, third, _ = (cell.id for cell in load_matrix(path).cells)
+    matrix = load_matrix(path)
+    first, second, third, _ = (cell.id for cell in matrix.cells)
     folder = ResultsFolder(tmp_path / "gpu-run")  # e.g. rows brought back from a GPU machine
     folder.create()
-    folder.write_cell(first, [dataclasses.replace(row(first), cell_wall_s=34.5)])
-    folder.write_cell(second, [dataclasses.replace(row(second, "timeout"), cell_wall_s=600.0)])
+    folder.write_cell(first, [dataclasses.replace(row(first), matrix_name=matrix.name, cell_wall_s=34.5)])
+    folder.write_cell(second, [dataclasses.replace(row(second, "timeout"), matrix_name=matrix.name, cell_wall_s=600.0)])
     folder.write_interrupted_log(third, "warm-up", ran_s=60)
     done = quantbench("plan", str(path), "--results", "gpu-run", cwd=tmp_path)
     assert done.returncode == 0, done.stderr
@@ -118,6 +119,19 @@ def test_plan_shows_each_cells_status_in_a_results_folder(make_matrix, tmp_path)
     assert "their rows there record 634 s (10.6 min) of cell-process time for 2 of these 4 cells, 600 s of it" in said
     compiled = quantbench("plan", str(path), "--results", "gpu-run", "--select", "compile=default", cwd=tmp_path)
     assert "for 1 of these 2 cells, 600 s of it in cells not ok" in " ".join(compiled.stdout.split())
+
+
+def test_plan_says_when_the_results_folder_also_holds_another_matrixs_rows(make_matrix, tmp_path):
+    from bench.store import ResultsFolder
+    from tests.test_store import row
+
+    folder = ResultsFolder(tmp_path / "other")
+    folder.create()
+    folder.write_cell("aaa", [row("aaa")])  # matrix "m"
+    done = quantbench("plan", str(make_matrix()), "--results", "other", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    said = " ".join(done.stderr.split())
+    assert "quantbench: other also holds rows of matrix 'm' (1 cell); they show in its report, and a cell" in said
 
 
 @pytest.mark.parametrize(
