@@ -150,6 +150,11 @@ def test_cell_id_ignores_the_order_of_option_keys(tmp_path):
         ({"name": "../escape"}, "name", ["no path separators"]),
         ({"exclude": [{"methd": "baseline"}]}, "exclude.0.methd", ["unknown rule key; did you mean 'method'?"]),
         (
+            {"exclude": [{"method": "baseline"}, {"quant_type": "Q4_0"}]},
+            "exclude.1.quant_type",
+            ["no cell has this value (got 'Q4_0'); allowed: int8wo"],
+        ),
+        (
             {"method": {"torchao": {"quant_typ": "int8wo"}}},
             "method.torchao.quant_typ",
             ["unknown option; did you mean 'quant_type'?"],

@@ -40,8 +40,10 @@ def expand(spec: MatrixFile, path: Path) -> list[Cell]:
     for name in axes.method:
         for options in expand_options(path, name, spec.method.get(name, {})):
             cells.extend(_product(axes, name, options, ranks))
+    product = cells
     for i, rule in enumerate(spec.exclude):
         rule_keys(spec, rule, path, f"exclude.{i}")
+        _check_values(path, product, rule, f"exclude.{i}")
         cells = [cell for cell in cells if not matches(path, rule, cell, f"exclude.{i}")]
     cells += [_included_cell(path, spec, rule, f"include.{i}", ranks) for i, rule in enumerate(spec.include)]
     for cell in cells:
@@ -242,16 +244,21 @@ def rule_keys(spec: MatrixFile, rule: dict[str, Any], path: Path, key: str) -> N
 def select_cells(path: Path, spec: MatrixFile, cells: list[Cell], rule: dict[str, Any]) -> list[Cell]:
     """The cells matching a --select rule; MatrixError naming a value no cell has, with the values cells have."""
     rule_keys(spec, rule, path, "--select")
+    _check_values(path, cells, rule, "--select")
+    chosen = [cell for cell in cells if matches(path, rule, cell, "--select")]
+    if not chosen:
+        raise MatrixError(path, "--select", "no cell has all of these values together", rule)
+    return chosen
+
+
+def _check_values(path: Path, cells: list[Cell], rule: dict[str, Any], key: str) -> None:
+    """MatrixError naming a value of the rule that no cell has (a typo matches nothing), with the values they have."""
     for name, wanted in rule.items():
         present = [value for value in _values_of(cells, name) if value is not None]
         for value in _candidates(name, wanted):
             if value not in present:
                 hint = did_you_mean(value, [str(p) for p in present]) if isinstance(value, str) else ""
-                raise MatrixError(path, f"--select.{name}", "no cell has this value" + hint, value, present)
-    chosen = [cell for cell in cells if matches(path, rule, cell, "--select")]
-    if not chosen:
-        raise MatrixError(path, "--select", "no cell has all of these values together", rule)
-    return chosen
+                raise MatrixError(path, f"{key}.{name}", "no cell has this value" + hint, value, present)
 
 
 def _values_of(cells: list[Cell], name: str) -> list[Any]:
