@@ -130,25 +130,32 @@ def run_with_progress(
         TimeRemainingColumn(),
         TextColumn("{task.fields[running]}"),
     )
+    earlier_runs = len(read_runs(results_dir))
     with Progress(*columns, console=console) as progress:
         task = progress.add_task(f"{matrix.name} ({executor.name}, {executor.slots} at a time)", total=None, running="")
         try:
             summary = run_matrix(matrix, results_dir, force, _ProgressBar(progress, task), executor, max_time_s)
-        except TimeLimitReached as stop:
+        except (TimeLimitReached, KeyboardInterrupt) as stop:  # Ctrl-C: the CLI then says how to resume
             progress.stop()
             print_summary(results_dir)
             folder = ResultsFolder(results_dir)
-            for cell in read_runs(results_dir)[-1].get("unfinished", []):
-                console.print(
-                    f"stopped after {cell['ran_s']:.0f} s: {escape(cell['cell_label'])} ({cell['cell_id']}); "
-                    f"its log so far: {folder.interrupted_log_path(cell['cell_id'])}",
-                    soft_wrap=True,
-                )
+            for run in read_runs(results_dir)[earlier_runs:]:  # none when stopped before the run was recorded
+                for cell in run.get("unfinished", []):
+                    console.print(
+                        f"stopped after {cell['ran_s']:.0f} s: {escape(cell['cell_label'])} ({cell['cell_id']}); "
+                        f"its log so far: {folder.interrupted_log_path(cell['cell_id'])}",
+                        soft_wrap=True,
+                    )
+            if isinstance(stop, KeyboardInterrupt):
+                raise
             print(f"quantbench: {stop}", file=sys.stderr)
             return stop.exit_code
     if summary.already_done:
         console.print(f"{summary.already_done} cells already completed in {results_dir} (use --force to rerun them)")
     print_summary(results_dir)
+    console.print(
+        f"the plots and what to pick: quantbench report {results_dir} -o {results_dir}/report.html", soft_wrap=True
+    )
     return 0
 
 

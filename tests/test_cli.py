@@ -121,6 +121,13 @@ def test_plan_shows_each_cells_status_in_a_results_folder(make_matrix, tmp_path)
     assert "for 1 of these 2 cells, 600 s of it in cells not ok" in " ".join(compiled.stdout.split())
 
 
+def test_a_finished_run_says_how_to_see_its_report(make_matrix, tmp_path):
+    path = make_matrix(axes={"method": ["bnb_4bit"]}, method={}, drift={"enabled": False})  # skipped here: no cell runs
+    done = quantbench("run", str(path), "--results", "out", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert "the plots and what to pick: quantbench report out -o out/report.html" in " ".join(done.stdout.split())
+
+
 def test_plan_says_when_the_results_folder_also_holds_another_matrixs_rows(make_matrix, tmp_path):
     from bench.store import ResultsFolder
     from tests.test_store import row

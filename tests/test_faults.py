@@ -118,14 +118,14 @@ def test_rerun_finishes_the_failed_cells_and_leaves_the_finished_one_alone(fault
     assert set(read_results(results)["status"]) == {"ok"}
 
 
-def _quantbench(*args: str, env: dict[str, str]) -> subprocess.Popen:
+def _quantbench(*args: str, env: dict[str, str], stdout: int = subprocess.DEVNULL) -> subprocess.Popen:
     environment = {
         **os.environ,
         **env,
         "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
     }
     return subprocess.Popen(
-        [sys.executable, "-m", "bench", *args], env=environment, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+        [sys.executable, "-m", "bench", *args], env=environment, stdout=stdout, stderr=subprocess.PIPE
     )
 
 
@@ -182,15 +182,18 @@ def test_sigterm_stops_the_run_cleanly_and_says_how_to_resume(tmp_path, quantben
     results = tmp_path / "results"
     second = load_matrix(path).cells[1]
     driver = _quantbench(
-        "run", str(path), "--results", str(results), env={"QUANTBENCH_INJECT_FAULT": f"hang@{second.id}"}
-    )
+        "run", str(path), "--results", str(results), env={"QUANTBENCH_INJECT_FAULT": f"hang@{second.id}"},
+        stdout=subprocess.PIPE,
+    )  # fmt: skip
     _wait_for(lambda: _running_cell(driver, second.id))
     cell_log = Path(_running_cell(driver, second.id).cmdline()[-1]).with_name("cell.log")  # the launcher's scratch
     _wait_for(lambda: "[quantbench] warm-up:" in cell_log.read_text())  # hanging in generation now
     driver.send_signal(signal.SIGTERM)
-    _, stderr = driver.communicate(timeout=60)
+    stdout, stderr = driver.communicate(timeout=60)
     assert driver.returncode == 130
     assert b"finished cells are saved, rerun to resume" in stderr
+    said = " ".join(stdout.decode().split())
+    assert f"({second.id}); its log so far: {ResultsFolder(results).interrupted_log_path(second.id)}" in said
     assert len(read_results(results)) == 1
     interrupted_log = ResultsFolder(results).interrupted_log_path(second.id).read_text()
     assert "[quantbench] load and place:" in interrupted_log and "[quantbench] warm-up:" in interrupted_log
