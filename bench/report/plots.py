@@ -14,6 +14,7 @@ import html
 import io
 import json
 import re
+import textwrap
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -277,7 +278,7 @@ def scatter(cells: pd.DataFrame, x: pd.Series, y: pd.Series, labels: tuple[str, 
     front = pareto_front(xs, ys)
     ax.step(px[front], py[front], where="post", color="#999999", linestyle="--", zorder=2, linewidth=1)
     ax.set_xlabel(labels[0])
-    ax.set_ylabel(labels[1])
+    ax.set_ylabel(_fitted(labels[1]))
     ax.set_title(title)
     ax.grid(alpha=0.3, which="both")
     families = list(dict.fromkeys(cells["method_family"]))
@@ -339,7 +340,7 @@ def threshold_sweep(cells: pd.DataFrame) -> Plot:
     if fit.log:
         ax.set_yscale("log")
     ax.set_xlabel("llm_int8_threshold (outlier threshold, unitless)")
-    ax.set_ylabel(drift[1])
+    ax.set_ylabel(_fitted(drift[1]))
     ax.set_title(title)
     ax.grid(alpha=0.3)
     _legend_outside(ax)
@@ -402,6 +403,11 @@ def compile_comparison(cells: pd.DataFrame) -> Plot:
     return Plot(title, figure, hover=hover, notes=notes)
 
 
+def _fitted(label: str, width: int = 40) -> str:
+    """An axis label broken into lines of at most `width` characters, so a long one fits beside a 4-inch axis."""
+    return textwrap.fill(label, width)
+
+
 def gguf_ladder(cells: pd.DataFrame) -> Plot:
     """Memory of each GGUF type, ordered by bits per weight; coloured by drift on real weights."""
     title = "GGUF type ladder"
@@ -443,7 +449,7 @@ def gguf_ladder(cells: pd.DataFrame) -> Plot:
         figure.colorbar(matplotlib.cm.ScalarMappable(norm=norm, cmap="viridis"), ax=ax, label=drift[1], pad=0.02)
     ax.set_xticks(range(len(types)), [f"{t}\n{GGUF_BITS[t]:.3g} b/w" for t in types], fontsize=8)
     ax.set_xlim(-0.6, len(types) - 0.4)
-    ax.set_ylabel(memory_label)
+    ax.set_ylabel(_fitted(memory_label))
     ax.set_xlabel("GGUF type (bits per weight)")
     ax.set_title(title)
     ax.grid(alpha=0.3)
