@@ -12,6 +12,10 @@ from bench.errors import UserError
 
 DEFAULT_RESULTS_ROOT = Path("results")
 SELECT_HELP = "only cells whose axis or method option KEY equals VALUE (repeatable; e.g. compile=off)"
+# Loggers whose warnings in this process are only import-time notices (torchao's optional kernels not built for
+# this platform, torch deprecating what torchao registers): the driver imports torchao to check cells, never to
+# run one. A cell's process keeps them, in its log.
+IMPORT_NOTICES = ("torchao", "torch.utils._pytree")
 SUFFIX_FORMATS = {".html": "html", ".htm": "html", ".md": "md"}  # report -o suffix -> --format
 
 
@@ -153,6 +157,8 @@ def main(argv: list[str] | None = None) -> int:
     handler = logging.StreamHandler()
     handler.setFormatter(_LibraryNamedFormatter())
     logging.basicConfig(level=logging.WARNING, handlers=[handler])
+    for name in IMPORT_NOTICES:
+        logging.getLogger(name).setLevel(logging.ERROR)
     try:
         return _dispatch(args)
     except UserError as error:

@@ -81,6 +81,7 @@ def test_plan_lists_every_cell_with_what_happens_here(make_matrix, tmp_path):
         assert "skipped: torchao float8dq needs a CUDA GPU" in done.stdout
     assert "unsupported: autoquant is not provided by the installed torchao" in done.stdout
     assert not (tmp_path / "results").exists(), "plan runs nothing and writes nothing"
+    assert "torchao: " not in done.stderr and "register_constant" not in done.stderr, "no import notices"
 
 
 def test_plan_lists_the_cells_of_a_matrix_this_machine_cannot_run(make_matrix, tmp_path):
