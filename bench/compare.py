@@ -270,7 +270,7 @@ def compare_runs(old: Path, new: Path, output: Path | None = None) -> int:
             f"{count} {pair}"
             for pair, count in (table["old_status"] + " -> " + table["new_status"]).value_counts().items()
         )
-        raise UserError(f"{old} and {new}: no cell ran (status ok) in both ({statuses}): no verdict")
+        raise UserError(f"{old} and {new}: no cell ran (status ok) on the same device in both ({statuses}): no verdict")
     if output:
         _write_csv(table, output)
     view = Table(title=f"{old} -> {new}")
@@ -294,7 +294,8 @@ def compare_runs(old: Path, new: Path, output: Path | None = None) -> int:
     console.print(view)
     for note in measurement_footnotes(frames[1], table["cell_id"]):
         console.print(f"[yellow]{escape(note)}[/]", soft_wrap=True)
-    if (frames[1]["gpu_name"].isna()).any():
+    compared = frames[1][frames[1]["cell_id"].isin(table.loc[ran_in_both, "cell_id"])]
+    if compared["gpu_name"].isna().any():  # skipped and unsupported cells have none on a GPU too
         console.print(
             "[yellow]cells that ran on a CPU: their latency moves with whatever else the machine runs; "
             "compare runs from an otherwise idle machine before reading a latency regression[/]",

@@ -141,9 +141,10 @@ def run_with_progress(
             folder = ResultsFolder(results_dir)
             for run in read_runs(results_dir)[earlier_runs:]:  # none when stopped before the run was recorded
                 for cell in run.get("unfinished", []):
+                    kept = folder.interrupted_log_path(cell["cell_id"])  # none when its worker was lost
                     console.print(
-                        f"stopped after {cell['ran_s']:.0f} s: {escape(cell['cell_label'])} ({cell['cell_id']}); "
-                        f"its log so far: {folder.interrupted_log_path(cell['cell_id'])}",
+                        f"stopped after {cell['ran_s']:.0f} s: {escape(cell['cell_label'])} ({cell['cell_id']})"
+                        + (f"; its log so far: {escape(str(kept))}" if kept.exists() else ""),
                         soft_wrap=True,
                     )
             if isinstance(stop, KeyboardInterrupt):
@@ -154,7 +155,8 @@ def run_with_progress(
         console.print(f"{summary.already_done} cells already completed in {results_dir} (use --force to rerun them)")
     print_summary(results_dir)
     console.print(
-        f"the plots and what to pick: quantbench report {results_dir} -o {results_dir}/report.html", soft_wrap=True
+        escape(f"the plots and what to pick: quantbench report {results_dir} -o {results_dir / 'report.html'}"),
+        soft_wrap=True,
     )
     return 0
 

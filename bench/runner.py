@@ -211,7 +211,10 @@ def run_matrix(
                     run.unfinished.append({"cell_id": cell.id, "cell_label": cell.label, "ran_s": ran_s})
                     if future.done() and future.exception() is None:
                         outcome = future.result()
-                        folder.write_interrupted_log(cell.id, outcome.log, ran_s, outcome.result.measurements)
+                        try:  # a full disk that stopped the run refuses this too: the stop's own error wins
+                            folder.write_interrupted_log(cell.id, outcome.log, ran_s, outcome.result.measurements)
+                        except OSError as error:
+                            log.warning("could not keep the log of %s: %s", cell.label, error)
                 run.not_started = len(waiting)
                 raise
     return summary

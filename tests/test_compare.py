@@ -205,5 +205,7 @@ def test_two_runs_in_which_no_cell_ran_both_times_give_no_verdict_not_a_pass(tmp
     old["status"], new["status"] = old_status, new_status
     write_folder(tmp_path / "old", old)
     write_folder(tmp_path / "new", new)
-    with pytest.raises(UserError, match=rf"no cell ran \(status ok\) in both \(1 {old_status} -> {new_status}\)"):
+    with pytest.raises(
+        UserError, match=rf"no cell ran \(status ok\) on the same device in both \(1 {old_status} -> {new_status}\)"
+    ):
         compare_runs(tmp_path / "old", tmp_path / "new")

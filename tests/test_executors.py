@@ -87,21 +87,30 @@ def test_local_gpus_leaves_threads_alone_when_the_user_set_them(monkeypatch):
 
 
 def test_local_gpus_devices_come_from_cuda_visible_devices(monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "2,3")
     assert make_executor("local-gpus").slots == 2
     assert make_executor("local-gpus", gpus=["3"]).slots == 1, "named devices win"
+    with pytest.raises(UserError, match="--gpus: 0 not among CUDA_VISIBLE_DEVICES=2,3"):
+        make_executor("local-gpus", gpus=["0", "3"])
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
-    with pytest.raises(UserError, match="CUDA_VISIBLE_DEVICES is empty; name the devices with --gpus 0,1"):
+    with pytest.raises(UserError, match="CUDA_VISIBLE_DEVICES is empty, which hides every GPU; unset it"):
         make_executor("local-gpus")
 
 
 def test_local_gpus_refuses_devices_the_machine_does_not_have(monkeypatch):
     import torch
 
-    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
-    with pytest.raises(UserError, match="torch sees no CUDA GPU on this machine; use --executor local"):
-        make_executor("local-gpus", gpus=["0"])
+    for visible in ("0", None):  # a CPU-only torch sees none, whatever the environment lists
+        if visible is None:
+            monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+        else:
+            monkeypatch.setenv("CUDA_VISIBLE_DEVICES", visible)
+        with pytest.raises(UserError, match="torch sees no CUDA GPU on this machine; use --executor local"):
+            make_executor("local-gpus", gpus=["0"])
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
     with pytest.raises(UserError, match="--gpus: no device 2, 5; this machine's are 0 to 1"):
         make_executor("local-gpus", gpus=["0", "2", "5"])

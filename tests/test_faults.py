@@ -262,11 +262,15 @@ def test_a_results_disk_that_refuses_writes_stops_with_a_clear_error_and_keeps_e
     real_write = pq.write_table
     writes = []
 
+    def refuse(*args, **kwargs):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
     def write_then_fill_up(table, where, *args, **kwargs):
         writes.append(where)
         if len(writes) > 1:
             Path(where).write_bytes(b"PAR1 half")  # a partial file, as a full disk leaves it
-            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            monkeypatch.setattr("bench.store.write_bytes_atomic", refuse)  # the stopped cell's log cannot be kept
+            refuse()
         return real_write(table, where, *args, **kwargs)
 
     monkeypatch.setattr(pq, "write_table", write_then_fill_up)

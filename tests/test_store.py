@@ -179,6 +179,8 @@ def test_run_records_append_and_a_line_cut_short_by_a_crash_is_skipped(tmp_path)
     with open(tmp_path / RUNS_FILE, "a") as handle:
         handle.write('{"wall_s": 3')  # the driver died mid-write
     assert [run["ended"] for run in read_runs(tmp_path)] == ["done", "time limit"]
+    folder.append_run({"wall_s": 4.5, "ended": "interrupted"})  # the next run's record starts a line of its own
+    assert [run["ended"] for run in read_runs(tmp_path)] == ["done", "time limit", "interrupted"]
 
 
 def test_a_run_record_that_cannot_be_written_does_not_fail_the_run(tmp_path, monkeypatch, caplog):

@@ -24,21 +24,22 @@ log = logging.getLogger(__name__)
 
 def local_gpus(named: list[str] | None = None) -> list[str]:
     """The GPUs `local-gpus` runs on: those named with --gpus, else CUDA_VISIBLE_DEVICES's entries if set, else
-    every device torch sees. Named ids are checked against torch's devices when CUDA_VISIBLE_DEVICES is unset
-    (numeric ids only: a MIG or UUID name is passed on as given)."""
+    every device torch sees. Named ids must be among CUDA_VISIBLE_DEVICES's entries when it is set, else among
+    torch's devices (numeric ids only: a MIG or UUID name is passed on as given)."""
     listed = os.environ.get("CUDA_VISIBLE_DEVICES")
-    if listed is not None:
-        gpus = named or [entry.strip() for entry in listed.split(",") if entry.strip()]
-        if not gpus:
-            raise UserError(
-                "--executor local-gpus: CUDA_VISIBLE_DEVICES is empty; name the devices with --gpus 0,1,..."
-            )
-        return gpus
+    entries = None if listed is None else [entry.strip() for entry in listed.split(",") if entry.strip()]
+    if entries == []:
+        raise UserError("--executor local-gpus: CUDA_VISIBLE_DEVICES is empty, which hides every GPU; unset it")
     import torch
 
     count = torch.cuda.device_count()
     if count == 0:
         raise UserError("--executor local-gpus: torch sees no CUDA GPU on this machine; use --executor local")
+    if entries is not None:
+        missing = [gpu for gpu in named or [] if gpu not in entries]
+        if missing:
+            raise UserError(f"--gpus: {', '.join(missing)} not among CUDA_VISIBLE_DEVICES={listed}")
+        return named or entries
     missing = [gpu for gpu in named or [] if gpu.isdigit() and int(gpu) >= count]
     if missing:
         raise UserError(f"--gpus: no device {', '.join(missing)}; this machine's are 0 to {count - 1}")
