@@ -94,12 +94,14 @@ def _print_cells(matrix: Matrix, title: str, here: Callable[[Cell], str], result
     console.print(table)
     if shown:
         counts = Counter(statuses.values())
-        to_run = len(matrix.cells) - counts[Status.OK]
+        not_ok = [cell for cell in matrix.cells if statuses[cell.id] != Status.OK]
+        not_here = sum(here(cell) != "run" for cell in not_ok)  # a rerun checks these again, without a process
         order = (Status.OK, *WORST_FIRST[:-1], Status.STOPPED, "not run")
         console.print(
             f"in {results_dir}: "
             + ", ".join(f"{counts[status]} {status}" for status in order if counts[status])
-            + f"; a run there would run the {to_run} that are not ok",
+            + f"; a run there would run the {len(not_ok) - not_here} that are not ok"
+            + (f" and can run here ({not_here} cannot)" if not_here else ""),
             soft_wrap=True,
         )
         walls = cells_that_ran(read_results(results_dir))["cell_wall_s"]

@@ -103,21 +103,27 @@ def test_plan_shows_each_cells_status_in_a_results_folder(make_matrix, tmp_path)
     from bench.store import ResultsFolder
     from tests.test_store import row
 
-    path = make_matrix(axes={"method": ["baseline", "torchao"], "compile": ["off", "default"]})
+    path = make_matrix(
+        axes={"method": ["baseline", "torchao"], "compile": ["off", "default"]}, include=[{"method": "bnb_4bit"}]
+    )
     matrix = load_matrix(path)
-    first, second, third, _ = (cell.id for cell in matrix.cells)
+    first, second, third, _, skipped = (cell.id for cell in matrix.cells)
     folder = ResultsFolder(tmp_path / "gpu-run")  # e.g. rows brought back from a GPU machine
     folder.create()
     folder.write_cell(first, [dataclasses.replace(row(first), matrix_name=matrix.name, cell_wall_s=34.5)])
     folder.write_cell(second, [dataclasses.replace(row(second, "timeout"), matrix_name=matrix.name, cell_wall_s=600.0)])
     folder.write_interrupted_log(third, "warm-up", ran_s=60)
+    folder.write_cell(skipped, [dataclasses.replace(row(skipped, "skipped"), matrix_name=matrix.name)])
     done = quantbench("plan", str(path), "--results", "gpu-run", cwd=tmp_path)
     assert done.returncode == 0, done.stderr
     lines = {line.split()[1]: line for line in done.stdout.splitlines() if line.startswith("│ ")}
     assert [lines[cell].split("│")[-2].strip() for cell in (first, second, third)] == ["ok", "timeout", "stopped"]
     said = " ".join(done.stdout.split())
-    assert "in gpu-run: 1 ok, 1 timeout, 1 stopped, 1 not run; a run there would run the 3 that are not ok" in said
-    assert "their rows there record 634 s (10.6 min) of cell-process time for 2 of these 4 cells, 600 s of it" in said
+    import torch
+
+    here = "3 that are not ok and can run here (1 cannot)" if not torch.cuda.is_available() else "4 that are not ok"
+    assert f"in gpu-run: 1 ok, 1 timeout, 1 skipped, 1 stopped, 1 not run; a run there would run the {here}" in said
+    assert "their rows there record 634 s (10.6 min) of cell-process time for 2 of these 5 cells, 600 s of it" in said
     compiled = quantbench("plan", str(path), "--results", "gpu-run", "--select", "compile=default", cwd=tmp_path)
     assert "for 1 of these 2 cells, 600 s of it in cells not ok" in " ".join(compiled.stdout.split())
 
