@@ -224,7 +224,8 @@ def test_bad_report_arguments_are_one_line_and_exit_2(tmp_path, capsys, argument
     with pytest.raises(SystemExit) as exit_info:
         main(["report", str(SD3), "-o", str(tmp_path / "r.html"), *arguments])
     assert exit_info.value.code == 2
-    assert capsys.readouterr().err.strip().splitlines()[-1].startswith("quantbench: error: argument")
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith("quantbench report: error: argument")
 
 
 @pytest.mark.browser

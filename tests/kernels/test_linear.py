@@ -13,7 +13,7 @@ import pytest
 from bench.compilation import inductor_changes, inductor_settings, restore_inductor_settings
 from bench.heartbeat import CompileCounts
 from bench.kernels.layers import LAYER_METHODS, SHRINK, build_layer, reference_linear, relative_l2, weight_bytes
-from bench.kernels.peaks import best_seconds
+from bench.kernels.peaks import best_seconds, measure_peaks
 from bench.methods.base import MethodUnavailable
 from tests.kernels.conftest import device, peaks, shapes, token_counts
 
@@ -165,5 +165,9 @@ def test_measured_peaks_are_plausible():
     assert measured.matmul_tflops > 0 and measured.bandwidth_gbps > 0
     n = measured.matmul_size // 2
     a = torch.randn(n, n, device=device(), dtype=torch.bfloat16)
-    again = 2 * n**3 / best_seconds(lambda: torch.mm(a, a), device()) / 1e12
-    assert again <= measured.matmul_tflops * 1.5
+    # Measured in turns, the best of each: another process's load (CI's other worker) then slows both alike,
+    # where the session's cached peak may have been measured under another load (CI once saw x1.9).
+    rounds = [(measure_peaks(device()).matmul_tflops, 2 * n**3 / best_seconds(lambda: torch.mm(a, a), device()) / 1e12)
+              for _ in range(3)]  # fmt: skip
+    peak, again = max(full for full, _ in rounds), max(half for _, half in rounds)
+    assert again <= peak * 1.5, rounds
