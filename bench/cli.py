@@ -7,8 +7,12 @@ import logging
 import signal
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from bench.errors import UserError
+
+if TYPE_CHECKING:
+    from bench.store import ResultsFolder
 
 DEFAULT_RESULTS_ROOT = Path("results")
 SELECT_HELP = "only cells whose axis or method option KEY equals VALUE (repeatable; e.g. compile=off)"
@@ -147,6 +151,18 @@ def _check_path(path: Path, option: str, folder: bool) -> None:
             return
 
 
+def _warn_of_other_matrices(folder: ResultsFolder, name: str) -> None:
+    """Say when the results folder holds rows of matrices other than `name` (a cell id two matrices share is one
+    measurement, so such a row counts as done for both)."""
+    others = {matrix: cells for matrix, cells in folder.cells_by_matrix().items() if matrix != name}
+    if others:
+        count = len(set().union(*others.values()))
+        logging.getLogger("bench").warning(
+            f"{folder.root} also holds rows of matrix {', '.join(map(repr, sorted(others)))} ({count} cell"
+            f"{'s' * (count != 1)}); they show in its report, and a cell this matrix shares with it counts as done"
+        )
+
+
 def _interrupt(signum: int, frame: object) -> None:
     raise KeyboardInterrupt  # SIGTERM (e.g. `timeout`) stops a run like Ctrl-C: the running cell is killed, rows kept
 
@@ -180,9 +196,7 @@ def _dispatch(args: argparse.Namespace) -> int:
         _check_path(results_dir, "--results", folder=True)
         from bench.store import ResultsFolder
 
-        mixed = ResultsFolder(results_dir).other_matrices(matrix.name)
-        if mixed:
-            logging.getLogger("bench").warning(mixed)
+        _warn_of_other_matrices(ResultsFolder(results_dir), matrix.name)
         if args.verb == "plan":
             from bench.runner import plan
 

@@ -23,7 +23,6 @@ from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from bench.atomic import atomic_path, write_bytes_atomic
@@ -359,18 +358,13 @@ class ResultsFolder:
         logs = self.logs_dir.glob(f"*{INTERRUPTED_LOG_SUFFIX}")
         return sorted(path.name.removesuffix(INTERRUPTED_LOG_SUFFIX) for path in logs)
 
-    def other_matrices(self, name: str) -> str | None:
-        """A line saying which other matrices' rows the folder holds, if any but `name`'s (a cell id two matrices
-        share is one measurement, so such rows count as done for both); None when there are none."""
+    def cells_by_matrix(self) -> dict[str, set[str]]:
+        """The cell ids of the folder's rows, by the name of the matrix that wrote them."""
         table = self.read_table()
-        others = sorted(set(table.column("matrix_name").to_pylist()) - {name})
-        if not others:
-            return None
-        cells = len(set(table.filter(pc.field("matrix_name") != name).column("cell_id").to_pylist()))
-        return (
-            f"{self.root} also holds rows of matrix {', '.join(map(repr, others))} ({cells} cell{'s' * (cells != 1)});"
-            f" they show in its report, and a cell this matrix shares with it counts as done"
-        )
+        cells: dict[str, set[str]] = {}
+        for matrix, cell_id in zip(table.column("matrix_name").to_pylist(), table.column("cell_id").to_pylist()):
+            cells.setdefault(matrix, set()).add(cell_id)
+        return cells
 
     def completed_cell_ids(self) -> set[str]:
         """Cells whose every row has status ok: a resumed run skips these."""
