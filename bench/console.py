@@ -66,15 +66,27 @@ def print_cells(matrix: Matrix, results_dir: Path) -> None:
     _print_cells(matrix, f"{matrix.name}: {len(matrix.cells)} cells, none can run here", lambda cell: "-", results_dir)
 
 
+# Axes shown only when some cell of the matrix has them away from their default: column -> (the cell's value, default).
+OPTIONAL_COLUMNS: dict[str, tuple[Callable[[Cell], str], str]] = {
+    "attention": (lambda cell: cell.attention, "native"),
+    "batch": (lambda cell: str(cell.batch_size), "1"),
+    "lora": (lambda cell: cell.lora + (f" r{cell.lora_rank}" if cell.lora_rank else ""), "none"),
+}
+
+
 def _print_cells(matrix: Matrix, title: str, here: Callable[[Cell], str], results_dir: Path) -> None:
     """The cells table; with a "results" column and a count by status when `results_dir` holds any of them."""
     known = ResultsFolder(results_dir).cell_statuses()
     statuses = {cell.id: known.get(cell.id, "not run") for cell in matrix.cells}
     table = Table(title=title)
-    columns = ["cell id", "method", "options", "dtype", "threshold", "compile", "components", "placement", "here"]
+    columns = ["cell id", "method", "options", "dtype", "threshold", "compile", "components", "placement"]
     shown = set(statuses.values()) != {"not run"}
-    lora = any(cell.lora != "none" for cell in matrix.cells)
-    for column in columns[:-1] + (["lora"] if lora else []) + columns[-1:] + (["results"] if shown else []):
+    varied = {
+        name: text
+        for name, (text, default) in OPTIONAL_COLUMNS.items()
+        if any(text(c) != default for c in matrix.cells)
+    }
+    for column in columns + list(varied) + ["here"] + (["results"] if shown else []):
         table.add_column(column)
     for cell in matrix.cells:
         status = statuses[cell.id]
@@ -87,7 +99,7 @@ def _print_cells(matrix: Matrix, title: str, here: Callable[[Cell], str], result
             cell.compile_variant,
             "+".join(cell.components) if cell.components else "-",
             cell.placement,
-            *([cell.lora + (f" r{cell.lora_rank}" if cell.lora_rank else "")] if lora else []),
+            *(text(cell) for text in varied.values()),
             here(cell),
             *([f"[{STATUS_STYLE.get(status, 'dim')}]{status}"] if shown else []),
         )

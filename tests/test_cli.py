@@ -13,8 +13,10 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def quantbench(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+def quantbench(*args: str, cwd: Path, columns: int | None = None) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+    if columns:
+        env["COLUMNS"] = str(columns)  # rich's table width: wide enough that no column is cut
     return subprocess.run(
         [sys.executable, "-m", "bench", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=300
     )
@@ -96,6 +98,21 @@ def test_plan_lists_the_cells_of_a_matrix_this_machine_cannot_run(make_matrix, t
     assert all(cell.id in done.stdout for cell in load_matrix(path).cells), "a GPU run can be planned on a laptop"
     assert "none can run here" in done.stdout and "not run" not in done.stdout, "no results: no results column"
     assert done.returncode == 2 and "run.device: 'cuda' asked for, but torch sees no CUDA device" in done.stderr
+
+
+def test_plan_gives_the_attention_and_batch_axes_a_column_only_when_a_cell_varies_them(make_matrix, tmp_path):
+    path = make_matrix(axes={"method": ["baseline"], "attention": ["native", "_native_math"], "batch_size": [1, 2]})
+    done = quantbench("plan", str(path), cwd=tmp_path, columns=200)
+    assert done.returncode == 0, done.stderr
+    header = next(line for line in done.stdout.splitlines() if "cell id" in line).split("┃")
+    assert [name.strip() for name in header if name.strip()][-4:] == ["placement", "attention", "batch", "here"]
+    rows = {
+        tuple(field.strip() for field in line.split("│")[-4:-2]) for line in done.stdout.splitlines() if "│" in line
+    }
+    assert rows == {("native", "1"), ("native", "2"), ("_native_math", "1"), ("_native_math", "2")}
+    plain = quantbench("plan", str(make_matrix("plain.toml")), cwd=tmp_path, columns=200)
+    header = next(line for line in plain.stdout.splitlines() if "cell id" in line)
+    assert "attention" not in header and "batch" not in header and "lora" not in header
 
 
 def test_plan_shows_each_cells_status_in_a_results_folder(make_matrix, tmp_path):
