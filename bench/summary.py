@@ -97,7 +97,7 @@ def _against_baseline(summary: pd.DataFrame) -> pd.DataFrame:
         candidates = baselines[
             (baselines["placement"] == cell["placement"])
             & (baselines["gpu_name"].map(device_label) == device_label(cell["gpu_name"]))
-            & (baselines["lora"] == cell["lora"])  # a LoRA cell against bf16 with its adapter in the same mode
+            & (baselines["lora"] == eager_lora_mode(cell["lora"]))  # against bf16 with its adapter, same mode
             & (baselines["lora_rank"].fillna(0) == (0 if pd.isna(cell["lora_rank"]) else cell["lora_rank"]))
             & (images_per_call(baselines) == (1 if pd.isna(cell["batch_size"]) else cell["batch_size"]))
         ]
@@ -111,6 +111,12 @@ def _against_baseline(summary: pd.DataFrame) -> pd.DataFrame:
             cell["transformer_tensor_bytes"] / base["transformer_tensor_bytes"]
         )
     return summary
+
+
+def eager_lora_mode(mode: object) -> object:
+    """The LoRA mode of a cell's uncompiled counterparts: `unfused` for `hotswap` (compiled only; its swapped-in
+    adapter is loaded unfused, as an `unfused` cell's), else the mode itself."""
+    return "unfused" if mode == "hotswap" else mode
 
 
 def images_per_call(cells: pd.DataFrame) -> pd.Series:
@@ -168,8 +174,9 @@ def _against_eager(summary: pd.DataFrame) -> pd.DataFrame:
     same device, where the summary has it `ok`, so a compile that did not pay off shows."""
 
     def twin_key(cell: pd.Series) -> tuple:
-        axes = tuple(None if pd.isna(cell[column]) else cell[column] for column in EAGER_TWIN_COLUMNS)
-        return (*axes, device_label(cell["gpu_name"]))
+        axes = {column: None if pd.isna(cell[column]) else cell[column] for column in EAGER_TWIN_COLUMNS}
+        axes["lora"] = eager_lora_mode(axes["lora"])
+        return (*axes.values(), device_label(cell["gpu_name"]))
 
     summary = summary.copy()
     eager_steps: dict[tuple, float] = {}

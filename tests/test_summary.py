@@ -59,3 +59,24 @@ def test_what_to_pick_measures_savings_against_bf16_with_one_image_and_native_at
     assert fastest.label == "torchao ao1"
     assert fastest.speedup == pytest.approx(1.0 / 0.5)  # step against bf16 native at batch 1
     assert fastest.memory_saved_bytes == pytest.approx((36 - 25) * GIB)
+
+
+def test_a_hotswap_cell_is_compared_with_bf16_eager_and_its_own_eager_twin_with_the_adapter_unfused():
+    def lora_row(cell_id: str, method: str, compile_mode: str, lora: str, e2e_s: float, peak_gib: float) -> dict:
+        return {**_row(cell_id, method, 1, "native", e2e_s, peak_gib), "compile": compile_mode, "lora": lora,
+                "lora_rank": None if lora == "none" else 16}  # fmt: skip
+
+    frame = pd.DataFrame(
+        [
+            lora_row("bf16", "baseline", "off", "none", 1.0, 36),
+            lora_row("bf16_fused", "baseline", "off", "fused", 1.1, 36),
+            lora_row("bf16_unfused", "baseline", "off", "unfused", 1.2, 37),
+            lora_row("nf4_unfused", "bnb_4bit", "off", "unfused", 1.4, 20),
+            lora_row("nf4_hotswap", "bnb_4bit", "default", "hotswap", 0.7, 21),
+        ]
+    )
+    cells = cell_summary(frame).set_index("cell_id")
+    assert cells.loc["nf4_hotswap", "speedup"] == pytest.approx(1.2 / 0.7)  # bf16 eager, adapter unfused
+    assert cells.loc["nf4_hotswap", "memory_saving"] == pytest.approx(1 - 21 / 37)
+    assert cells.loc["nf4_hotswap", "eager_step_latency_median_s"] == pytest.approx(1.4 / 4)
+    assert cells.loc["bf16_fused", "speedup"] == pytest.approx(1.1 / 1.1)  # fused against fused
