@@ -37,6 +37,7 @@ class Documented:
     method_class: Callable[[str], type]
     parser: argparse.ArgumentParser
     read_results: Callable[[Path], Any]
+    cell_summary: Callable[[Any], Any]
 
 
 @functools.cache
@@ -46,9 +47,16 @@ def documented() -> Documented:
     from bench.matrix import Matrix
     from bench.methods import method_class, method_names
     from bench.store import SCHEMA, read_results
+    from bench.summary import cell_summary
 
     return Documented(
-        Matrix.model_fields["spec"].annotation, SCHEMA, method_names(), method_class, build_parser(), read_results
+        Matrix.model_fields["spec"].annotation,
+        SCHEMA,
+        method_names(),
+        method_class,
+        build_parser(),
+        read_results,
+        cell_summary,
     )
 
 
@@ -649,6 +657,14 @@ def _num(column: str, digits: int, scale: float = 1) -> Callable[[Any], str]:
     return value
 
 
+def _percent(column: str) -> Callable[[Any], str]:
+    def value(row: Any) -> str:
+        number = row.get(column)
+        return "–" if number is None or number != number else f"{number * 100:+.0f} %"
+
+    return value
+
+
 def _count(key: str) -> Callable[[Any], str]:
     def value(row: Any) -> str:
         counts = row.get("compile_counts")
@@ -737,6 +753,9 @@ COLUMNS = {
     "images_s": Column("images/s", _num("images_per_s", 3)),
     "lora_load": Column("LoRA load s", _num("lora_load_s", 2)),
     "lora_fuse": Column("LoRA fuse s", _num("lora_fuse_s", 2)),
+    "lora_swap": Column("LoRA swap s", _num("lora_swap_s", 2)),
+    "lora_overhead": Column("step vs no LoRA", _percent("lora_step_overhead")),
+    "timed_compiles": Column("compiles in timed runs", _num("timed_compiles", 0)),
     "shared": Column("other processes on the GPU", _num("gpu_other_processes", 0)),
 }
 
@@ -895,7 +914,21 @@ FINDINGS_TABLES = (
     FindingsTable(
         "lora-h200",
         "results/reference/h200/lora-h200",
-        ("cell", "status", "step4", "peak", "lora_load", "lora_fuse", "energy", "shared", "note", "harness"),
+        (
+            "cell",
+            "status",
+            "step4",
+            "lora_overhead",
+            "peak",
+            "lora_load",
+            "lora_fuse",
+            "lora_swap",
+            "timed_compiles",
+            "energy",
+            "shared",
+            "note",
+            "harness",
+        ),
     ),
     FindingsTable(
         "step-timing-events-h200",
@@ -922,10 +955,12 @@ FINDINGS_TABLES = (
 
 @functools.cache
 def _cells(folder: Path) -> Any:
-    """One record per cell: its first row, with drift averaged over its prompts and seeds."""
+    """One record per cell: its first row, with drift averaged over its prompts and seeds and the summary's LoRA
+    overhead."""
     frame = documented().read_results(folder)
     first = frame.groupby("cell_id", sort=False).first()
     first["latent_rel_l2"] = frame.groupby("cell_id", sort=False)["latent_rel_l2"].mean()
+    first["lora_step_overhead"] = documented().cell_summary(frame).set_index("cell_id")["lora_step_overhead"]
     return first.reset_index()
 
 
