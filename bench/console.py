@@ -146,9 +146,9 @@ def run_with_progress(
     )
     earlier_runs = len(read_runs(results_dir))
     with Progress(*columns, console=console) as progress:
-        task = progress.add_task(f"{matrix.name} ({executor.name}, {executor.slots} at a time)", total=None, running="")
+        bar = _ProgressBar(progress, f"{matrix.name} ({executor.name}, {executor.slots} at a time)")
         try:
-            summary = run_matrix(matrix, results_dir, force, _ProgressBar(progress, task), executor, max_time_s)
+            summary = run_matrix(matrix, results_dir, force, bar, executor, max_time_s)
         except (TimeLimitReached, KeyboardInterrupt) as stop:  # Ctrl-C: the CLI then says how to resume
             progress.stop()
             print_summary(results_dir)
@@ -176,11 +176,16 @@ def run_with_progress(
 
 
 class _ProgressBar:
-    """The run's progress on the terminal: cells done of those to do, the cells running now, a line per result."""
+    """The run's progress on the terminal: cells done of those to do, the cells running now, a line per result.
+    The bar shows once the run holds its results folder (a run refused the folder shows none)."""
 
-    def __init__(self, progress: Progress, task: TaskID) -> None:
-        self.progress, self.task = progress, task
+    def __init__(self, progress: Progress, description: str) -> None:
+        self.progress, self.description = progress, description
+        self.task: TaskID | None = None  # added by `preparing`, which the runner calls before anything else
         self.running: list[str] = []
+
+    def preparing(self) -> None:
+        self.task = self.progress.add_task(self.description, total=None, running="")
 
     def planned(self, todo: int) -> None:
         self.progress.update(self.task, total=todo)

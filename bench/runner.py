@@ -79,6 +79,10 @@ class TimeLimitReached(Exception):
 class RunProgress(Protocol):
     """What a run reports as it goes (the terminal's progress bar listens)."""
 
+    def preparing(self) -> None:
+        """The run holds its results folder and prepares: the model, the cells' checks (a refused run never
+        gets here)."""
+
     def planned(self, todo: int) -> None:
         """`todo` cells will run or be recorded (the others are already done)."""
 
@@ -123,6 +127,8 @@ def run_matrix(
     folder = ResultsFolder(results_dir)
     summary = RunSummary(results_dir)
     with folder.exclusive(), executor or LocalExecutor() as pool:
+        if progress:
+            progress.preparing()
         ready = plan(matrix, pool.machine())
         run_settings = matrix.spec.run
         with _recorded_run(folder, pool, started) as run:

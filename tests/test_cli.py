@@ -145,6 +145,18 @@ def test_plan_shows_each_cells_status_in_a_results_folder(make_matrix, tmp_path)
     assert "for 1 of these 2 cells, 600 s of it in cells not ok" in " ".join(compiled.stdout.split())
 
 
+def test_a_run_refused_its_results_folder_says_who_holds_it_and_shows_no_progress_bar(make_matrix, tmp_path):
+    from bench.store import ResultsFolder
+
+    path = make_matrix()
+    with ResultsFolder(tmp_path / "out").exclusive():  # another run is writing the folder
+        done = quantbench("run", str(path), "--results", "out", cwd=tmp_path)
+    assert done.returncode == 2
+    assert f"another quantbench run (pid {os.getpid()}) is writing this results folder" in done.stderr
+    assert "at a time" not in done.stdout, "no progress bar for a run that never started"
+    assert not list((tmp_path / "out").glob("cells/*.parquet"))
+
+
 def test_a_finished_run_says_how_to_see_its_report(make_matrix, tmp_path):
     path = make_matrix(axes={"method": ["bnb_4bit"]}, method={}, drift={"enabled": False})  # skipped here: no cell runs
     done = quantbench("run", str(path), "--results", "out", cwd=tmp_path)

@@ -104,6 +104,9 @@ class RecordedProgress:
     def __init__(self) -> None:
         self.events: list[tuple] = []
 
+    def preparing(self) -> None:
+        self.events.append(("preparing",))
+
     def planned(self, todo: int) -> None:
         self.events.append(("planned", todo))
 
@@ -122,7 +125,7 @@ def test_rerun_skips_completed_cells_without_touching_them(smoke_run):
     summary = run_matrix(matrix, results, progress=progress)
     assert summary.already_done == 2
     assert sum(summary.statuses.values()) == 0
-    assert progress.events == [("planned", 0)]
+    assert progress.events == [("preparing",), ("planned", 0)]
     assert {p.name: p.stat().st_mtime_ns for p in parts.glob("*.parquet")} == before
 
 
@@ -149,7 +152,7 @@ def test_force_reruns_and_the_same_seed_gives_identical_images(baseline_run, tmp
     second = read_results(results)
     assert summary.statuses == {"ok": 1} and summary.already_done == 0
     cell = matrix.cells[0]
-    assert progress.events == [("planned", 1), ("started", cell.label), ("done", cell.label, "ok")]
+    assert progress.events == [("preparing",), ("planned", 1), ("started", cell.label), ("done", cell.label, "ok")]
     assert (second["timestamp_utc"] >= first["timestamp_utc"]).all()
     for before, path in zip(pixels, second["image_path"]):
         np.testing.assert_array_equal(before, np.asarray(Image.open(results / path)))
@@ -432,7 +435,7 @@ def test_max_time_stops_running_cells_and_keeps_finished_rows(tmp_path, monkeypa
     with pytest.raises(TimeLimitReached) as stopped:
         run_matrix(matrix, results, progress=progress, max_time_s=20.0)
     assert stopped.value.unfinished == 1 and stopped.value.exit_code == 3
-    assert progress.events == [("planned", 1), ("started", torchao.label)]
+    assert progress.events == [("preparing",), ("planned", 1), ("started", torchao.label)]
     assert set(read_results(results)["method"]) == {"baseline"}, "the finished cell's rows are kept"
     stopped_log = (results / "logs" / f"{torchao.id}.interrupted.log").read_text()
     assert stopped_log.startswith("===== stopped after ") and "[quantbench]" in stopped_log
