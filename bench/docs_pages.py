@@ -420,6 +420,7 @@ COLUMN_GROUPS: dict[str, dict[str, str]] = {
         "bitsandbytes_version": "bitsandbytes version.",
         "torchao_version": "torchao version.",
         "gguf_version": "gguf version.",
+        "peft_version": "peft version (diffusers loads LoRA adapters through it).",
         "harness_commit": "quantbench's git commit (or `QUANTBENCH_HARNESS_COMMIT`).",
         "lock_sha256": "SHA-256 of the lock file the environment was installed from (`QUANTBENCH_LOCK`), e.g. `locks/gpu.txt`.",
     },

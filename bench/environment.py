@@ -16,7 +16,7 @@ from pathlib import Path
 
 from bench.errors import UserError
 
-LIBRARIES = ("torch", "diffusers", "transformers", "accelerate", "bitsandbytes", "torchao", "gguf")
+LIBRARIES = ("torch", "diffusers", "transformers", "accelerate", "bitsandbytes", "torchao", "gguf", "peft")
 LOCK_ENV = "QUANTBENCH_LOCK"  # the lock file (e.g. locks/gpu.txt) this environment was installed from, if any
 
 
@@ -70,6 +70,7 @@ class Environment:
     bitsandbytes_version: str | None
     torchao_version: str | None
     gguf_version: str | None
+    peft_version: str | None  # diffusers' LoRA loading
     cpu: str
     host: str
     harness_commit: str | None
@@ -103,9 +104,12 @@ def library_versions(*names: str) -> dict[str, str | None]:
 
 def other_versions(row: dict[str, object], current: dict[str, object]) -> dict[str, tuple[object, object]]:
     """The libraries whose version in a result `row` differs from `current` (an Environment's fields): the
-    pipeline's (torch, diffusers, transformers) and the row's method family's, as {field: (row's, current)}."""
+    pipeline's (torch, diffusers, transformers), the row's method family's and, with an adapter, peft's, as
+    {field: (row's, current)}."""
     family = FAMILY_LIBRARY.get(str(row.get("method_family")))
-    fields = [f"{name}_version" for name in (*MODEL_LIBRARIES, *([family] if family else []))]
+    lora = isinstance(row.get("lora"), str) and row["lora"] != "none"  # None or NaN in rows from before the axis
+    libraries = (*MODEL_LIBRARIES, *([family] if family else []), *(["peft"] if lora else []))
+    fields = [f"{name}_version" for name in libraries]
     return {
         field: (row.get(field), current.get(field))
         for field in fields

@@ -195,6 +195,7 @@ class ResultRow:
     bitsandbytes_version: str | None = None
     torchao_version: str | None = None
     gguf_version: str | None = None
+    peft_version: str | None = None
     harness_commit: str | None = None
     lock_sha256: str | None = None  # the lock file the environment was installed from (environment.lock_sha256)
 

@@ -236,6 +236,11 @@ def test_rows_from_other_library_versions_are_named_by_library():
         "torchao_version": ("0.17.0", "0.18.0"),  # bitsandbytes is not torchao's library: left out
     }
     assert other_versions({**row, "torch_version": None}, current).keys() == {"torchao_version"}
+    same = {**row, "peft_version": "0.21.2"}
+    with_peft = {**same, "peft_version": "0.22.0"}
+    assert other_versions({**same, "lora": "fused"}, with_peft) == {"peft_version": ("0.21.2", "0.22.0")}
+    assert other_versions({**same, "lora": "none"}, with_peft) == {}, "peft loads adapters only"
+    assert other_versions({**same, "lora": float("nan")}, with_peft) == {}, "a row from before the LoRA axis"
 
 
 def test_a_local_model_folders_fingerprint_changes_when_a_file_is_replaced(tmp_path):

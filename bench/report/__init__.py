@@ -31,7 +31,7 @@ THUMBNAIL_PX = 256
 ENVIRONMENT_COLUMNS = (
     "device", "gpu_name", "gpu_driver", "cuda_version", "cpu", "host", "python_version", "torch_version",
     "diffusers_version", "transformers_version", "accelerate_version", "bitsandbytes_version", "torchao_version",
-    "gguf_version",
+    "gguf_version", "peft_version",
 )  # fmt: skip
 DRIFT_COLUMNS = (
     ("psnr_db", "PSNR dB"),
