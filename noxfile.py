@@ -20,9 +20,14 @@ TORCH = os.environ.get("QUANTBENCH_TORCH", "torch==2.13.*")
 
 def install(session: nox.Session, extras: str = "") -> None:
     """torch and quantbench; `--no-compile`: Python compiles only the modules a run imports, not every file of
-    torch, transformers and Ray at install time (minutes of a CI run on 2 cores)."""
+    torch, transformers and Ray at install time (minutes of a CI run on 2 cores), and keeps that bytecode.
+
+    Container images often set PYTHONDONTWRITEBYTECODE (this project's CPU machines do): every `quantbench`
+    process would then compile torch, diffusers and transformers from source again (a `plan` of the smoke matrix
+    took 25 s instead of 12 s). An empty value unsets it for the session's commands."""
     session.install("--no-compile", TORCH)
     session.install("--no-compile", "-e", f".{extras}")
+    session.env["PYTHONDONTWRITEBYTECODE"] = ""
 
 
 @nox.session(python=PYTHONS)
@@ -33,10 +38,6 @@ def tests(session: nox.Session) -> None:
     modules start first, in tests/conftest.py's order (`--no-loadscope-reorder`: not by their number of tests)."""
     install(session, "[test]")
     session.install("--no-compile", "pytest-xdist>=3.5")  # the CPU suite's own runner: not in the GPU lock
-    # Container images often set PYTHONDONTWRITEBYTECODE (this project's CPU machines do): every `quantbench`
-    # process the tests start would compile torch, diffusers and transformers from source again (a `plan` of the
-    # smoke matrix took 25 s instead of 12 s). An empty value unsets it: the first import writes the bytecode.
-    session.env["PYTHONDONTWRITEBYTECODE"] = ""
     session.run("pytest", "-n", "2", "--dist", "loadfile", "--no-loadscope-reorder", *session.posargs)
 
 
