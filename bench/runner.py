@@ -333,7 +333,8 @@ def _collect(future: Future[CellOutcome], folder: ResultsFolder, cell_id: str) -
 
 def rows_from_other_versions(folder: ResultsFolder) -> dict[str, dict[str, tuple[Any, Any]]]:
     """The cells of `folder` whose rows came from other versions of the libraries their cells use (the
-    pipeline's and the method's) than the ones installed here: {cell id: {column: (row's, installed)}}."""
+    pipeline's, the method's and, with an adapter, peft) than the ones installed here: {cell id: {column: (row's,
+    installed)}}."""
     current = collect_environment().as_dict()
     stale: dict[str, dict[str, tuple[Any, Any]]] = {}
     for row in folder.read_table().to_pylist():
@@ -352,11 +353,12 @@ SAME_METHOD = ("method", "method_options", "dtype", "threshold", "components", "
 
 
 def eager_step_times(rows: list[dict[str, Any]]) -> dict[tuple, float]:
-    """The median step time of each method setting's eager ok rows (keyed by SAME_METHOD's columns)."""
+    """The median step time per image of each method setting's eager ok rows (keyed by SAME_METHOD's columns)."""
     steps: dict[tuple, list[float]] = {}
     for row in rows:
         if row["status"] == Status.OK and row["compile"] == "off" and row.get("step_latency_median_s") is not None:
-            steps.setdefault(tuple(row[key] for key in SAME_METHOD), []).append(row["step_latency_median_s"])
+            per_image = row["step_latency_median_s"] / (row.get("batch_size") or 1)
+            steps.setdefault(tuple(row[key] for key in SAME_METHOD), []).append(per_image)
     return {key: sorted(values)[len(values) // 2] for key, values in steps.items()}
 
 
@@ -367,15 +369,15 @@ SLOW_WARMUP_FLOOR_S = 1.0
 
 def warmup_step_limit(cell: Cell, run: Any, eager_steps: dict[tuple, float]) -> tuple[float | None, str]:
     """The warm-up step time past which a compiled `cell` ends untimed (run.slow_warmup_factor x the same
-    method's eager step but at least SLOW_WARMUP_FLOOR_S, or run.max_warmup_step_s), and why; (None, "") for eager
-    cells or without either."""
+    method's eager step for the cell's batch but at least SLOW_WARMUP_FLOOR_S, or run.max_warmup_step_s), and why;
+    (None, "") for eager cells or without either."""
     if cell.compile == "off":
         return None, ""
     key = (cell.method, json.dumps(cell.options, sort_keys=True), cell.dtype, cell.threshold,
            ",".join(cell.components) if cell.components is not None else None, cell.placement)  # fmt: skip
     limits = []
     if key in eager_steps:
-        eager = eager_steps[key]
+        eager = eager_steps[key] * cell.batch_size
         reason = f"run.slow_warmup_factor = {run.slow_warmup_factor:g} x the eager step of {eager:.3f} s"
         if run.slow_warmup_factor * eager < SLOW_WARMUP_FLOOR_S:
             reason += f", at least {SLOW_WARMUP_FLOOR_S:g} s"

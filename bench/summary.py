@@ -85,7 +85,8 @@ def device_label(gpu_name: object) -> str:
 def _against_baseline(summary: pd.DataFrame) -> pd.DataFrame:
     """Speedup and memory saving of each cell against the uncompiled baseline cell on the same placement, the
     same device (GPU name, so cells from different GPUs are never compared with each other), the same batch
-    size and LoRA adapter, with `native` attention where the run has it (as drift is scored)."""
+    size and LoRA adapter in the same mode (`unfused` for `hotswap`), with `native` attention where the run has
+    it (as drift is scored)."""
     summary = summary.copy()
     summary["speedup"] = np.nan
     summary["memory_saving"] = np.nan
@@ -130,7 +131,10 @@ def ran_native_attention(cells: pd.DataFrame) -> pd.Series:
 
 
 # what makes a compiled cell's eager twin: the same cell with compile off (and the same device)
-EAGER_TWIN_COLUMNS = ("method", "method_options", "dtype", "threshold", "components", "placement", "lora", "lora_rank")
+EAGER_TWIN_COLUMNS = (
+    "method", "method_options", "dtype", "threshold", "components", "placement", "attention", "batch_size", "lora",
+    "lora_rank",
+)  # fmt: skip
 # what makes a LoRA cell's twin without an adapter: every axis but `lora` and `lora_rank` (and the same device)
 LORA_TWIN_COLUMNS = (
     "method", "method_options", "dtype", "threshold", "compile", "fullgraph", "inductor", "regional", "dynamic",
@@ -170,11 +174,14 @@ def _missing(value: object) -> bool:
 
 
 def _against_eager(summary: pd.DataFrame) -> pd.DataFrame:
-    """`eager_step_latency_median_s` of each compiled cell: the median step of the same cell uncompiled on the
-    same device, where the summary has it `ok`, so a compile that did not pay off shows."""
+    """`eager_step_latency_median_s` of each compiled cell: the median step of the same cell uncompiled (same
+    attention backend, batch size and adapter) on the same device, where the summary has it `ok`, so a compile
+    that did not pay off shows."""
 
     def twin_key(cell: pd.Series) -> tuple:
         axes = {column: None if pd.isna(cell[column]) else cell[column] for column in EAGER_TWIN_COLUMNS}
+        axes["attention"] = axes["attention"] or "native"  # rows from before the axes: native, one image
+        axes["batch_size"] = int(axes["batch_size"] or 1)
         axes["lora"] = eager_lora_mode(axes["lora"])
         return (*axes.values(), device_label(cell["gpu_name"]))
 

@@ -80,3 +80,21 @@ def test_a_hotswap_cell_is_compared_with_bf16_eager_and_its_own_eager_twin_with_
     assert cells.loc["nf4_hotswap", "memory_saving"] == pytest.approx(1 - 21 / 37)
     assert cells.loc["nf4_hotswap", "eager_step_latency_median_s"] == pytest.approx(1.4 / 4)
     assert cells.loc["bf16_fused", "speedup"] == pytest.approx(1.1 / 1.1)  # fused against fused
+
+
+def test_a_compiled_cell_is_compared_with_its_eager_twin_at_the_same_batch_and_attention_backend():
+    def compiled(row: dict) -> dict:
+        return {**row, "cell_id": row["cell_id"] + "_c", "compile": "default", "e2e_latency_median_s": 1.0,
+                "step_latency_median_s": row["step_latency_median_s"] * 0.8}  # fmt: skip
+
+    eager = [
+        _row("bf16", "baseline", 1, "native", 1.0, 36),
+        _row("bf16x4", "baseline", 4, "native", 3.6, 50),
+        _row("old", "torchao", None, None, 0.8, 27),  # a row from before both axes: batch 1, native
+    ]
+    flex = {**_row("flex", "baseline", 1, "flex", 1.0, 36), "compile": "default"}  # flex runs compiled only
+    cells = cell_summary(pd.DataFrame([*eager, *map(compiled, eager), flex])).set_index("cell_id")
+    assert cells.loc["bf16x4_c", "eager_step_latency_median_s"] == pytest.approx(3.6 / 4)  # batch 4's, not 1's
+    assert cells.loc["bf16_c", "eager_step_latency_median_s"] == pytest.approx(1.0 / 4)
+    assert cells.loc["old_c", "eager_step_latency_median_s"] == pytest.approx(0.8 / 4)
+    assert pd.isna(cells.loc["flex", "eager_step_latency_median_s"]), "no eager flex cell: no eager step"

@@ -225,6 +225,11 @@ def test_a_compiled_cell_gets_a_warm_up_step_limit_from_the_same_methods_eager_r
     tiny = {key: 0.009 for key in steps}  # a tiny model's eager step on a CPU: 20x is within a busy CPU's noise
     limit, reason = warmup_step_limit(cell, run, tiny)
     assert limit == 1.0 and reason.endswith("0.009 s, at least 1 s")
+    # a batch of 4 is held to four images' eager step, whichever batch the eager rows ran
+    batched = eager_step_times([{**eager_row, "batch_size": 4, "step_latency_median_s": 1.0}])
+    assert batched == steps, "0.25 s per image either way"
+    limit, reason = warmup_step_limit(Cell(**{**cell.__dict__, "batch_size": 4}), run, steps)
+    assert limit == pytest.approx(20.0) and "1.000 s" in reason
 
 
 def test_rows_from_other_library_versions_are_named_by_library():
