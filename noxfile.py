@@ -27,7 +27,7 @@ def install(session: nox.Session, extras: str = "") -> None:
     took 25 s instead of 12 s). An empty value unsets it for the session's commands."""
     session.install("--no-compile", TORCH)
     session.install("--no-compile", "-e", f".{extras}")
-    session.env["PYTHONDONTWRITEBYTECODE"] = ""
+    session.env["PYTHONDONTWRITEBYTECODE"] = ""  # also for the GPU sessions (install_locked)
 
 
 @nox.session(python=PYTHONS)
@@ -58,6 +58,7 @@ def install_locked(session: nox.Session) -> None:
     session.install("--require-hashes", "-r", GPU_LOCK)
     session.install("--no-deps", "-e", ".")
     session.env["QUANTBENCH_LOCK"] = GPU_LOCK
+    session.env["PYTHONDONTWRITEBYTECODE"] = ""  # as in install()
 
 
 @nox.session(python="3.12")

@@ -961,7 +961,8 @@ def _cells(folder: Path) -> Any:
     frame = documented().read_results(folder)
     first = frame.groupby("cell_id", sort=False).first()
     first["latent_rel_l2"] = frame.groupby("cell_id", sort=False)["latent_rel_l2"].mean()
-    first["lora_step_overhead"] = documented().cell_summary(frame).set_index("cell_id")["lora_step_overhead"]
+    if len(first):  # the summary of no rows has no columns
+        first["lora_step_overhead"] = documented().cell_summary(frame).set_index("cell_id")["lora_step_overhead"]
     return first.reset_index()
 
 
