@@ -20,14 +20,17 @@ TORCH = os.environ.get("QUANTBENCH_TORCH", "torch==2.13.*")
 
 def install(session: nox.Session, extras: str = "") -> None:
     """torch and quantbench; `--no-compile`: Python compiles only the modules a run imports, not every file of
-    torch, transformers and Ray at install time (minutes of a CI run on 2 cores), and keeps that bytecode.
-
-    Container images often set PYTHONDONTWRITEBYTECODE (this project's CPU machines do): every `quantbench`
-    process would then compile torch, diffusers and transformers from source again (a `plan` of the smoke matrix
-    took 25 s instead of 12 s). An empty value unsets it for the session's commands."""
+    torch, transformers and Ray at install time (minutes of a CI run on 2 cores), and keeps that bytecode."""
     session.install("--no-compile", TORCH)
     session.install("--no-compile", "-e", f".{extras}")
-    session.env["PYTHONDONTWRITEBYTECODE"] = ""  # also for the GPU sessions (install_locked)
+    keep_bytecode(session)
+
+
+def keep_bytecode(session: nox.Session) -> None:
+    """Container images often set PYTHONDONTWRITEBYTECODE (this project's CPU machines do): every `quantbench`
+    process would then compile torch, diffusers and transformers from source again (a `plan` of the smoke matrix
+    took 25 s instead of 12 s). An empty value unsets it for the session's commands."""
+    session.env["PYTHONDONTWRITEBYTECODE"] = ""
 
 
 @nox.session(python=PYTHONS)
@@ -58,7 +61,7 @@ def install_locked(session: nox.Session) -> None:
     session.install("--require-hashes", "-r", GPU_LOCK)
     session.install("--no-deps", "-e", ".")
     session.env["QUANTBENCH_LOCK"] = GPU_LOCK
-    session.env["PYTHONDONTWRITEBYTECODE"] = ""  # as in install()
+    keep_bytecode(session)
 
 
 @nox.session(python="3.12")

@@ -956,18 +956,25 @@ FINDINGS_TABLES = (
 
 @functools.cache
 def _cells(folder: Path) -> Any:
-    """One record per cell: its first row, with drift averaged over its prompts and seeds and the summary's LoRA
-    overhead."""
+    """One record per cell: its first row, with drift averaged over its prompts and seeds."""
     frame = documented().read_results(folder)
     first = frame.groupby("cell_id", sort=False).first()
     first["latent_rel_l2"] = frame.groupby("cell_id", sort=False)["latent_rel_l2"].mean()
-    if len(first):  # the summary of no rows has no columns
-        first["lora_step_overhead"] = documented().cell_summary(frame).set_index("cell_id")["lora_step_overhead"]
     return first.reset_index()
+
+
+def _with_lora_overhead(cells: Any, folder: Path) -> Any:
+    """`cells` (from `_cells`) with the summary's `lora_step_overhead`, for the tables that show it."""
+    if cells.empty:  # the summary of no rows has no columns
+        return cells
+    overhead = documented().cell_summary(documented().read_results(folder)).set_index("cell_id")["lora_step_overhead"]
+    return cells.assign(lora_step_overhead=cells["cell_id"].map(overhead))
 
 
 def findings_snippet(table: FindingsTable, repo: Path) -> str:
     frame = _cells(repo / table.folder)
+    if "lora_overhead" in table.columns:
+        frame = _with_lora_overhead(frame, repo / table.folder)
     if table.query:
         frame = frame.query(table.query, engine="python")
     frame = frame.sort_values("cell_label")

@@ -323,11 +323,13 @@ class ResultsFolder:
 
     def append_run(self, record: dict[str, Any]) -> None:
         """Add one invocation's record (see runner.RunRecord) to `runs.jsonl`."""
-        path, line = self.root / RUNS_FILE, json.dumps(record, sort_keys=True) + "\n"
-        if path.exists() and path.stat().st_size and not path.read_bytes().endswith(b"\n"):
-            line = "\n" + line  # after a line a crash cut short (readers skip it), not glued onto it
-        with open(path, "a") as handle:
-            handle.write(line)
+        line = json.dumps(record, sort_keys=True) + "\n"
+        with open(self.root / RUNS_FILE, "a+b") as handle:
+            if handle.tell():  # append mode opens at the end: the file has lines already
+                handle.seek(-1, os.SEEK_END)
+                if handle.read(1) != b"\n":
+                    line = "\n" + line  # after a line a crash cut short (readers skip it), not glued onto it
+            handle.write(line.encode())
 
     def read_parts(self, unreadable: str = RERUN) -> dict[str, pa.Table]:
         """Every readable part file by cell id; unreadable (truncated, foreign) parts are skipped with a warning

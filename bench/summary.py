@@ -15,6 +15,7 @@ import numpy as np
 import pandas as pd
 from scipy import stats as scipy_stats
 
+from bench.cells import ID_DEFAULTS
 from bench.contract import Status, worst_status
 from bench.drift import METRICS
 from bench.heartbeat import warmup_step_speed
@@ -179,9 +180,8 @@ def _against_eager(summary: pd.DataFrame) -> pd.DataFrame:
     that did not pay off shows."""
 
     def twin_key(cell: pd.Series) -> tuple:
-        axes = {column: None if pd.isna(cell[column]) else cell[column] for column in EAGER_TWIN_COLUMNS}
-        axes["attention"] = axes["attention"] or "native"  # rows from before the axes: native, one image
-        axes["batch_size"] = int(axes["batch_size"] or 1)
+        # rows from before an axis read as its default (native attention, one image, no adapter)
+        axes = {c: ID_DEFAULTS.get(c) if _missing(cell[c]) else cell[c] for c in EAGER_TWIN_COLUMNS}
         axes["lora"] = eager_lora_mode(axes["lora"])
         return (*axes.values(), device_label(cell["gpu_name"]))
 
