@@ -32,12 +32,12 @@ PEFT_PREFIX = "base_model.model."  # keys of a PEFT `save_pretrained` adapter; d
 
 @dataclass(frozen=True)
 class KnownRefusal:
-    """A method and LoRA modes the libraries were seen to refuse, with the versions that refused: a cell meeting
-    the same versions is `unsupported` before it starts; with other versions it runs and finds out."""
+    """A method and LoRA modes the libraries were seen to refuse, with each set of versions that refused: a cell
+    meeting one of them is `unsupported` before it starts; with other versions it runs and finds out."""
 
     method: str
     modes: tuple[str, ...]
-    seen_with: dict[str, str]  # package: version
+    seen_with: tuple[dict[str, str], ...]  # each: package -> version, as installed where the refusal was seen
     reason: str
 
 
@@ -45,14 +45,14 @@ KNOWN_REFUSALS = (
     KnownRefusal(
         "gguf",
         ("fused",),
-        {"diffusers": "0.42.1", "peft": "0.21.2"},
+        ({"diffusers": "0.42.1", "peft": "0.21.2"}, {"diffusers": "0.42.1", "peft": "0.21.0"}),  # CPU; H200 (lora-h200)
         "peft's merge adds the LoRA update to the weight's data, which for GGUF holds the packed quantized blocks"
         " (RuntimeError: The size of tensor a (68) must match the size of tensor b (64), Q8_0 on the tiny pipeline)",
     ),
     KnownRefusal(
         "quanto",
         ("unfused", "fused", "hotswap"),
-        {"diffusers": "0.42.1", "peft": "0.21.2", "optimum-quanto": "0.2.7"},
+        ({"diffusers": "0.42.1", "peft": "0.21.2", "optimum-quanto": "0.2.7"},),
         "FluxLoraLoaderMixin._maybe_expand_lora_state_dict looks each adapted layer's weight up in the"
         " transformer's state dict, where quanto stores it under other keys (KeyError: '<layer>.weight')",
     ),
@@ -66,11 +66,13 @@ def check_lora(cell: Any) -> None:
     from bench.environment import library_versions
 
     for refusal in KNOWN_REFUSALS:
-        seen = cell.method == refusal.method and cell.lora in refusal.modes
-        if seen and library_versions(*refusal.seen_with) == refusal.seen_with:
-            versions = ", ".join(f"{name} {version}" for name, version in refusal.seen_with.items())
-            reason = f"LoRA {cell.lora} on {cell.method} ({versions}): {refusal.reason}"
-            raise MethodUnavailable("unsupported", reason)
+        if cell.method != refusal.method or cell.lora not in refusal.modes:
+            continue
+        for seen_with in refusal.seen_with:
+            if library_versions(*seen_with) == seen_with:
+                versions = ", ".join(f"{name} {version}" for name, version in seen_with.items())
+                reason = f"LoRA {cell.lora} on {cell.method} ({versions}): {refusal.reason}"
+                raise MethodUnavailable("unsupported", reason)
 
 
 class AdapterFileError(ValueError):

@@ -212,7 +212,7 @@ def test_modes_the_installed_libraries_were_seen_to_refuse_are_unsupported_befor
 
     cpu = Machine(cuda_available=False)
     gguf_fused = Cell("gguf", {"quant_type": "Q8_0"}, lora="fused", lora_rank=4)
-    seen = {name: version for refusal in KNOWN_REFUSALS for name, version in refusal.seen_with.items()}
+    seen = {name: version for refusal in KNOWN_REFUSALS for name, version in refusal.seen_with[0].items()}
     monkeypatch.setattr(environment, "_version", lambda name: seen.get(name))
     verdict = check_cell(gguf_fused, cpu)
     assert verdict.status == "unsupported" and "GGUF holds the packed quantized blocks" in verdict.reason
@@ -220,6 +220,9 @@ def test_modes_the_installed_libraries_were_seen_to_refuse_are_unsupported_befor
     assert check_cell(Cell("quanto", lora="hotswap", lora_rank=4), cpu).status == "unsupported"
     for runs in (Cell("gguf", {"quant_type": "Q8_0"}, lora="unfused", lora_rank=4), Cell("quanto")):
         assert check_cell(runs, cpu).status == "run"
+    on_h200 = {**seen, "peft": "0.21.0"}  # another set of versions seen to refuse GGUF fusing
+    monkeypatch.setattr(environment, "_version", lambda name: on_h200.get(name))
+    assert check_cell(gguf_fused, cpu).status == "unsupported" and "peft 0.21.0" in check_cell(gguf_fused, cpu).reason
     monkeypatch.setattr(environment, "_version", lambda name: "99.0" if name == "diffusers" else seen.get(name))
     assert check_cell(gguf_fused, cpu).status == "run", "newer libraries: the cell finds out for itself"
     monkeypatch.setattr("importlib.util.find_spec", lambda name, *args: None if name == "peft" else object())

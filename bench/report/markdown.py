@@ -107,7 +107,7 @@ def _decision(decision: Decision, several_devices: bool) -> list[str]:
                   "| card | method | batch | images/s | cell |", "|---|---|--:|--:|---|"]  # fmt: skip
         lines += [
             f"| {b.budget_gb} GB | {_cell(b.method)} | {b.batch_size} | "
-            f"{'' if b.images_per_s is None else f'{b.images_per_s:.3g}'} | {_cell(b.label)} |"
+            f"{'' if b.images_per_s is None else f'{b.images_per_s:.2f}'} | {_cell(b.label)} |"
             for b in decision.largest_batches
         ]
         lines.append("")
