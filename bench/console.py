@@ -145,26 +145,29 @@ def run_with_progress(
         TextColumn("{task.fields[running]}"),
     )
     earlier_runs = len(read_runs(results_dir))
-    with Progress(*columns, console=console) as progress:
-        bar = _ProgressBar(progress, f"{matrix.name} ({executor.name}, {executor.slots} at a time)")
-        try:
-            summary = run_matrix(matrix, results_dir, force, bar, executor, max_time_s)
-        except (TimeLimitReached, KeyboardInterrupt) as stop:  # Ctrl-C: the CLI then says how to resume
-            progress.stop()
-            print_summary(results_dir)
-            folder = ResultsFolder(results_dir)
-            for run in read_runs(results_dir)[earlier_runs:]:  # none when stopped before the run was recorded
-                for cell in run.get("unfinished", []):
-                    kept = folder.interrupted_log_path(cell["cell_id"])  # none when its worker was lost
-                    console.print(
-                        f"stopped after {cell['ran_s']:.0f} s: {escape(cell['cell_label'])} ({cell['cell_id']})"
-                        + (f"; its log so far: {escape(str(kept))}" if kept.exists() else ""),
-                        soft_wrap=True,
-                    )
-            if isinstance(stop, KeyboardInterrupt):
-                raise
-            print(f"quantbench: {stop}", file=sys.stderr)
-            return stop.exit_code
+    bar = _ProgressBar(
+        Progress(*columns, console=console), f"{matrix.name} ({executor.name}, {executor.slots} at a time)"
+    )
+    try:
+        summary = run_matrix(matrix, results_dir, force, bar, executor, max_time_s)
+    except (TimeLimitReached, KeyboardInterrupt) as stop:  # Ctrl-C: the CLI then says how to resume
+        bar.close()
+        print_summary(results_dir)
+        folder = ResultsFolder(results_dir)
+        for run in read_runs(results_dir)[earlier_runs:]:  # none when stopped before the run was recorded
+            for cell in run.get("unfinished", []):
+                kept = folder.interrupted_log_path(cell["cell_id"])  # none when its worker was lost
+                console.print(
+                    f"stopped after {cell['ran_s']:.0f} s: {escape(cell['cell_label'])} ({cell['cell_id']})"
+                    + (f"; its log so far: {escape(str(kept))}" if kept.exists() else ""),
+                    soft_wrap=True,
+                )
+        if isinstance(stop, KeyboardInterrupt):
+            raise
+        print(f"quantbench: {stop}", file=sys.stderr)
+        return stop.exit_code
+    finally:
+        bar.close()
     if summary.already_done:
         console.print(f"{summary.already_done} cells already completed in {results_dir} (use --force to rerun them)")
     print_summary(results_dir)
@@ -185,7 +188,13 @@ class _ProgressBar:
         self.running: list[str] = []
 
     def preparing(self) -> None:
+        self.progress.start()
         self.task = self.progress.add_task(self.description, total=None, running="")
+
+    def close(self) -> None:
+        """Stop the bar if it showed (rich's `stop` prints a line on a non-terminal even for a bar never shown)."""
+        if self.progress.live.is_started:
+            self.progress.stop()
 
     def planned(self, todo: int) -> None:
         self.progress.update(self.task, total=todo)
