@@ -3,11 +3,12 @@ reference recorded on the same GPU model (results/reference/<gpu>/nightly), and 
 (reports/out/nightly.html), the comparison as CSV (reports/out/nightly-compare.csv) and as a Markdown job summary
 (`$GITHUB_STEP_SUMMARY`). `--matrix` runs another matrix the same way (the weekly workflow's flux-dev-h100).
 
-    python -m bench.nightly [--quick] [--reference DIR] [--matrix FILE] [--results DIR]
+    python -m bench.nightly [--quick] [--reference DIR] [--matrix FILE] [--results DIR] [--record-reference]
                             [quantbench run options, e.g. --executor local-gpus --max-time 50m]
 
 Exit code: the run's when it did not finish (3: stopped by --max-time), else compare's (1: a regression);
 2 before any work when there is no reference for this GPU (the message gives the command that makes one).
+`--record-reference` runs the matrix into the reference folder instead (resumable) and writes its report there.
 """
 
 from __future__ import annotations
@@ -55,8 +56,11 @@ def reference_folder(gpu_name: str, root: Path = REFERENCE_ROOT, matrix: Path = 
 
 
 def make_reference_command(folder: Path, matrix: Path = MATRIX) -> str:
-    """The commands that record a reference in `folder` on this runner."""
-    return f"quantbench run {matrix} --results {folder} && quantbench report {folder} -o {folder}/report.html"
+    """The command that records a reference in `folder` on this runner, in the GPU sessions' locked environment
+    (its rows record the lock's hash)."""
+    return f"nox -s gpu -- --record-reference --reference {folder}" + (
+        f" --matrix {matrix}" if matrix != MATRIX else ""
+    )
 
 
 def check_reference(folder: Path, gpu_name: str, matrix: Path = MATRIX) -> str:
@@ -69,7 +73,8 @@ def check_reference(folder: Path, gpu_name: str, matrix: Path = MATRIX) -> str:
         raise UserError(
             f"no reference for {gpu_name} in {folder}: record one on this runner with\n"
             f"    {make_reference_command(folder, matrix)}\n"
-            f"then commit {folder} (cells/, logs/, runs.jsonl, report.html) and rerun"
+            "(add --max-time 50m and repeat it until it exits 0 where a job has a time limit; each run resumes),"
+            f" then commit {folder} (cells/, logs/, runs.jsonl, report.html) and rerun"
         )
     recorded_on = sorted({name for name in rows["gpu_name"].dropna()})
     if gpu_name not in recorded_on:
@@ -155,6 +160,11 @@ def _parse(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
     parser.add_argument("--reference", type=Path, help="compare with this results folder instead of this GPU's")
     parser.add_argument("--matrix", type=Path, default=MATRIX, help=f"matrix file (default: {MATRIX})")
     parser.add_argument("--results", type=Path, default=RESULTS, help=f"results folder (default: {RESULTS})")
+    parser.add_argument(
+        "--record-reference",
+        action="store_true",
+        help="run into the reference folder (this GPU's, or --reference) and write its report; no comparison",
+    )
     return parser.parse_known_args(argv)
 
 
@@ -171,11 +181,18 @@ def main(argv: list[str] | None = None) -> int:
         if not machine.cuda_available:
             raise UserError("the nightly runs on a CUDA GPU; torch sees none here")
         reference = args.reference or reference_folder(machine.gpu_name, matrix=args.matrix)
-        print(f"quantbench nightly: {check_reference(reference, machine.gpu_name, args.matrix)}", flush=True)
+        if not args.record_reference:
+            print(f"quantbench nightly: {check_reference(reference, machine.gpu_name, args.matrix)}", flush=True)
     except UserError as error:
         print(f"quantbench nightly: error: {error}", file=sys.stderr)
         return error.exit_code
     select = ["--select", "compile=off"] if args.quick else []
+    if args.record_reference:
+        print(f"quantbench nightly: recording the reference for {machine.gpu_name} in {reference}", flush=True)
+        try:
+            return cli.main(["run", str(args.matrix), "--results", str(reference), *select, *run_args])
+        finally:
+            _write_report(reference, reference / "report.html")
     try:
         run_code = cli.main(["run", str(args.matrix), "--results", str(args.results), *select, *run_args])
     finally:  # a run stopped by --max-time (exit 3) or by a crash still gets its report

@@ -53,7 +53,7 @@ def test_no_reference_for_this_gpu_names_the_command_that_makes_one(tmp_path):
     with pytest.raises(UserError) as error:
         nightly.check_reference(folder, H200)
     assert f"no reference for {H200} in {folder}" in str(error.value)
-    assert f"quantbench run matrices/nightly.toml --results {folder}" in str(error.value)
+    assert f"nox -s gpu -- --record-reference --reference {folder}" in str(error.value), "the locked environment"
 
 
 def test_a_reference_from_another_gpu_model_is_refused_and_a_matching_one_is_named(tmp_path):
@@ -94,7 +94,17 @@ def runner(tmp_path, monkeypatch):
 def test_without_a_reference_the_nightly_stops_before_running(runner, capsys):
     assert nightly.main([]) == 2
     assert runner["runs"] == []
-    assert "quantbench run matrices/nightly.toml --results results/reference/h200/nightly" in capsys.readouterr().err
+    assert "--record-reference --reference results/reference/h200/nightly" in capsys.readouterr().err
+
+
+def test_record_reference_runs_into_this_gpus_reference_folder_and_writes_its_report(runner, capsys):
+    assert nightly.main(["--record-reference", "--max-time", "50m"]) == 0
+    (run,) = runner["runs"]
+    assert run == ["run", "matrices/nightly.toml", "--results", "results/reference/h200/nightly", "--max-time", "50m"]
+    assert Path("results/reference/h200/nightly/report.html").is_file()
+    assert not Path("reports/out/nightly-compare.csv").exists(), "recording compares nothing"
+    assert "recording the reference for NVIDIA H200 in results/reference/h200/nightly" in capsys.readouterr().out
+    assert nightly.main([]) == 0, "the next night compares with what was recorded"
 
 
 def test_a_regression_fails_the_nightly_and_the_summary_and_csv_say_which_cell(runner, capsys):
