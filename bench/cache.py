@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 
-from bench.atomic import replace_folder
+from bench.atomic import replace_folder, write_text_atomic
 
 
 def cache_dir(kind: str) -> Path:
@@ -37,6 +37,22 @@ def inductor_cache_dir() -> str:
     if chosen and os.path.abspath(chosen) != os.path.abspath(default_cache_dir()):
         return chosen
     return str(cache_dir("inductor"))
+
+
+def content_digest(path: Path) -> str:
+    """sha256 of a file's bytes, remembered in the cache by (path, size, mtime) so big files hash once."""
+    stat = path.stat()
+    memo_file = cache_dir("digests") / "sha256.json"
+    memo = json.loads(memo_file.read_text()) if memo_file.exists() else {}
+    memo_key = f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}"
+    if memo_key not in memo:
+        digest = hashlib.sha256()
+        with open(path, "rb") as handle:
+            for chunk in iter(lambda: handle.read(1 << 24), b""):
+                digest.update(chunk)
+        memo[memo_key] = digest.hexdigest()
+        write_text_atomic(memo_file, json.dumps(memo))
+    return memo[memo_key]
 
 
 @dataclass(frozen=True)

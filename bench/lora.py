@@ -18,7 +18,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from bench.cache import build_once, cache_dir
+from bench.cache import build_once, cache_dir, content_digest
 from bench.errors import MethodUnavailable, first_line
 from bench.measure import safetensors_tensors
 
@@ -167,13 +167,13 @@ def safetensors_header(path: Path) -> dict[str, Any]:
 
 
 def file_adapter(path: Path) -> Adapter:
-    """A LoRA file given in the matrix: its rank (the largest `lora_A` rows) and a cheap content identity."""
+    """A LoRA file given in the matrix: its rank (the largest `lora_A` rows) and its content's sha256 as identity
+    (the same file copied or checked out elsewhere keeps its cell ids and reference key)."""
     header = safetensors_header(path)
     ranks = [spec["shape"][0] for name, spec in header.items() if ".lora_A." in name or ".lora_down." in name]
     if not ranks:
         raise AdapterFileError("no LoRA weights in it (no `lora_A` / `lora_down` tensors)")
-    stat = path.stat()
-    digest = hashlib.sha256(f"{path.name}\0{stat.st_size}\0{stat.st_mtime_ns}".encode()).hexdigest()[:16]
+    digest = content_digest(path)[:16]
     peft_format = all(name.startswith(PEFT_PREFIX) for name in header)
     return Adapter(str(path), f"file-{digest}", max(ranks), peft_format)
 

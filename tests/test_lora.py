@@ -180,10 +180,21 @@ def test_a_lora_file_that_is_not_safetensors_exits_2_before_any_work(tmp_path):
     assert "Traceback" not in done.stderr and not (tmp_path / "results").exists()
 
 
-def test_a_peft_format_file_is_read_with_its_rank(tmp_path):
+def test_a_peft_format_file_is_read_with_its_rank_and_identified_by_its_content(tmp_path):
+    import shutil
+
     _adapter_files(tmp_path)
     adapter = file_adapter(tmp_path / "peft.safetensors")
     assert adapter.peft_format and adapter.rank == 2 and adapter.identity.startswith("file-")
+    (tmp_path / "elsewhere").mkdir()
+    copy = shutil.copy(tmp_path / "peft.safetensors", tmp_path / "elsewhere" / "renamed.safetensors")
+    os.utime(copy, (0, 0))
+    assert file_adapter(Path(copy)).identity == adapter.identity, "a copy (another name, mtime) is the same adapter"
+    from safetensors.torch import load_file, save_file
+
+    changed = {name: tensor + 1 for name, tensor in load_file(copy).items()}  # same names, shapes and size
+    save_file(changed, str(tmp_path / "changed.safetensors"))
+    assert file_adapter(tmp_path / "changed.safetensors").identity != adapter.identity
 
 
 def test_a_library_refusal_while_loading_is_unsupported_with_its_reason():

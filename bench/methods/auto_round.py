@@ -22,9 +22,8 @@ import shutil
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
-from bench.cache import build_once, cache_dir
+from bench.cache import build_once, cache_dir, content_digest
 from bench.methods.base import Component, Method, MethodOptions, MethodUnavailable, method_notes
-from bench.methods.gguf import content_digest
 
 WRITER_VERSION = "3"  # bump when the produced checkpoints change
 DEFAULT_CALIBRATION = (

@@ -22,9 +22,8 @@ from typing import Any, ClassVar, Literal
 
 from pydantic import model_validator
 
-from bench.cache import build_once, cache_dir
+from bench.cache import build_once, cache_dir, content_digest
 from bench.methods.base import Component, Method, MethodOptions, method_notes
-from bench.methods.gguf import content_digest
 
 WRITER_VERSION = "1"  # bump when the written checkpoints change
 NVFP4_BLOCK = 16  # E2M1 values per E4M3 block scale

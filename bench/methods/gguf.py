@@ -14,8 +14,7 @@ from typing import Any, ClassVar, Literal
 
 from pydantic import model_validator
 
-from bench.atomic import write_text_atomic
-from bench.cache import build_once, cache_dir
+from bench.cache import build_once, cache_dir, content_digest
 from bench.environment import library_versions
 from bench.methods.base import Component, Method, MethodOptions, MethodUnavailable, QuantizedOptions
 
@@ -101,22 +100,6 @@ def estimated_gguf_bytes(sources: list[Path], quant_type: str) -> int:
     block_size, type_size = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[quant_type]]
     checkpoint = sum(path.stat().st_size for path in sources)
     return int(checkpoint / 2 * type_size / block_size * 1.1) + 256 * 1024**2
-
-
-def content_digest(path: Path) -> str:
-    """sha256 of a file's bytes, remembered beside the cache by (path, size, mtime) so big files hash once."""
-    stat = path.stat()
-    memo_file = cache_dir("gguf") / "digests.json"
-    memo = json.loads(memo_file.read_text()) if memo_file.exists() else {}
-    memo_key = f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}"
-    if memo_key not in memo:
-        digest = hashlib.sha256()
-        with open(path, "rb") as handle:
-            for chunk in iter(lambda: handle.read(1 << 24), b""):
-                digest.update(chunk)
-        memo[memo_key] = digest.hexdigest()
-        write_text_atomic(memo_file, json.dumps(memo))
-    return memo[memo_key]
 
 
 def write_gguf(sources: list[Path], target: Path, options: GgufOptions) -> None:
