@@ -99,8 +99,13 @@ def check_attention(name: str, dtype: str, machine: Machine) -> None:
     what = f"attention = {name!r}"
     if backend.package is not None and (problem := backend.package.problem()):
         raise MethodUnavailable("unsupported", f"{what} {problem}")
-    if backend.hub and os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes"):
-        raise MethodUnavailable("unsupported", f"{what} downloads its kernel from the Hub, and HF_HUB_OFFLINE is set")
+    # Cells run with HF_HUB_OFFLINE=1 unless the user's environment sets it (bench.launch.cell_environment).
+    if backend.hub and os.environ.get("HF_HUB_OFFLINE", "1").lower() in ("1", "true", "yes"):
+        raise MethodUnavailable(
+            "unsupported",
+            f"{what} downloads its kernel from the Hub, and cells run offline (HF_HUB_OFFLINE=1; set"
+            " HF_HUB_OFFLINE=0 where the Hub is reachable)",
+        )
     if backend.half_precision and dtype not in ("bf16", "fp16"):
         raise MethodUnavailable("unsupported", f"{what} takes bf16 or fp16 inputs; the cell's dtype is {dtype}")
     if backend.cuda or backend.min_capability:

@@ -48,9 +48,11 @@ def test_a_backend_with_its_package_still_needs_the_gpu_capability_and_dtype_it_
     assert on_ampere.status == "skipped" and "compute capability >= 9.0" in on_ampere.reason
     fp32_flash = check_cell(Cell(method="baseline", dtype="fp32", attention="_native_flash"), H200)
     assert fp32_flash.status == "unsupported" and "bf16 or fp16" in fp32_flash.reason
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)  # cells run offline by default
     hub = check_cell(Cell(method="baseline", attention="flash_hub"), H200)
-    assert hub.status == "unsupported" and "HF_HUB_OFFLINE" in hub.reason
+    assert hub.status == "unsupported" and "HF_HUB_OFFLINE=0" in hub.reason
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    assert check_cell(Cell(method="baseline", attention="flash_hub"), H200).status == "run", "the user allowed it"
 
 
 def test_every_backend_needing_a_gpu_is_skipped_on_a_cpu_once_its_package_is_there(monkeypatch):
