@@ -57,6 +57,7 @@ def test_a_backend_with_its_package_still_needs_the_gpu_capability_and_dtype_it_
 
 def test_every_backend_needing_a_gpu_is_skipped_on_a_cpu_once_its_package_is_there(monkeypatch):
     monkeypatch.setattr(Requirement, "problem", lambda self: None)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")  # and the Hub reachable, for the `*_hub` backends
     for name, backend in BACKENDS.items():
         verdict = check_cell(Cell(method="baseline", attention=name), CPU)
         assert (verdict.status == "skipped") == (backend.cuda or backend.min_capability is not None), name
