@@ -361,7 +361,9 @@ def test_the_summary_and_report_show_the_overhead_against_no_lora(lora_run, tmp_
     report = tmp_path / "report.md"
     write_report(results, report, report_format="md")
     text = report.read_text()
-    assert "## LoRA" in text and "step vs no LoRA" in text and "| hotswap |" in text
+    assert "## LoRA cells" in text and "step vs no LoRA" in text and "| hotswap |" in text
+    overview = text.split("## LoRA overhead by method and mode")[1].split("## LoRA cells")[0]
+    assert "| torchao[int8wo] bf16 | 4 |" in overview, "one line per cell without an adapter, with the rank"
 
 
 def pd_isna(value) -> bool:
@@ -371,3 +373,30 @@ def pd_isna(value) -> bool:
 def test_cell_adapters_round_trip_through_the_cell_spec():
     adapters = CellAdapters("hotswap", {"path": "a"}, {"path": "b"}, 16)
     assert CellAdapters(**json.loads(json.dumps(adapters.to_json()))) == adapters
+
+
+def test_the_overview_gives_each_modes_step_overhead_by_cell_without_an_adapter():
+    import pandas as pd
+
+    from bench.report.lora import lora_overview_rows
+
+    def cell(label, lora, status="ok", step=1.0, overhead=None, rank=None):
+        return {"cell_label": label + (f" lora={lora} r{rank}" if rank else ""), "lora": lora, "status": status,
+                "step_latency_median_s": step, "lora_step_overhead": overhead, "lora_rank": rank}  # fmt: skip
+
+    cells = pd.DataFrame(
+        [
+            cell("gguf[Q8_0] bf16", "none", step=0.2389),
+            cell("gguf[Q8_0] bf16", "unfused", step=0.2671, overhead=0.118, rank=16),
+            cell("gguf[Q8_0] bf16", "fused", status="unsupported", step=None, rank=16),
+            cell("baseline bf16", "none", step=0.17),
+            cell("baseline bf16", "unfused", overhead=0.16, rank=16),
+            cell("baseline bf16", "unfused", overhead=0.30, rank=64),
+        ]
+    )
+    rows = {(row["cell"], row["rank"]): row for row in lora_overview_rows(cells)}
+    assert rows["gguf[Q8_0] bf16", "16"] == {"cell": "gguf[Q8_0] bf16", "rank": "16", "step": "0.2389",
+                                             "unfused": "+11.8 %", "fused": "unsupported", "hotswap": "–"}  # fmt: skip
+    assert rows["baseline bf16", "64"]["unfused"] == "+30.0 %" and rows["baseline bf16", "64"]["step"] == "0.1700"
+    assert len(rows) == 3
+    assert lora_overview_rows(cells[cells["lora"] == "none"]) == [], "no LoRA cell, no section"

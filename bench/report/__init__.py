@@ -20,7 +20,7 @@ from bench.heartbeat import CompileCounts, warmup_step_speed_in_log
 from bench.measure import measurement_flags
 from bench.reference_cache import ReferenceCache
 from bench.report.decision import DEFAULT_BUDGETS_GB, decide, none_text
-from bench.report.lora import LORA_COLUMNS, LORA_INTRO, lora_rows
+from bench.report.lora import LORA_COLUMNS, LORA_INTRO, OVERVIEW_COLUMNS, OVERVIEW_INTRO, lora_overview_rows, lora_rows
 from bench.report.numbers import number
 from bench.report.plots import SYNTHETIC_DRIFT_REASON, Plot, all_plots, colour, figure_svg, roofline
 from bench.report.resolutions import RESOLUTION_COLUMNS, RESOLUTION_INTRO, resolution_rows
@@ -127,6 +127,8 @@ def report_context(
         gpu_groups=_gpu_groups(frame, cells, budgets_gb),
         lora_columns=LORA_COLUMNS,
         lora_intro=LORA_INTRO,
+        lora_overview_columns=OVERVIEW_COLUMNS,
+        lora_overview_intro=OVERVIEW_INTRO,
         resolution_columns=RESOLUTION_COLUMNS,
         resolution_intro=RESOLUTION_INTRO,
         synthetic_drift=SYNTHETIC_DRIFT_REASON if (cells["weights"] == "synthetic").all() else None,
@@ -275,6 +277,7 @@ def _gpu_groups(frame: pd.DataFrame, cells: pd.DataFrame, budgets_gb: tuple[int,
                 "rows": [_summary_row(cell, shown, scale) for _, cell in group.iterrows()],
                 "drift_headers": [label for metric, label in DRIFT_COLUMNS if metric in shown],
                 "plots": all_plots(group),
+                "lora_overview": lora_overview_rows(group),
                 "lora": lora_rows(group, scale),
                 "resolutions": resolution_rows(group, scale),
             }

@@ -1,6 +1,7 @@
-"""The report's LoRA section: what each LoRA mode costs each method against the same cell without an adapter
-(step and end-to-end overhead), the adapter's load, fuse and hot-swap times, the graphs compiled after a swap,
-peak memory, and drift against the reference pipeline with the same adapter."""
+"""The report's LoRA sections: the step overhead of each LoRA mode by method (one line per cell without an
+adapter), then each LoRA cell against the same cell without one (step and end-to-end overhead), the adapter's
+load, fuse and hot-swap times, the graphs compiled after a swap, peak memory, and drift against the reference
+pipeline with the same adapter."""
 
 from __future__ import annotations
 
@@ -17,7 +18,18 @@ LORA_INTRO = (
     " prepared for it after the warm-up (a compiled model that recompiles shows graphs compiled after the swap)."
     " Drift is against the reference pipeline with the same adapter, unfused."
 )
+OVERVIEW_INTRO = (
+    "The step time of each cell without an adapter, and what each LoRA mode adds to it (`unsupported` or another"
+    " status where that mode did not run ok; – where the matrix has no such cell)."
+)
+OVERVIEW_MODES = ("unfused", "fused", "hotswap")
 # (key, header): one list for the HTML and the Markdown tables
+OVERVIEW_COLUMNS = (
+    ("cell", "cell without an adapter"),
+    ("rank", "rank"),
+    ("step", "s/step without LoRA"),
+    *((mode, f"{mode}: step vs no LoRA") for mode in OVERVIEW_MODES),
+)
 LORA_COLUMNS = (
     ("cell", "cell"),
     ("mode", "LoRA"),
@@ -62,6 +74,25 @@ def lora_rows(cells: pd.DataFrame, memory_scale: float) -> list[dict[str, str]]:
             }
         )
     return rows
+
+
+def lora_overview_rows(cells: pd.DataFrame) -> list[dict[str, str]]:
+    """One row per cell without an adapter (and adapter rank) of one device's summary that has LoRA cells: its
+    step time and each mode's step overhead; [] when the run has no LoRA cell."""
+    plain_steps = {
+        cell["cell_label"]: cell["step_latency_median_s"] for _, cell in cells[cells["lora"] == "none"].iterrows()
+    }
+    rows: dict[tuple[str, str], dict[str, str]] = {}
+    for _, cell in cells[cells["lora"] != "none"].iterrows():
+        base, rank = cell["cell_label"].split(" lora=")[0], shown(cell["lora_rank"], "{:.0f}")
+        row = rows.setdefault(
+            (base, rank),
+            {"cell": base, "rank": rank, "step": shown(plain_steps.get(base), "{:.4f}")}
+            | dict.fromkeys(OVERVIEW_MODES, "–"),
+        )
+        ok = cell["status"] == Status.OK
+        row[cell["lora"]] = shown(cell["lora_step_overhead"] * 100, "{:+.1f} %") if ok else cell["status"]
+    return list(rows.values())
 
 
 def _last_line(error: Any) -> str:

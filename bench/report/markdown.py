@@ -10,7 +10,7 @@ from typing import Any
 import pandas as pd
 
 from bench.report.decision import Decision, Pick, none_text
-from bench.report.lora import LORA_INTRO
+from bench.report.lora import LORA_INTRO, OVERVIEW_INTRO
 from bench.report.resolutions import RESOLUTION_INTRO
 
 
@@ -44,7 +44,10 @@ def render_markdown(
         if len(context["gpu_groups"]) > 1:
             lines += [f"### {group['device']}", ""]
         lines += _summary(group["rows"], group["memory_unit"])
-    lines += _group_section(context, "lora", "LoRA", LORA_INTRO, context["lora_columns"])
+    lines += _group_section(
+        context, "lora_overview", "LoRA overhead by method and mode", OVERVIEW_INTRO, context["lora_overview_columns"]
+    )
+    lines += _group_section(context, "lora", "LoRA cells", LORA_INTRO, context["lora_columns"])
     lines += _group_section(
         context, "resolutions", "Resolution changes", RESOLUTION_INTRO, context["resolution_columns"]
     )
