@@ -13,7 +13,7 @@ import logging
 import subprocess
 import time
 from collections import Counter, deque
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from concurrent.futures import FIRST_COMPLETED, CancelledError, Future, wait
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
@@ -196,7 +196,7 @@ def run_matrix(
             try:
                 while waiting or running:
                     while waiting and len(running) < pool.slots and (deadline is None or time.monotonic() < deadline):
-                        cell = waiting.popleft()
+                        cell = next_to_start(waiting, running.values())
                         running[submit_with_retry(pool, job(cell, bool(waiting)))] = cell
                         started_at[cell.id] = time.monotonic()
                         if progress:
@@ -367,14 +367,31 @@ def eager_step_times(rows: list[dict[str, Any]]) -> dict[tuple, float]:
 SLOW_WARMUP_FLOOR_S = 1.0
 
 
+def same_method_key(cell: Cell) -> tuple:
+    """The values of SAME_METHOD's columns for `cell`, as its rows hold them: its eager twin has the same."""
+    return (cell.method, json.dumps(cell.options, sort_keys=True), cell.dtype, cell.threshold,
+            ",".join(cell.components) if cell.components is not None else None, cell.placement)  # fmt: skip
+
+
+def next_to_start(waiting: deque[Cell], running: Iterable[Cell]) -> Cell:
+    """Take the cell to start next from `waiting`: the first, except that a compiled cell whose eager twin is still
+    waiting or running lets others go first, so that it starts with the twin's step time (its slow warm-up limit,
+    `warmup_step_limit`); when every waiting cell waits so, the first (a slot never idles)."""
+    pending = {same_method_key(cell) for cell in [*waiting, *running] if cell.compile == "off"}
+    for cell in waiting:
+        if cell.compile == "off" or same_method_key(cell) not in pending:
+            waiting.remove(cell)
+            return cell
+    return waiting.popleft()
+
+
 def warmup_step_limit(cell: Cell, run: Any, eager_steps: dict[tuple, float]) -> tuple[float | None, str]:
     """The warm-up step time past which a compiled `cell` ends untimed (run.slow_warmup_factor x the same
     method's eager step for the cell's batch but at least SLOW_WARMUP_FLOOR_S, or run.max_warmup_step_s), and why;
     (None, "") for eager cells or without either."""
     if cell.compile == "off":
         return None, ""
-    key = (cell.method, json.dumps(cell.options, sort_keys=True), cell.dtype, cell.threshold,
-           ",".join(cell.components) if cell.components is not None else None, cell.placement)  # fmt: skip
+    key = same_method_key(cell)
     limits = []
     if key in eager_steps:
         eager = eager_steps[key] * cell.batch_size

@@ -18,7 +18,7 @@ from bench.cli import main
 from bench.environment import other_versions
 from bench.measure import bf16_bytes, measurement_flags, quantization_effect
 from bench.methods import method_class
-from bench.runner import eager_step_times, warmup_step_limit
+from bench.runner import eager_step_times, next_to_start, same_method_key, warmup_step_limit
 from bench.store import read_results
 from bench.trackers import energy as energy_module
 from bench.trackers.energy import CPU_NOTE, EnergyTracker, throttle_reasons
@@ -230,6 +230,21 @@ def test_a_compiled_cell_gets_a_warm_up_step_limit_from_the_same_methods_eager_r
     assert batched == steps, "0.25 s per image either way"
     limit, reason = warmup_step_limit(Cell(**{**cell.__dict__, "batch_size": 4}), run, steps)
     assert limit == pytest.approx(20.0) and "1.000 s" in reason
+
+    assert same_method_key(Cell(**{**cell.__dict__, "compile": "off"})) in steps, "the twin's rows hold its key"
+
+
+def test_a_compiled_cell_starts_after_its_eager_twin_unless_nothing_else_can_start():
+    from collections import deque
+
+    int8wo = Cell(method="torchao", options={"quant_type": "int8wo"})
+    compiled, eager = Cell(**{**int8wo.__dict__, "compile": "default"}), int8wo
+    other = Cell(method="bnb_4bit", compile="default")
+    waiting = deque([compiled, other, eager])  # longest first: the compiled cell ahead of its twin
+    assert next_to_start(waiting, running=[]) is other, "its twin is waiting: another cell goes first"
+    assert next_to_start(waiting, running=[]) is eager
+    assert next_to_start(waiting, running=[eager]) is compiled, "nothing else left: a slot never idles"
+    assert next_to_start(deque([compiled, other]), running=[]) is compiled, "no twin pending: longest first"
 
 
 def test_rows_from_other_library_versions_are_named_by_library():
