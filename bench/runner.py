@@ -374,14 +374,21 @@ def same_method_key(cell: Cell) -> tuple:
 
 
 def next_to_start(waiting: deque[Cell], running: Iterable[Cell]) -> Cell:
-    """Take the cell to start next from `waiting`: the first, except that a compiled cell whose eager twin is still
-    waiting or running lets others go first, so that it starts with the twin's step time (its slow warm-up limit,
-    `warmup_step_limit`); when every waiting cell waits so, the first (a slot never idles)."""
-    pending = {same_method_key(cell) for cell in [*waiting, *running] if cell.compile == "off"}
+    """Take the cell to start next from `waiting`: the first, except that a compiled cell starts after its eager
+    twin, whose step time gives it its slow warm-up limit (`warmup_step_limit`): a waiting twin starts in its
+    place (eager cells are short), and while the twin runs other cells go first. When every waiting cell waits
+    so, the first (a slot never idles)."""
+    running_eager = {same_method_key(cell) for cell in running if cell.compile == "off"}
     for cell in waiting:
-        if cell.compile == "off" or same_method_key(cell) not in pending:
-            waiting.remove(cell)
-            return cell
+        if cell.compile != "off":
+            key = same_method_key(cell)
+            twin = next((other for other in waiting if other.compile == "off" and same_method_key(other) == key), None)
+            if twin is not None:
+                cell = twin
+            elif key in running_eager:
+                continue
+        waiting.remove(cell)
+        return cell
     return waiting.popleft()
 
 

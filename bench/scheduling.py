@@ -16,7 +16,18 @@ from bench.store import ResultsFolder, read_runs
 # Cell wall seconds on one H200/H100 at FLUX.1-dev shapes with a cold Inductor cache (results/reference/h200 and
 # h100/flux-dev-h100, imports at 8 s): an eager cell by method family, what compiling the whole denoiser adds by
 # mode, what regional compilation (each repeated block once) adds, and the cells whose loading or steps add more.
-EAGER_S = {"baseline": 21.0, "bitsandbytes": 25.0, "gguf": 50.0, "torchao": 45.0, "quanto": 45.0, "layerwise": 22.0}
+EAGER_S = {
+    "baseline": 21.0,
+    "bitsandbytes": 25.0,
+    "gguf": 50.0,
+    "torchao": 45.0,
+    "quanto": 45.0,
+    "layerwise": 22.0,
+    "sdnq": 75.0,
+    "bfl": 30.0,
+    "modelopt": 45.0,
+    "auto_round": 95.0,
+}  # the last four: h200/backends-h200
 EAGER_UNKNOWN_S = 45.0
 COMPILE_S = {"default": 75.0, "reduce-overhead": 90.0, "max-autotune": 300.0, "max-autotune-no-cudagraphs": 280.0}
 # compiled torchao (its configs turn on coordinate-descent tuning) and GGUF build more kernels than bf16: whole

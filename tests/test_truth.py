@@ -241,8 +241,8 @@ def test_a_compiled_cell_starts_after_its_eager_twin_unless_nothing_else_can_sta
     compiled, eager = Cell(**{**int8wo.__dict__, "compile": "default"}), int8wo
     other = Cell(method="bnb_4bit", compile="default")
     waiting = deque([compiled, other, eager])  # longest first: the compiled cell ahead of its twin
-    assert next_to_start(waiting, running=[]) is other, "its twin is waiting: another cell goes first"
-    assert next_to_start(waiting, running=[]) is eager
+    assert next_to_start(waiting, running=[]) is eager, "the twin starts in its place"
+    assert next_to_start(waiting, running=[eager]) is other, "its twin runs: another cell goes first"
     assert next_to_start(waiting, running=[eager]) is compiled, "nothing else left: a slot never idles"
     assert next_to_start(deque([compiled, other]), running=[]) is compiled, "no twin pending: longest first"
 
