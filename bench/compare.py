@@ -348,18 +348,28 @@ def latency_text(row: pd.Series) -> str:
 
 
 def environment_difference(old: pd.DataFrame, new: pd.DataFrame) -> str:
-    """One line: the library versions, lock hash and harness commit that differ between the two runs."""
+    """One line: the library versions, lock hash and harness commit that differ between the two runs (a run whose
+    rows differ among themselves shows each value: "a, b")."""
     from bench.environment import differing_versions
 
-    before, after = old.iloc[0].to_dict(), new.iloc[0].to_dict()
+    before, after = _run_environment(old), _run_environment(new)
     differing = differing_versions(before, after)
-    commits = tuple(None if pd.isna(row.get("harness_commit")) else row["harness_commit"] for row in (before, after))
-    if commits[0] != commits[1]:
-        differing["harness_commit"] = commits
+    if before["harness_commit"] != after["harness_commit"]:
+        differing["harness_commit"] = (before["harness_commit"], after["harness_commit"])
     if not differing:
         return "the two runs have the same library versions, lock and harness commit"
     changes = ", ".join(f"{name.removesuffix('_version')} {a} -> {b}" for name, (a, b) in differing.items())
     return f"differing between the two runs: {changes}"
+
+
+def _run_environment(rows: pd.DataFrame) -> dict[str, str | None]:
+    """Each version, lock and commit column of a run's rows: its values, sorted and joined; None where no row has one."""
+    columns = [column for column in rows.columns if column.endswith("_version") or column == "lock_sha256"]
+    values = {}
+    for column in [*columns, "harness_commit"]:
+        known = sorted({str(value) for value in rows[column].dropna()}) if column in rows else []
+        values[column] = ", ".join(known) or None
+    return values
 
 
 def wall_time_comparison(old: pd.DataFrame, new: pd.DataFrame) -> str | None:

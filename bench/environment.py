@@ -16,7 +16,9 @@ from pathlib import Path
 
 from bench.errors import UserError
 
-LIBRARIES = ("torch", "diffusers", "transformers", "accelerate", "bitsandbytes", "torchao", "gguf", "peft")
+# the distributions whose versions every row records, each as `<name with _ for ->_version`
+LIBRARIES = ("torch", "diffusers", "transformers", "accelerate", "bitsandbytes", "torchao", "gguf", "peft",
+             "optimum-quanto", "sdnq", "nvidia-modelopt", "auto-round", "kernels", "triton")  # fmt: skip
 LOCK_ENV = "QUANTBENCH_LOCK"  # the lock file (e.g. locks/gpu.txt) this environment was installed from, if any
 
 
@@ -71,6 +73,12 @@ class Environment:
     torchao_version: str | None
     gguf_version: str | None
     peft_version: str | None  # diffusers' LoRA loading
+    optimum_quanto_version: str | None
+    sdnq_version: str | None
+    nvidia_modelopt_version: str | None
+    auto_round_version: str | None
+    kernels_version: str | None  # Hub kernels (Nunchaku Lite, `*_hub` attention)
+    triton_version: str | None  # Inductor's kernels
     cpu: str
     host: str
     harness_commit: str | None
@@ -82,7 +90,7 @@ class Environment:
 
 def collect_environment() -> Environment:
     """Library versions (from package metadata, without importing them), CPU, host and harness commit."""
-    versions = {f"{name}_version": _version(name) for name in LIBRARIES}
+    versions = {version_field(name): _version(name) for name in LIBRARIES}
     return Environment(
         python_version=platform.python_version(),
         cpu=cpu_name(),
@@ -94,7 +102,13 @@ def collect_environment() -> Environment:
 
 
 MODEL_LIBRARIES = ("torch", "diffusers", "transformers")  # what builds, loads and runs every pipeline
-FAMILY_LIBRARY = {"bitsandbytes": "bitsandbytes", "torchao": "torchao", "gguf": "gguf"}  # row columns by family
+FAMILY_LIBRARY = {"bitsandbytes": "bitsandbytes", "torchao": "torchao", "gguf": "gguf", "quanto": "optimum-quanto",
+                  "sdnq": "sdnq", "modelopt": "nvidia-modelopt", "auto_round": "auto-round", "nunchaku": "kernels"}  # fmt: skip
+
+
+def version_field(distribution: str) -> str:
+    """The row column of a distribution's version: "optimum-quanto" -> "optimum_quanto_version"."""
+    return distribution.replace("-", "_") + "_version"
 
 
 def library_versions(*names: str) -> dict[str, str | None]:
@@ -109,7 +123,7 @@ def other_versions(row: dict[str, object], current: dict[str, object]) -> dict[s
     family = FAMILY_LIBRARY.get(str(row.get("method_family")))
     lora = isinstance(row.get("lora"), str) and row["lora"] != "none"  # None or NaN in rows from before the axis
     libraries = (*MODEL_LIBRARIES, *([family] if family else []), *(["peft"] if lora else []))
-    fields = [f"{name}_version" for name in libraries]
+    fields = [version_field(name) for name in libraries]
     return {
         field: (row.get(field), current.get(field))
         for field in fields
@@ -135,7 +149,7 @@ def differing_versions(old: dict[str, object], new: dict[str, object]) -> dict[s
     """The environment fields (library versions, Python, lock hash) whose values differ between two runs'
     environments (e.g. one row of each), as {field: (old, new)}: what a maintainer asks first about a
     regression. A field missing from one side counts as None there."""
-    fields = [*(f"{name}_version" for name in ("python", *LIBRARIES)), "lock_sha256"]
+    fields = [*(version_field(name) for name in ("python", *LIBRARIES)), "lock_sha256"]
     return {
         field: (old.get(field), new.get(field)) for field in fields if _known(old.get(field)) != _known(new.get(field))
     }

@@ -91,9 +91,15 @@ def check_reference(folder: Path, gpu_name: str, matrix: Path = MATRIX) -> str:
 
 
 def markdown_summary(
-    comparison: pd.DataFrame | None, reference: Path, results: Path, run_code: int, compare_code: int
+    comparison: pd.DataFrame | None,
+    reference: Path,
+    results: Path,
+    run_code: int,
+    compare_code: int,
+    versions: str = "",
 ) -> str:
-    """The job summary: the verdict, then the compare table (one line per cell both runs have)."""
+    """The job summary: the verdict (with `versions`, what differs between the runs' environments, when a cell
+    regressed), then the compare table (one line per cell both runs have)."""
     from bench.compare import latency_text
 
     lines = [f"## Nightly GPU guard: {results} against {reference}", ""]
@@ -112,7 +118,7 @@ def markdown_summary(
         if len(regressed)
         else f"**No regression** in {len(comparison)} cells"
     )
-    lines += [verdict, "", "| cell | status | peak memory | transformer size | latency [95 % interval] | regression |",
+    lines += [verdict + (f": {versions}" if len(regressed) and versions else ""), "", "| cell | status | peak memory | transformer size | latency [95 % interval] | regression |",
               "|---|---|---|---|---|---|"]  # fmt: skip
     for _, row in comparison.iterrows():
         regression = row["regressions"] if isinstance(row["regressions"], str) and row["regressions"] else ""
@@ -203,8 +209,12 @@ def main(argv: list[str] | None = None) -> int:
     comparison = pd.read_csv(compare_csv) if compare_csv.exists() else None
     summary_path = os.environ.get(SUMMARY_ENV)
     if summary_path:
+        from bench.compare import environment_difference
+        from bench.store import read_results
+
+        versions = environment_difference(read_results(reference), read_results(args.results))
         with open(summary_path, "a") as summary:
-            summary.write(markdown_summary(comparison, reference, args.results, run_code, compare_code))
+            summary.write(markdown_summary(comparison, reference, args.results, run_code, compare_code, versions))
     return run_code or compare_code
 
 

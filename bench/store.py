@@ -196,6 +196,12 @@ class ResultRow:
     torchao_version: str | None = None
     gguf_version: str | None = None
     peft_version: str | None = None
+    optimum_quanto_version: str | None = None
+    sdnq_version: str | None = None
+    nvidia_modelopt_version: str | None = None
+    auto_round_version: str | None = None
+    kernels_version: str | None = None
+    triton_version: str | None = None
     harness_commit: str | None = None
     lock_sha256: str | None = None  # the lock file the environment was installed from (environment.lock_sha256)
 

@@ -170,6 +170,19 @@ def test_a_regression_names_the_library_versions_that_differ(tmp_path, capsys):
     assert "diffusers" not in out.split("differing")[1]
 
 
+def test_the_version_difference_reads_every_row_of_each_run():
+    from bench.compare import environment_difference
+
+    rng = np.random.default_rng(7)
+    old = pd.concat([cell_rows("c", rng, 0.1), cell_rows("d", rng, 0.1)], ignore_index=True)
+    new = old.copy()
+    old["harness_commit"], new["harness_commit"] = ["abc1234", "fff0000"], "def5678"
+    new["optimum_quanto_version"] = ["0.2.7", None]  # only the quanto cell's row
+    assert environment_difference(old, new) == (
+        "differing between the two runs: optimum_quanto None -> 0.2.7, harness_commit abc1234, fff0000 -> def5678"
+    )
+
+
 @pytest.mark.parametrize(
     ("setting", "cell_id", "fraction"),
     [("slow=10%", "abc", 0.10), ("slow=5%@ab", "abc", 0.05), ("slow=5%@ff", "abc", None), ("oom", "abc", None)],

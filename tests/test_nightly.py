@@ -118,7 +118,7 @@ def test_a_regression_fails_the_nightly_and_the_summary_and_csv_say_which_cell(r
     assert "c1" in Path("reports/out/nightly-compare.csv").read_text()
     assert Path("reports/out/nightly.html").is_file()
     summary = runner["summary"].read_text()
-    assert "**1 of 1 cells regressed**" in summary
+    assert "**1 of 1 cells regressed**: the two runs have the same library versions, lock and harness commit" in summary
     assert "| cell c1 | ok → ok | +0.0% | n/a | +50.0% (medians) | **e2e latency +50.0%" in summary
 
 

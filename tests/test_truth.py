@@ -256,6 +256,10 @@ def test_rows_from_other_library_versions_are_named_by_library():
         "torchao_version": ("0.17.0", "0.18.0"),  # bitsandbytes is not torchao's library: left out
     }
     assert other_versions({**row, "torch_version": None}, current).keys() == {"torchao_version"}
+    quanto = {**row, "method_family": "quanto", "optimum_quanto_version": "0.2.6"}
+    assert other_versions(quanto, {**row, "optimum_quanto_version": "0.2.7"}) == {
+        "optimum_quanto_version": ("0.2.6", "0.2.7")
+    }, "every family's own library counts, under its distribution's name"
     same = {**row, "peft_version": "0.21.2"}
     with_peft = {**same, "peft_version": "0.22.0"}
     assert other_versions({**same, "lora": "fused"}, with_peft) == {"peft_version": ("0.21.2", "0.22.0")}

@@ -31,7 +31,8 @@ THUMBNAIL_PX = 256
 ENVIRONMENT_COLUMNS = (
     "device", "gpu_name", "gpu_driver", "cuda_version", "cpu", "host", "python_version", "torch_version",
     "diffusers_version", "transformers_version", "accelerate_version", "bitsandbytes_version", "torchao_version",
-    "gguf_version", "peft_version",
+    "gguf_version", "peft_version", "optimum_quanto_version", "sdnq_version", "nvidia_modelopt_version",
+    "auto_round_version", "kernels_version", "triton_version",
 )  # fmt: skip
 DRIFT_COLUMNS = (
     ("psnr_db", "PSNR dB"),
