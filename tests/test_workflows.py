@@ -117,6 +117,7 @@ def test_the_weekly_workflow_runs_the_full_reference_matrix_in_resumable_chunks(
         "chunks go on while the run stops at its limit"
     )
     assert re.search(r'exit "\$status"', loop)
+    assert 'cat "$RUNNER_TEMP/chunk-summary.md" >> "$job_summary"' in loop, "one compare table in the summary"
     (install,) = steps_running(WEEKLY, "--require-hashes")
     assert "-r locks/gpu.txt" in install and "--no-deps -e ." in install
     assert "QUANTBENCH_LOCK" in workflow(WEEKLY)["jobs"]["reference-matrix"]["steps"][2]["env"]
