@@ -218,4 +218,5 @@ def test_the_report_names_the_largest_batch_each_method_fits_on_each_card(tmp_pa
     assert decide(one_batch, cell_summary(one_batch), "H200", (80,)).largest_batches == []
     html = render(frame, tmp_path, budgets_gb=(80, 48, 24))
     assert "The largest batch (<code>batch_size</code>) of each method" in html
-    assert '<td>4</td><td>0.8</td><td class="text">torchao bf16 batch=4</td>' in html
+    assert '<td>4</td><td>0.80</td><td class="text">torchao bf16 batch=4</td>' in html
+    assert "batch 4: 0.80 images/s, 0.3125 s/step per image" in html, "the summary says what a batch's times mean"

@@ -334,6 +334,7 @@ def _summary_row(cell: pd.Series, drift_shown: set[str], memory_scale: float) ->
         "e2e_iqr": number(cell["e2e_latency_iqr_s"], "{:.3f}"),
         "e2e_extrapolated": number(cell["e2e_latency_extrapolated_s"], "{:.2f}"),
         "extrapolated_to_steps": number(cell["extrapolated_to_steps"], "{:.0f}"),
+        "batch": _batch_text(cell),
         "compile": number(cell["compile_s"], "{:.1f}"),
         "compile_work": _compile_work(counts, cell["inductor_cache_at_start"]),
         "timed_compiles": number(cell["timed_compiles"] or None, "{:.0f}"),  # 0 recompiles: nothing to flag
@@ -345,6 +346,17 @@ def _summary_row(cell: pd.Series, drift_shown: set[str], memory_scale: float) ->
         "gate": cell["gate_status"] if isinstance(cell["gate_status"], str) else "–",
         "gate_failures": cell["gate_failures"] if isinstance(cell["gate_failures"], str) else None,
     }
+
+
+def _batch_text(cell: pd.Series) -> str | None:
+    """For a cell of several images per call, its rate and step time per image: "batch 4: 1.72 images/s,
+    0.1230 s/step per image"; None for one image."""
+    batch = cell.get("batch_size")
+    if batch is None or pd.isna(batch) or batch <= 1:
+        return None
+    rate = number(cell["images_per_s"], "{:.2f}") or "–"
+    step = number(cell["step_latency_median_s"] / batch, "{:.4f}") or "–"
+    return f"batch {batch:.0f}: {rate} images/s, {step} s/step per image"
 
 
 def _step_against_eager(step_s: float, eager_step_s: float) -> dict[str, Any] | None:

@@ -157,6 +157,8 @@ def _summary(rows: list[dict[str, Any]], memory_unit: str) -> list[str]:
     ]
     for row in rows:
         values = [row[k] or "–" for k in ("peak", "step", "e2e", "compile", "speedup", "memory_saving")]
+        if row["batch"]:
+            values[2] += f" ({row['batch']})"
         lines.append(f"| {_cell(row['label'])} | {row['status']} | {' | '.join(values)} | {row['gate']} |")
     return [*lines, ""]
 
