@@ -400,3 +400,20 @@ def test_the_overview_gives_each_modes_step_overhead_by_cell_without_an_adapter(
     assert rows["baseline bf16", "64"]["unfused"] == "+30.0 %" and rows["baseline bf16", "64"]["step"] == "0.1700"
     assert len(rows) == 3
     assert lora_overview_rows(cells[cells["lora"] == "none"]) == [], "no LoRA cell, no section"
+
+
+def test_a_compile_that_found_its_graphs_in_the_cache_says_so():
+    import pandas as pd
+
+    from bench.report.lora import lora_rows
+
+    def cell(compile_s, counts):
+        return {"cell_label": "baseline bf16 compile=default+regional lora=fused r16", "lora": "fused", "status": "ok",
+                "compile": "default", "lora_rank": 16, "step_latency_median_s": 0.13, "lora_step_overhead": 0.01,
+                "e2e_latency_median_s": 0.7, "lora_e2e_overhead": 0.02, "lora_load_s": 0.6, "lora_fuse_s": 0.2,
+                "lora_swap_s": None, "timed_compiles": 0, "peak_reserved_bytes": 2**30, "error": None,
+                "compile_s": compile_s, "compile_counts": json.dumps(counts)}  # fmt: skip
+
+    cached, cold = lora_rows(pd.DataFrame([cell(4.7, {"graphs_from_cache": 3}), cell(11.7, {"graphs": 3})]), 2**30)
+    assert cached["compile"] == "4.7 (3 graphs from the cache)", "not what the adapter costs a cold compile"
+    assert cold["compile"] == "11.7"
