@@ -72,6 +72,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="start no cell after this long and stop the cells still running then (exit code 3; a rerun resumes): "
         "seconds, or with a unit, e.g. 540, 25m, 1.5h",
     )
+    run.add_argument(
+        "--times-from",
+        type=Path,
+        metavar="DIR",
+        help="with several GPUs, also order cells longest first by the cell times recorded in this results folder "
+        "(e.g. a reference run of the same matrix; --results' own times win)",
+    )
 
     report = verbs.add_parser("report", help="write a self-contained HTML (or Markdown) report of a results folder")
     report.add_argument("results", type=Path, help="results folder or Parquet file")
@@ -210,7 +217,9 @@ def _dispatch(args: argparse.Namespace) -> int:
         from bench.executors import make_executor
 
         executor = make_executor(args.executor, args.address, args.gpus)
-        return console.run_with_progress(matrix, results_dir, args.force, executor, args.max_time)
+        if args.times_from is not None and not args.times_from.is_dir():
+            raise UserError(f"--times-from {args.times_from}: no such results folder")
+        return console.run_with_progress(matrix, results_dir, args.force, executor, args.max_time, args.times_from)
     if args.output:
         _check_path(args.output, "-o", folder=False)
     if args.verb == "report":

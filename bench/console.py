@@ -129,7 +129,12 @@ def _print_cells(matrix: Matrix, title: str, here: Callable[[Cell], str], result
 
 
 def run_with_progress(
-    matrix: Matrix, results_dir: Path, force: bool, executor: Executor, max_time_s: float | None = None
+    matrix: Matrix,
+    results_dir: Path,
+    force: bool,
+    executor: Executor,
+    max_time_s: float | None = None,
+    times_from: Path | None = None,
 ) -> int:
     """Run the matrix on `executor` with a live progress bar, then print the summary table. Exit code 0, or 3
     when `max_time_s` stopped the run first."""
@@ -149,7 +154,7 @@ def run_with_progress(
         Progress(*columns, console=console), f"{matrix.name} ({executor.name}, {executor.slots} at a time)"
     )
     try:
-        summary = run_matrix(matrix, results_dir, force, bar, executor, max_time_s)
+        summary = run_matrix(matrix, results_dir, force, bar, executor, max_time_s, times_from)
     except (TimeLimitReached, KeyboardInterrupt) as stop:  # Ctrl-C: the CLI then says how to resume
         bar.close()
         print_summary(results_dir)

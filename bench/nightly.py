@@ -192,15 +192,17 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as error:
         print(f"quantbench nightly: error: {error}", file=sys.stderr)
         return error.exit_code
-    select = ["--select", "compile=off"] if args.quick else []
+    options = ["--select", "compile=off"] if args.quick else []
+    if not args.record_reference and "--times-from" not in run_args:
+        options += ["--times-from", str(reference)]  # on several GPUs, the reference's cell times order the cells
     if args.record_reference:
         print(f"quantbench nightly: recording the reference for {machine.gpu_name} in {reference}", flush=True)
         try:
-            return cli.main(["run", str(args.matrix), "--results", str(reference), *select, *run_args])
+            return cli.main(["run", str(args.matrix), "--results", str(reference), *options, *run_args])
         finally:
             _write_report(reference, reference / "report.html")
     try:
-        run_code = cli.main(["run", str(args.matrix), "--results", str(args.results), *select, *run_args])
+        run_code = cli.main(["run", str(args.matrix), "--results", str(args.results), *options, *run_args])
     finally:  # a run stopped by --max-time (exit 3) or by a crash still gets its report
         _write_report(args.results, REPORTS / f"{args.matrix.stem}.html")
     compare_csv = REPORTS / f"{args.matrix.stem}-compare.csv"

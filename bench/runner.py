@@ -114,6 +114,7 @@ def run_matrix(
     progress: RunProgress | None = None,
     executor: Executor | None = None,
     max_time_s: float | None = None,
+    times_from: Path | None = None,
 ) -> RunSummary:
     """Run every cell not already completed in `results_dir` (all of them with `force`) on `executor`
     (default: local, one cell after another). Rows are written here, by the driver, as cells finish; each
@@ -184,7 +185,7 @@ def run_matrix(
                 return _job(ready, cell, warmup_step_limit=(limit, reason), prestart_next=prestart_next)
 
             waiting = deque()
-            for cell in start_order(todo, results_dir, pool.slots):  # several slots: longest cells first
+            for cell in start_order(todo, results_dir, pool.slots, times_from):  # several slots: longest first
                 verdict = ready.verdicts[cell.id]
                 if verdict.status == "run":
                     waiting.append(cell)

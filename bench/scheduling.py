@@ -1,7 +1,8 @@
 """The order cells start in when several run at once: longest first (LPT), so the slots finish together.
 
 A cell's length is its recorded wall time in the results folder (a row's `cell_wall_s`, or how long a run that
-was stopped let it run), else an estimate from its method family and compile settings. With one slot the
+was stopped let it run), else in the folder `quantbench run --times-from` names (a reference run of the same
+cells), else an estimate from its method family and compile settings. With one slot the
 order changes nothing but the order of the rows, so the driver keeps the matrix's order there.
 """
 
@@ -84,12 +85,14 @@ def longest_first(cells: Iterable[Cell], recorded: Mapping[str, float], families
     return sorted(cells, key=length, reverse=True)
 
 
-def start_order(cells: Iterable[Cell], results_dir: Path, slots: int) -> list[Cell]:
-    """The order the driver starts `cells` in: the matrix's with one slot, longest first with several."""
+def start_order(cells: Iterable[Cell], results_dir: Path, slots: int, times_from: Path | None = None) -> list[Cell]:
+    """The order the driver starts `cells` in: the matrix's with one slot, longest first with several, by the
+    times recorded in `results_dir`, then in `times_from` (another run of the same cells), then the estimate."""
     cells = list(cells)
     if slots <= 1:
         return cells
     from bench.methods import method_class
 
     families = {cell.method: method_class(cell.method).family for cell in cells}
-    return longest_first(cells, recorded_s(results_dir), families)
+    recorded = {**(recorded_s(times_from) if times_from is not None else {}), **recorded_s(results_dir)}
+    return longest_first(cells, recorded, families)

@@ -186,6 +186,7 @@ def test_plan_says_when_the_results_folder_also_holds_another_matrixs_rows(make_
         (["--executor", "local-gpus", "--gpus", "0,1,0"], "argument --gpus: each device once, got 0 more than once"),
         (["--max-time", "soon"], "argument --max-time: expected seconds or a duration such as 25m or 1.5h"),
         (["--max-time", "0"], "argument --max-time: must be more than 0"),
+        (["--times-from", "nowhere"], "--times-from nowhere: no such results folder"),
     ],
 )
 def test_bad_executor_options_exit_2_before_any_work(args, fragment, make_matrix, tmp_path):

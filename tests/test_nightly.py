@@ -114,6 +114,7 @@ def test_a_regression_fails_the_nightly_and_the_summary_and_csv_say_which_cell(r
     (run,) = runner["runs"]
     assert run[:2] == ["run", "matrices/nightly.toml"] and run[-2:] == ["--executor", "local-gpus"]
     assert "--select" not in run, "compiled cells run unless --quick"
+    assert run[run.index("--times-from") + 1] == "results/reference/h200/nightly", "the reference's times order cells"
     assert "comparing with results/reference/h200/nightly: 2 cells recorded on NVIDIA H200" in capsys.readouterr().out
     assert "c1" in Path("reports/out/nightly-compare.csv").read_text()
     assert Path("reports/out/nightly.html").is_file()
@@ -126,7 +127,9 @@ def test_a_run_stopped_by_its_time_limit_is_still_compared_and_fails_with_exit_c
     write_rows(Path("results/reference/h200/nightly"), H200)
     runner["exit_code"] = 3
     assert nightly.main(["--quick", "--max-time", "50m"]) == 3
-    assert runner["runs"][0][-4:] == ["--select", "compile=off", "--max-time", "50m"]
+    assert runner["runs"][0][-6:] == [
+        "--select", "compile=off", "--times-from", "results/reference/h200/nightly", "--max-time", "50m"
+    ]  # fmt: skip
     summary = runner["summary"].read_text()
     assert "stopped at its time limit" in summary and "**No regression** in 1 cells" in summary
 

@@ -95,6 +95,25 @@ def test_one_slot_keeps_the_matrix_order(tmp_path):
     assert start_order(cells, tmp_path, 2) == cells[::-1]
 
 
+def test_another_folders_times_order_cells_this_folder_has_not_timed(tmp_path):
+    eager, autotune, other = cell("baseline"), cell("baseline", compile="max-autotune"), cell("gguf")
+    reference = ResultsFolder(tmp_path / "reference")
+    reference.create()
+    for c, wall in ((eager, 900.0), (other, 5.0)):  # the eager cell was the longest in the reference run
+        timed = row(c.id)
+        timed.cell_wall_s = wall
+        reference.write_cell(c.id, [timed])
+    fresh = tmp_path / "tonight"
+    assert start_order([eager, autotune, other], fresh, 2)[0] == autotune, "the estimate alone"
+    assert start_order([eager, autotune, other], fresh, 2, times_from=reference.root) == [eager, autotune, other]
+    here = ResultsFolder(fresh)
+    here.create()
+    timed = row(eager.id)
+    timed.cell_wall_s = 1.0
+    here.write_cell(eager.id, [timed])
+    assert start_order([eager, autotune, other], fresh, 2, times_from=reference.root)[-1] == eager, "own times win"
+
+
 class _RecordingExecutor(Executor):
     """Two slots on the CPU; each job finishes at once, and the order they came in is kept."""
 
