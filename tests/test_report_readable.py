@@ -255,3 +255,10 @@ def test_cells_that_never_started_count_with_the_runs_only_gpu():
     assert frame.loc[frame["status"] == "unsupported", "gpu_name"].isna().any()  # int4wo: no mslk there
     html = render(frame, nightly, None, (80, 24))
     assert "Measured on CPU" not in html and "NVIDIA H200" in html
+
+
+def test_a_section_intro_shows_its_code_spans_as_code_and_escapes_the_rest():
+    from bench.report import code_spans
+
+    assert code_spans("each `lora = none` cell, a <b> tag") == "each <code>lora = none</code> cell, a &lt;b&gt; tag"
+    assert code_spans("an `<x>` span") == "an <code>&lt;x&gt;</code> span"

@@ -6,11 +6,13 @@ from __future__ import annotations
 import base64
 import io
 import json
+import re
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 from jinja2 import Environment, PackageLoader, select_autoescape
+from markupsafe import Markup, escape
 
 from bench.atomic import write_text_atomic
 from bench.cache import InductorCacheContents
@@ -92,8 +94,15 @@ def render(
         kernels["roofline"] = _plot_html(kernels["roofline"], "roofline")
     environment = Environment(loader=PackageLoader("bench.report"), autoescape=select_autoescape(default=True))
     environment.filters["family_colour"] = colour
+    environment.filters["code_spans"] = code_spans
     environment.globals["none_text"] = none_text
     return environment.get_template("report.html.j2").render(**context)
+
+
+def code_spans(text: str) -> Markup:
+    """`text` escaped for HTML, its Markdown code spans (`like this`) as <code> elements: the section intros are
+    written once for the Markdown and the HTML report."""
+    return Markup(re.sub(r"`([^`]+)`", r"<code>\1</code>", str(escape(text))))
 
 
 def _plot_html(plot: Plot, salt: str) -> dict[str, Any]:
