@@ -13,7 +13,7 @@ import logging
 import subprocess
 import time
 from collections import Counter, deque
-from collections.abc import Iterable, Iterator
+from collections.abc import Collection, Iterable, Iterator
 from concurrent.futures import FIRST_COMPLETED, CancelledError, Future, wait
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
@@ -197,7 +197,7 @@ def run_matrix(
             try:
                 while waiting or running:
                     while waiting and len(running) < pool.slots and (deadline is None or time.monotonic() < deadline):
-                        cell = next_to_start(waiting, running.values())
+                        cell = next_to_start(waiting, running.values(), eager_steps.keys())
                         running[submit_with_retry(pool, job(cell, bool(waiting)))] = cell
                         started_at[cell.id] = time.monotonic()
                         if progress:
@@ -374,20 +374,18 @@ def same_method_key(cell: Cell) -> tuple:
             ",".join(cell.components) if cell.components is not None else None, cell.placement)  # fmt: skip
 
 
-def next_to_start(waiting: deque[Cell], running: Iterable[Cell]) -> Cell:
-    """Take the cell to start next from `waiting`: the first, except that a compiled cell starts after its eager
-    twin, whose step time gives it its slow warm-up limit (`warmup_step_limit`): a waiting twin starts in its
-    place (eager cells are short), and while the twin runs other cells go first. When every waiting cell waits
-    so, the first (a slot never idles)."""
+def next_to_start(waiting: deque[Cell], running: Iterable[Cell], known: Collection[tuple] = ()) -> Cell:
+    """Take the cell to start next from `waiting`: the first, except that a compiled cell whose method's eager
+    step is not `known` yet (keys of `eager_steps`) waits for it, as that step gives it its slow warm-up limit
+    (`warmup_step_limit`): one waiting eager twin starts in its place (eager cells are short), and while a twin
+    runs other cells go first. When every waiting cell waits so, the first (a slot never idles)."""
     running_eager = {same_method_key(cell) for cell in running if cell.compile == "off"}
     for cell in waiting:
-        if cell.compile != "off":
-            key = same_method_key(cell)
-            twin = next((other for other in waiting if other.compile == "off" and same_method_key(other) == key), None)
-            if twin is not None:
-                cell = twin
-            elif key in running_eager:
+        key = same_method_key(cell)
+        if cell.compile != "off" and key not in known:
+            if key in running_eager:
                 continue
+            cell = next((twin for twin in waiting if twin.compile == "off" and same_method_key(twin) == key), cell)
         waiting.remove(cell)
         return cell
     return waiting.popleft()

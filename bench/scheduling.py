@@ -3,7 +3,8 @@
 A cell's length is its recorded wall time in the results folder (a row's `cell_wall_s`, or how long a run that
 was stopped let it run), else in the folder `quantbench run --times-from` names (a reference run of the same
 cells), else an estimate from its method family and compile settings. With one slot the
-order changes nothing but the order of the rows, so the driver keeps the matrix's order there.
+order changes nothing but the order of the rows, so the driver keeps the matrix's order there (apart from a
+compiled cell's eager twin, which it starts first whatever the slots: bench.runner.next_to_start).
 """
 
 from __future__ import annotations
@@ -94,5 +95,17 @@ def start_order(cells: Iterable[Cell], results_dir: Path, slots: int, times_from
     from bench.methods import method_class
 
     families = {cell.method: method_class(cell.method).family for cell in cells}
-    recorded = {**(recorded_s(times_from) if times_from is not None else {}), **recorded_s(results_dir)}
-    return longest_first(cells, recorded, families)
+    return longest_first(cells, merged_times(results_dir, times_from), families)
+
+
+def merged_times(results_dir: Path, times_from: Path | None) -> dict[str, float]:
+    """The cells' recorded seconds: `results_dir`'s, with `times_from`'s for cells it has no row for (where a
+    stopped run there let a cell run for a while, that lower bound counts only if longer)."""
+    own = recorded_s(results_dir)
+    if times_from is None:
+        return own
+    finished_here = set(ResultsFolder(results_dir).read_parts()) if results_dir.is_dir() else set()
+    merged = recorded_s(times_from)
+    for cell_id, seconds in own.items():
+        merged[cell_id] = seconds if cell_id in finished_here else max(seconds, merged.get(cell_id, 0.0))
+    return merged

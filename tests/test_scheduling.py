@@ -12,7 +12,7 @@ from bench.executors.base import Executor
 from bench.launch import CellOutcome
 from bench.matrix import load_matrix
 from bench.runner import run_matrix
-from bench.scheduling import estimated_s, longest_first, recorded_s, start_order
+from bench.scheduling import estimated_s, longest_first, merged_times, recorded_s, start_order
 from bench.store import ResultsFolder
 from tests.test_store import row
 
@@ -112,6 +112,12 @@ def test_another_folders_times_order_cells_this_folder_has_not_timed(tmp_path):
     timed.cell_wall_s = 1.0
     here.write_cell(eager.id, [timed])
     assert start_order([eager, autotune, other], fresh, 2, times_from=reference.root)[-1] == eager, "own times win"
+    # a stopped run's lower bound here counts where it is longer than the reference's time, not where shorter
+    here.append_run({"unfinished": [{"cell_id": other.id, "ran_s": 1000.0}, {"cell_id": autotune.id, "ran_s": 1.0}]})
+    timed = row(autotune.id)
+    timed.cell_wall_s = 400.0
+    reference.write_cell(autotune.id, [timed])
+    assert merged_times(fresh, reference.root) == {eager.id: 1.0, other.id: 1000.0, autotune.id: 400.0}
 
 
 class _RecordingExecutor(Executor):

@@ -240,10 +240,14 @@ def test_a_compiled_cell_starts_after_its_eager_twin_unless_nothing_else_can_sta
     int8wo = Cell(method="torchao", options={"quant_type": "int8wo"})
     compiled, eager = Cell(**{**int8wo.__dict__, "compile": "default"}), int8wo
     other = Cell(method="bnb_4bit", compile="default")
-    waiting = deque([compiled, other, eager])  # longest first: the compiled cell ahead of its twin
-    assert next_to_start(waiting, running=[]) is eager, "the twin starts in its place"
-    assert next_to_start(waiting, running=[eager]) is other, "its twin runs: another cell goes first"
-    assert next_to_start(waiting, running=[eager]) is compiled, "nothing else left: a slot never idles"
+    batched = Cell(**{**int8wo.__dict__, "batch_size": 4})  # another eager cell of the same method settings
+    waiting = deque([compiled, other, eager, batched])  # longest first: the compiled cell ahead of its twins
+    assert next_to_start(waiting, running=[]) is eager, "one twin starts in its place"
+    assert next_to_start(waiting, running=[eager]) is other, "a twin runs: the others go in order, no twin pulled"
+    assert next_to_start(waiting, running=[eager]) is batched
+    assert next_to_start(waiting, running=[eager, batched]) is compiled, "nothing else left: a slot never idles"
+    key = same_method_key(eager)
+    assert next_to_start(deque([compiled, other, eager]), [], known={key}) is compiled, "its eager step is known"
     assert next_to_start(deque([compiled, other]), running=[]) is compiled, "no twin pending: longest first"
 
 
