@@ -100,7 +100,7 @@ def check_attention(name: str, dtype: str, machine: Machine) -> None:
     if backend.package is not None and (problem := backend.package.problem()):
         raise MethodUnavailable("unsupported", f"{what} {problem}")
     # Cells run with HF_HUB_OFFLINE=1 unless the user's environment sets it (bench.launch.cell_environment).
-    if backend.hub and os.environ.get("HF_HUB_OFFLINE", "1").lower() in ("1", "true", "yes"):
+    if backend.hub and os.environ.get("HF_HUB_OFFLINE", "1").lower() in ("1", "true", "yes", "on"):
         raise MethodUnavailable(
             "unsupported",
             f"{what} downloads its kernel from the Hub, and cells run offline (HF_HUB_OFFLINE=1; set"

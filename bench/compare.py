@@ -349,17 +349,28 @@ def latency_text(row: pd.Series) -> str:
 
 def environment_difference(old: pd.DataFrame, new: pd.DataFrame) -> str:
     """One line: the library versions, lock hash and harness commit that differ between the two runs (a run whose
-    rows differ among themselves shows each value: "a, b")."""
-    from bench.environment import differing_versions
+    rows differ among themselves shows each value: "a, b"), then apart those only one run records (rows from
+    before a column existed, or a library installed on one side only)."""
+    from bench.environment import LIBRARIES, differing_versions, version_field
 
+    names = {version_field(name): name for name in ("python", *LIBRARIES)} | {
+        "lock_sha256": "lock", "harness_commit": "harness commit"
+    }  # fmt: skip
     before, after = _run_environment(old), _run_environment(new)
     differing = differing_versions(before, after)
     if before["harness_commit"] != after["harness_commit"]:
         differing["harness_commit"] = (before["harness_commit"], after["harness_commit"])
     if not differing:
         return "the two runs have the same library versions, lock and harness commit"
-    changes = ", ".join(f"{name.removesuffix('_version')} {a} -> {b}" for name, (a, b) in differing.items())
-    return f"differing between the two runs: {changes}"
+    both = [f"{names.get(field, field)} {a} -> {b}" for field, (a, b) in differing.items() if a and b]
+    one = [
+        f"{names.get(field, field)} ({'old' if a else 'new'}: {a or b})"
+        for field, (a, b) in differing.items()
+        if not (a and b)
+    ]
+    lines = [f"differing between the two runs: {', '.join(both)}"] if both else []
+    lines += [f"recorded by one run only: {', '.join(one)}"] if one else []
+    return "; ".join(lines)
 
 
 def _run_environment(rows: pd.DataFrame) -> dict[str, str | None]:

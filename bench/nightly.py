@@ -189,6 +189,8 @@ def main(argv: list[str] | None = None) -> int:
         reference = args.reference or reference_folder(machine.gpu_name, matrix=args.matrix)
         if not args.record_reference:
             print(f"quantbench nightly: {check_reference(reference, machine.gpu_name, args.matrix)}", flush=True)
+        elif any((reference / "cells").glob("*.parquet")):  # resuming a reference: the same GPU model's only
+            check_reference(reference, machine.gpu_name, args.matrix)
     except UserError as error:
         print(f"quantbench nightly: error: {error}", file=sys.stderr)
         return error.exit_code
@@ -200,7 +202,8 @@ def main(argv: list[str] | None = None) -> int:
         try:
             return cli.main(["run", str(args.matrix), "--results", str(reference), *options, *run_args])
         finally:
-            _write_report(reference, reference / "report.html")
+            if any((reference / "cells").glob("*.parquet")):  # a run refused the folder wrote nothing to report
+                _write_report(reference, reference / "report.html")
     try:
         run_code = cli.main(["run", str(args.matrix), "--results", str(args.results), *options, *run_args])
     finally:  # a run stopped by --max-time (exit 3) or by a crash still gets its report

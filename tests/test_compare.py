@@ -166,7 +166,7 @@ def test_a_regression_names_the_library_versions_that_differ(tmp_path, capsys):
     write_folder(tmp_path / "new", new)
     assert compare_runs(tmp_path / "old", tmp_path / "new") == 1
     out = " ".join(capsys.readouterr().out.split())
-    assert "differing between the two runs: torch 2.12.0 -> 2.13.0, harness_commit abc1234 -> def5678" in out
+    assert "differing between the two runs: torch 2.12.0 -> 2.13.0, harness commit abc1234 -> def5678" in out
     assert "diffusers" not in out.split("differing")[1]
 
 
@@ -179,7 +179,8 @@ def test_the_version_difference_reads_every_row_of_each_run():
     old["harness_commit"], new["harness_commit"] = ["abc1234", "fff0000"], "def5678"
     new["optimum_quanto_version"] = ["0.2.7", None]  # only the quanto cell's row
     assert environment_difference(old, new) == (
-        "differing between the two runs: optimum_quanto None -> 0.2.7, harness_commit abc1234, fff0000 -> def5678"
+        "differing between the two runs: harness commit abc1234, fff0000 -> def5678; "
+        "recorded by one run only: optimum-quanto (new: 0.2.7)"
     )
 
 

@@ -392,13 +392,16 @@ def test_the_overview_gives_each_modes_step_overhead_by_cell_without_an_adapter(
             cell("baseline bf16", "none", step=0.17),
             cell("baseline bf16", "unfused", overhead=0.16, rank=16),
             cell("baseline bf16", "unfused", overhead=0.30, rank=64),
+            cell("bnb_4bit bf16", "none", status="failed", step=None),
+            cell("bnb_4bit bf16", "fused", overhead=None, rank=16),  # ok, but nothing to compare it with
         ]
     )
     rows = {(row["cell"], row["rank"]): row for row in lora_overview_rows(cells)}
     assert rows["gguf[Q8_0] bf16", "16"] == {"cell": "gguf[Q8_0] bf16", "rank": "16", "step": "0.2389",
                                              "unfused": "+11.8 %", "fused": "unsupported", "hotswap": "–"}  # fmt: skip
     assert rows["baseline bf16", "64"]["unfused"] == "+30.0 %" and rows["baseline bf16", "64"]["step"] == "0.1700"
-    assert len(rows) == 3
+    assert rows["bnb_4bit bf16", "16"]["fused"] == "n/a" and rows["bnb_4bit bf16", "16"]["unfused"] == "–"
+    assert len(rows) == 4
     assert lora_overview_rows(cells[cells["lora"] == "none"]) == [], "no LoRA cell, no section"
 
 

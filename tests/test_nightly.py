@@ -107,6 +107,12 @@ def test_record_reference_runs_into_this_gpus_reference_folder_and_writes_its_re
     assert nightly.main([]) == 0, "the next night compares with what was recorded"
 
 
+def test_record_reference_does_not_resume_a_folder_recorded_on_another_gpu_model(runner, capsys):
+    write_rows(Path("results/reference/h200/nightly"), "NVIDIA H100 80GB HBM3")
+    assert nightly.main(["--record-reference"]) == 2
+    assert runner["runs"] == [] and "recorded on NVIDIA H100 80GB HBM3" in capsys.readouterr().err
+
+
 def test_a_regression_fails_the_nightly_and_the_summary_and_csv_say_which_cell(runner, capsys):
     write_rows(Path("results/reference/h200/nightly"), H200)
     runner["latency_s"] = 1.5

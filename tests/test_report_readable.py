@@ -262,3 +262,9 @@ def test_a_section_intro_shows_its_code_spans_as_code_and_escapes_the_rest():
 
     assert code_spans("each `lora = none` cell, a <b> tag") == "each <code>lora = none</code> cell, a &lt;b&gt; tag"
     assert code_spans("an `<x>` span") == "an <code>&lt;x&gt;</code> span"
+
+
+def test_a_rate_keeps_two_decimals_and_a_slow_one_its_significant_digits():
+    from bench.report.numbers import rate
+
+    assert [rate(2.0573), rate(0.8), rate(0.00412)] == ["2.06", "0.80", "0.00412"], "an offloaded method is not 0.00"

@@ -23,7 +23,7 @@ from bench.measure import measurement_flags
 from bench.reference_cache import ReferenceCache
 from bench.report.decision import DEFAULT_BUDGETS_GB, decide, none_text
 from bench.report.lora import LORA_COLUMNS, LORA_INTRO, OVERVIEW_COLUMNS, OVERVIEW_INTRO, lora_overview_rows, lora_rows
-from bench.report.numbers import number
+from bench.report.numbers import number, rate
 from bench.report.plots import SYNTHETIC_DRIFT_REASON, Plot, all_plots, colour, figure_svg, roofline
 from bench.report.resolutions import RESOLUTION_COLUMNS, RESOLUTION_INTRO, resolution_rows
 from bench.store import ResultsFolder, read_results, read_runs
@@ -95,6 +95,7 @@ def render(
     environment = Environment(loader=PackageLoader("bench.report"), autoescape=select_autoescape(default=True))
     environment.filters["family_colour"] = colour
     environment.filters["code_spans"] = code_spans
+    environment.filters["rate"] = rate
     environment.globals["none_text"] = none_text
     return environment.get_template("report.html.j2").render(**context)
 
@@ -361,11 +362,10 @@ def _batch_text(cell: pd.Series) -> str | None:
     """For a cell of several images per call, its rate and step time per image: "batch 4: 1.72 images/s,
     0.1230 s/step per image"; None for one image."""
     batch = cell.get("batch_size")
-    if batch is None or pd.isna(batch) or batch <= 1:
+    if batch is None or pd.isna(batch) or batch <= 1 or cell["status"] != Status.OK:
         return None
-    rate = number(cell["images_per_s"], "{:.2f}") or "–"
-    step = number(cell["step_latency_median_s"] / batch, "{:.4f}") or "–"
-    return f"batch {batch:.0f}: {rate} images/s, {step} s/step per image"
+    step = number(cell["step_latency_median_s"] / batch, "{:.4f}", "–")
+    return f"batch {batch:.0f}: {rate(cell['images_per_s'])} images/s, {step} s/step per image"
 
 
 def _step_against_eager(step_s: float, eager_step_s: float) -> dict[str, Any] | None:

@@ -11,7 +11,7 @@ from typing import Any
 import pandas as pd
 
 from bench.contract import Status
-from bench.report.numbers import shown
+from bench.report.numbers import number, shown
 
 LORA_INTRO = (
     "Each cell with a LoRA adapter against the same cell without one (`lora = none`): `unfused` keeps the LoRA"
@@ -21,7 +21,8 @@ LORA_INTRO = (
 )
 OVERVIEW_INTRO = (
     "The step time of each cell without an adapter, and what each LoRA mode adds to it (`unsupported` or another"
-    " status where that mode did not run ok; – where the matrix has no such cell)."
+    " status where that mode did not run ok; n/a where the cell without an adapter has no ok row; – where the"
+    " matrix has no such cell)."
 )
 OVERVIEW_MODES = ("unfused", "fused", "hotswap")
 # (key, header): one list for the HTML and the Markdown tables
@@ -94,7 +95,8 @@ def lora_overview_rows(cells: pd.DataFrame) -> list[dict[str, str]]:
             | dict.fromkeys(OVERVIEW_MODES, "–"),
         )
         ok = cell["status"] == Status.OK
-        row[cell["lora"]] = shown(cell["lora_step_overhead"] * 100, "{:+.1f} %") if ok else cell["status"]
+        overhead = number(cell["lora_step_overhead"] * 100, "{:+.1f} %", "n/a")
+        row[cell["lora"]] = overhead if ok else cell["status"]
     return list(rows.values())
 
 

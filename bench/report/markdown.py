@@ -11,6 +11,7 @@ import pandas as pd
 
 from bench.report.decision import Decision, Pick, none_text
 from bench.report.lora import LORA_INTRO, OVERVIEW_INTRO
+from bench.report.numbers import rate
 from bench.report.resolutions import RESOLUTION_INTRO
 
 
@@ -110,7 +111,7 @@ def _decision(decision: Decision, several_devices: bool) -> list[str]:
                   "| card | method | batch | images/s | cell |", "|---|---|--:|--:|---|"]  # fmt: skip
         lines += [
             f"| {b.budget_gb} GB | {_cell(b.method)} | {b.batch_size} | "
-            f"{'' if b.images_per_s is None else f'{b.images_per_s:.2f}'} | {_cell(b.label)} |"
+            f"{'' if b.images_per_s is None else rate(b.images_per_s)} | {_cell(b.label)} |"
             for b in decision.largest_batches
         ]
         lines.append("")

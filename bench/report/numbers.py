@@ -16,6 +16,12 @@ def number(value: Any, fmt: str, missing: str | None = None) -> str | None:
     return fmt.format(value)
 
 
+def rate(value: float) -> str:
+    """A rate such as images per second: two decimals, or three significant digits below 0.1 (an offloaded
+    method's 0.00412 images/s)."""
+    return f"{value:.2f}" if abs(value) >= 0.1 else f"{value:.3g}"
+
+
 def shown(value: Any, fmt: str) -> str:
     """`number` as a table cell writes it: "–" where the value is missing."""
     return number(value, fmt, "–")
