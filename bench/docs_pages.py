@@ -102,7 +102,7 @@ MATRIX_KEYS = {
     "smaller card? Past it the cell is an `oom` row.",
     "run.slow_warmup_factor": "A compiled cell whose warm-up steps are slower than this × the same method's "
     "eager step (an ok row of the results folder: same options, dtype, threshold, components, placement), and than "
-    "1 s, ends after its warm-up as a `timeout` row keeping the warm-up's step time (default 20).",
+    "5 s, ends after its warm-up as a `timeout` row keeping the warm-up's step time (default 20).",
     "run.max_warmup_step_s": "The same for compiled cells, as an absolute step time in seconds (default none).",
     "run.cell_start": "When a cell's process starts: `spawn` (default) when the cell does, importing torch, "
     "diffusers and the method's libraries then; `prestarted` while the cell before it on the same GPU (with `ray`, "

@@ -224,7 +224,7 @@ def test_a_compiled_cell_gets_a_warm_up_step_limit_from_the_same_methods_eager_r
     assert warmup_step_limit(cell, run, {}) == (None, "")
     tiny = {key: 0.009 for key in steps}  # a tiny model's eager step on a CPU: 20x is within a busy CPU's noise
     limit, reason = warmup_step_limit(cell, run, tiny)
-    assert limit == 1.0 and reason.endswith("0.009 s, at least 1 s")
+    assert limit == 5.0 and reason.endswith("0.009 s, at least 5 s")
     # a batch of 4 is held to four images' eager step, whichever batch the eager rows ran
     batched = eager_step_times([{**eager_row, "batch_size": 4, "step_latency_median_s": 1.0}])
     assert batched == steps, "0.25 s per image either way"

@@ -143,7 +143,7 @@ class RunSettings(_Strict):
     # Opt-in: reload pickled checkpoints that quantbench itself wrote with torch.load(weights_only=False).
     trust_pickled_checkpoints: bool = False
     # A compiled cell whose warm-up steps run slower than `slow_warmup_factor` x the same method's eager step
-    # (same options, dtype, threshold, components, placement; an ok row of the results folder; at least 1 s), or
+    # (same options, dtype, threshold, components, placement; an ok row of the results folder; at least 5 s), or
     # than `max_warmup_step_s`, ends after its warm-up as a `timeout` row keeping the warm-up's step time, untimed.
     slow_warmup_factor: float = Field(default=20.0, gt=1, le=1e6)
     max_warmup_step_s: Seconds | None = None
