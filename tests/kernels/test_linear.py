@@ -170,4 +170,7 @@ def test_measured_peaks_are_plausible():
     rounds = [(measure_peaks(device()).matmul_tflops, 2 * n**3 / best_seconds(lambda: torch.mm(a, a), device()) / 1e12)
               for _ in range(3)]  # fmt: skip
     peak, again = max(full for full, _ in rounds), max(half for _, half in rounds)
-    assert again <= peak * 1.5, rounds
+    # On a CPU the half-size matmul fits the core's own cache while the full one shares the last level with CI's
+    # other worker: there it ran 1.5-2.1x the full size's rate (CI); a mismeasured peak is off by far more.
+    headroom = 1.5 if device() == "cuda" else 2.5
+    assert again <= peak * headroom, rounds
