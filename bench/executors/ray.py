@@ -85,6 +85,7 @@ class RayExecutor(Executor):
                 raise UserError(f"--address {address}: cannot connect to a Ray cluster: {error}") from None
         self._closed = threading.Event()
         self._actors: list[Any] = []
+        self._in_flight: set[Any] = set()  # the `run` calls not answered yet
         self._pool: ThreadPoolExecutor | None = None
         resources = ray.cluster_resources()
         gpus = int(resources.get("GPU", 0))
@@ -144,8 +145,10 @@ class RayExecutor(Executor):
 
     def _run(self, job: CellJob) -> CellOutcome:
         runner = self._take()
+        call = runner.run.remote(job)
+        self._in_flight.add(call)
         try:
-            outcome = self._ray.get(runner.run.remote(job), timeout=job.timeout_s + RESULT_MARGIN_S)
+            outcome = self._ray.get(call, timeout=job.timeout_s + RESULT_MARGIN_S)
         except self._ray.exceptions.RayError as error:
             if isinstance(error, self._ray.exceptions.RayTaskError):
                 self._free.put(runner)
@@ -155,18 +158,23 @@ class RayExecutor(Executor):
             else:
                 self._free.put(runner)
             raise WorkerLost(f"{type(error).__name__}: {first_line(error) or '(no message)'}") from None
+        finally:
+            self._in_flight.discard(call)
         self._free.put(runner)
         return outcome
 
     def shutdown(self) -> None:
-        """Each actor kills its running cell and the process it started ahead and deletes their folders; then the
-        actors end. A second call does nothing."""
+        """Each actor kills its running cell and the process it started ahead and deletes their folders; the
+        killed cells' outcomes (their logs so far) come back; then the actors end. A second call does nothing."""
         if self._closed.is_set():
             return
         self._closed.set()
         with contextlib.suppress(Exception):  # an actor that is gone has nothing left to stop
             refs = [runner.shutdown.remote() for runner in self._actors]
             self._ray.wait(refs, num_returns=len(refs), timeout=SHUTDOWN_WAIT_S)
+            calls = list(self._in_flight)  # answered before the actors are killed, or their logs are lost
+            if calls:
+                self._ray.wait(calls, num_returns=len(calls), timeout=SHUTDOWN_WAIT_S)
         for runner in list(self._actors):
             with contextlib.suppress(Exception):
                 self._ray.kill(runner, no_restart=True)
