@@ -62,12 +62,23 @@ def estimated_s(cell: Cell, family: str) -> float:
 def recorded_s(results_dir: Path) -> dict[str, float]:
     """Each cell's recorded wall seconds in `results_dir`: its rows' `cell_wall_s`, or, for a cell with no row
     that a stopped run cut short, the longest it was let run (a lower bound, still the best guess there is)."""
+    return {**_stopped_s(results_dir), **_finished_s(results_dir)}
+
+
+def _stopped_s(results_dir: Path) -> dict[str, float]:
+    """The longest each cell a stopped run cut short was let run, from `runs.jsonl`."""
     seconds: dict[str, float] = {}
     for run in read_runs(results_dir):
         for unfinished in run.get("unfinished", []):
             cell_id, ran_s = unfinished.get("cell_id"), unfinished.get("ran_s")
             if isinstance(cell_id, str) and isinstance(ran_s, int | float):
                 seconds[cell_id] = max(seconds.get(cell_id, 0.0), float(ran_s))
+    return seconds
+
+
+def _finished_s(results_dir: Path) -> dict[str, float]:
+    """Each cell's longest `cell_wall_s` among its rows."""
+    seconds = {}
     for cell_id, table in ResultsFolder(results_dir).read_parts().items():
         walls = [wall for wall in table.column("cell_wall_s").to_pylist() if wall is not None]
         if walls:
@@ -101,11 +112,8 @@ def start_order(cells: Iterable[Cell], results_dir: Path, slots: int, times_from
 def merged_times(results_dir: Path, times_from: Path | None) -> dict[str, float]:
     """The cells' recorded seconds: `results_dir`'s, with `times_from`'s for cells it has no row for (where a
     stopped run there let a cell run for a while, that lower bound counts only if longer)."""
-    own = recorded_s(results_dir)
     if times_from is None:
-        return own
-    finished_here = set(ResultsFolder(results_dir).read_parts()) if results_dir.is_dir() else set()
-    merged = recorded_s(times_from)
-    for cell_id, seconds in own.items():
-        merged[cell_id] = seconds if cell_id in finished_here else max(seconds, merged.get(cell_id, 0.0))
-    return merged
+        return recorded_s(results_dir)
+    other = recorded_s(times_from)
+    stopped = {cell_id: max(seconds, other.get(cell_id, 0.0)) for cell_id, seconds in _stopped_s(results_dir).items()}
+    return {**other, **stopped, **_finished_s(results_dir)}
