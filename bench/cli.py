@@ -214,11 +214,11 @@ def _dispatch(args: argparse.Namespace) -> int:
                 raise
             console.print_plan(ready, results_dir)
             return 0
+        if args.times_from is not None and not args.times_from.is_dir():  # said before an executor (Ray) starts
+            raise UserError(f"--times-from {args.times_from}: no such results folder")
         from bench.executors import make_executor
 
         executor = make_executor(args.executor, args.address, args.gpus)
-        if args.times_from is not None and not args.times_from.is_dir():
-            raise UserError(f"--times-from {args.times_from}: no such results folder")
         return console.run_with_progress(matrix, results_dir, args.force, executor, args.max_time, args.times_from)
     if args.output:
         _check_path(args.output, "-o", folder=False)
