@@ -30,6 +30,7 @@ between the two runs.
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -356,7 +357,7 @@ def environment_difference(old: pd.DataFrame, new: pd.DataFrame) -> str:
     names = {version_field(name): name for name in ("python", *LIBRARIES)} | {
         "lock_sha256": "lock", "harness_commit": "harness commit"
     }  # fmt: skip
-    before, after = _run_environment(old), _run_environment(new)
+    before, after = _run_environment(old, names), _run_environment(new, names)
     differing = differing_versions(before, after)
     if before["harness_commit"] != after["harness_commit"]:
         differing["harness_commit"] = (before["harness_commit"], after["harness_commit"])
@@ -373,11 +374,10 @@ def environment_difference(old: pd.DataFrame, new: pd.DataFrame) -> str:
     return "; ".join(lines)
 
 
-def _run_environment(rows: pd.DataFrame) -> dict[str, str | None]:
-    """Each version, lock and commit column of a run's rows: its values, sorted and joined; None where no row has one."""
-    columns = [column for column in rows.columns if column.endswith("_version") or column == "lock_sha256"]
+def _run_environment(rows: pd.DataFrame, columns: Iterable[str]) -> dict[str, str | None]:
+    """Each of `columns` over a run's rows: its values, sorted and joined; None where no row has one."""
     values = {}
-    for column in [*columns, "harness_commit"]:
+    for column in columns:
         known = sorted({str(value) for value in rows[column].dropna()}) if column in rows else []
         values[column] = ", ".join(known) or None
     return values

@@ -112,7 +112,7 @@ def markdown_summary(
     if comparison is None:
         lines += ["", f"**No verdict**: compare could not run (exit code {compare_code}; the job log says why)."]
         return "\n".join(lines) + "\n"
-    regressed = comparison[comparison["regressions"].fillna("") != ""]
+    regressed = _regressed(comparison)
     verdict = (
         f"**{len(regressed)} of {len(comparison)} cells regressed**"
         if len(regressed)
@@ -139,6 +139,11 @@ def markdown_summary(
             + " |"
         )
     return "\n".join(lines) + "\n"
+
+
+def _regressed(comparison: pd.DataFrame) -> pd.DataFrame:
+    """The cells of compare's table that regressed."""
+    return comparison[comparison["regressions"].fillna("") != ""]
 
 
 def _percent(value: object) -> str:
@@ -214,10 +219,12 @@ def main(argv: list[str] | None = None) -> int:
     comparison = pd.read_csv(compare_csv) if compare_csv.exists() else None
     summary_path = os.environ.get(SUMMARY_ENV)
     if summary_path:
-        from bench.compare import environment_difference
-        from bench.store import read_results
+        versions = ""
+        if comparison is not None and len(_regressed(comparison)):  # what a maintainer asks first about a regression
+            from bench.compare import environment_difference
+            from bench.store import read_results
 
-        versions = environment_difference(read_results(reference), read_results(args.results))
+            versions = environment_difference(read_results(reference), read_results(args.results))
         with open(summary_path, "a") as summary:
             summary.write(markdown_summary(comparison, reference, args.results, run_code, compare_code, versions))
     return run_code or compare_code
